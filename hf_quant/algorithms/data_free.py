@@ -1,0 +1,151 @@
+"""Data-free quantizers: round-to-nearest and an error-minimizing scale/zero search ("mse").
+
+"mse" minimises the weight reconstruction error per group in two stages:
+1. a grid search over clipping ratios of the min/max range (as in GPTQ/AWQ's `mse` option), then
+2. alternating least squares: with codes fixed, the scale and zero-point minimising the group's squared error
+   have a closed form (a 1-D linear regression of w on q); with scale/zero fixed, nearest rounding is optimal.
+Each step can only lower a group's error, and a group keeps whichever candidate had the lowest error, so the
+result is never worse than the range the search starts from (plain min/max, the RTN range).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import QuantParams, QuantScheme, codebook_values, pack, round_params
+
+# Rows of the grouped weight processed at once: bounds scratch memory to ~ a few times this many floats.
+_CHUNK_ELEMENTS = 1 << 22
+_GRID = torch.linspace(1.0, 0.5, 11).tolist()
+_ALS_STEPS = 6
+
+
+def quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """Quantize a float weight [*lead, out, in] into the canonical stored tensors of `scheme`."""
+    return pack(scheme, quantize_params(weight, scheme))
+
+
+@torch.no_grad()
+def quantize_params(weight: torch.Tensor, scheme: QuantScheme) -> QuantParams:
+    if weight.dim() < 2:
+        raise ValueError(f"expected a weight of shape [*lead, out, in], got {tuple(weight.shape)}")
+    *lead, out, in_features = weight.shape
+    g, n_groups, in_padded = scheme.group_layout(in_features)
+    w = weight.detach().reshape(-1, in_features)
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf; refusing to quantize it")
+    rows = w.shape[0]
+    codes = torch.empty(rows, in_padded, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device)
+    zero = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device) if scheme.has_zero else None
+    step = max(1, _CHUNK_ELEMENTS // in_padded)
+    # Scales are chosen chunk by chunk, but double quantization rounds them in blocks across chunks,
+    # so rounding and final code assignment happen once all float scales are known.
+    for r0 in range(0, rows, step):
+        wg = _grouped(w[r0 : r0 + step].float(), g, in_padded)
+        s, z = _search(wg, scheme)
+        scale[r0 : r0 + step] = s.squeeze(-1)
+        if zero is not None:
+            zero[r0 : r0 + step] = z.squeeze(-1)
+    scale, zero = round_params(scheme, scale, zero)
+    for r0 in range(0, rows, step):
+        wg = _grouped(w[r0 : r0 + step].float(), g, in_padded)
+        z = None if zero is None else zero[r0 : r0 + step, :, None]
+        codes[r0 : r0 + step] = _assign(wg, scale[r0 : r0 + step, :, None], z, scheme).reshape(-1, in_padded)
+    shape_p = (*lead, out)
+    return QuantParams(
+        codes.reshape(*shape_p, in_padded),
+        scale.reshape(*shape_p, n_groups),
+        None if zero is None else zero.reshape(*shape_p, n_groups),
+    )
+
+
+def _grouped(w: torch.Tensor, g: int, in_padded: int) -> torch.Tensor:
+    """[rows, in] -> [rows, n_groups, g]; padding repeats the last column so it leaves min/max unchanged."""
+    pad = in_padded - w.shape[1]
+    if pad:
+        w = torch.cat((w, w[:, -1:].expand(-1, pad)), 1)
+    return w.view(w.shape[0], -1, g)
+
+
+def _sym_zero(scheme: QuantScheme) -> float:
+    return float(1 << (scheme.bits - 1))
+
+
+def _assign(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """Nearest representable code for every weight, given its group's scale (and zero)."""
+    if scheme.format == "int":
+        zz = _sym_zero(scheme) if z is None else z
+        return torch.clamp(torch.round(wg / s + zz), 0, (1 << scheme.bits) - 1).to(torch.uint8)
+    table = codebook_values(scheme.format, device=wg.device)
+    values, order = torch.sort(table)
+    mids = (values[1:] + values[:-1]) / 2
+    return order[torch.bucketize(wg / s, mids)].to(torch.uint8)
+
+
+def _decode(q: torch.Tensor, s, z, scheme: QuantScheme) -> torch.Tensor:
+    if scheme.format == "int":
+        zz = _sym_zero(scheme) if z is None else z
+        return (q.float() - zz) * s
+    return codebook_values(scheme.format, device=q.device)[q.long()] * s
+
+
+def _error(wg, q, s, z, scheme) -> torch.Tensor:
+    return (_decode(q, s, z, scheme) - wg).pow_(2).sum(-1, keepdim=True)
+
+
+def _range_params(wg: torch.Tensor, ratio: float, scheme: QuantScheme, integer_zero: bool):
+    """Scale/zero covering `ratio` times the group's range (min/max for asymmetric, absmax otherwise)."""
+    tiny = torch.finfo(torch.float16).tiny
+    if scheme.format == "int":
+        maxq = (1 << scheme.bits) - 1
+        if scheme.symmetric:
+            amax = wg.abs().amax(-1, keepdim=True) * ratio
+            return (2 * amax / maxq).clamp_min(tiny), None
+        lo, hi = wg.amin(-1, keepdim=True) * ratio, wg.amax(-1, keepdim=True) * ratio
+        s = ((hi - lo) / maxq).clamp_min(tiny)
+        z = -lo / s
+        return s, (torch.round(z) if integer_zero else z)
+    top = codebook_values(scheme.format).abs().max().item()
+    return (wg.abs().amax(-1, keepdim=True) * ratio / top).clamp_min(tiny), None
+
+
+def _search(wg: torch.Tensor, scheme: QuantScheme):
+    if scheme.method == "rtn":
+        return _range_params(wg, 1.0, scheme, integer_zero=True)
+    best_s, best_z = _range_params(wg, 1.0, scheme, integer_zero=False)
+    best_err = _error(wg, _assign(wg, best_s, best_z, scheme), best_s, best_z, scheme)
+    for ratio in _GRID[1:]:
+        s, z = _range_params(wg, ratio, scheme, integer_zero=False)
+        err = _error(wg, _assign(wg, s, z, scheme), s, z, scheme)
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_z = None if z is None else torch.where(better, z, best_z)
+        best_err = torch.where(better, err, best_err)
+    for _ in range(_ALS_STEPS):
+        q = _assign(wg, best_s, best_z, scheme)
+        s, z = _least_squares(wg, q, best_s, best_z, scheme)
+        err = _error(wg, _assign(wg, s, z, scheme), s, z, scheme)
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_z = None if z is None else torch.where(better, z, best_z)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_z
+
+
+def _least_squares(wg, q, s_old, z_old, scheme: QuantScheme):
+    """Closed-form scale (and zero) minimising the group's squared error for fixed codes."""
+    tiny = torch.finfo(torch.float16).tiny
+    if scheme.format == "int" and not scheme.symmetric:
+        qf = q.float()
+        qm, wm = qf.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
+        var = (qf - qm).pow(2).sum(-1, keepdim=True)
+        cov = ((qf - qm) * (wg - wm)).sum(-1, keepdim=True)
+        ok = (var > 0) & (cov > 0)
+        s = torch.where(ok, cov / var.clamp_min(1e-12), s_old).clamp_min(tiny)
+        z = torch.where(ok, qm - wm / s, z_old)  # w = s * (q - z)  =>  z = mean(q) - mean(w) / s
+        return s, z
+    c = _decode(q, 1.0, None, scheme)  # unit-scale code values (symmetric int: q - 2**(b-1))
+    num, den = (c * wg).sum(-1, keepdim=True), c.pow(2).sum(-1, keepdim=True)
+    ok = (den > 0) & (num > 0)
+    return torch.where(ok, num / den.clamp_min(1e-12), s_old).clamp_min(tiny), None

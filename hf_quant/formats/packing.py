@@ -1,0 +1,75 @@
+"""Bit packing at exactly b bits per code.
+
+Canonical on-disk layout (format version 1): codes of the last dimension are grouped 8 at a time
+(the last dimension is zero-padded to a multiple of 8); each group of 8 codes becomes `bits` bytes,
+code i of the group occupying bits [i*bits, (i+1)*bits) of the little-endian 8*bits-bit word.
+So a row of n codes takes ceil(n / 8) * bits bytes, and 3-bit codes really take 3 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+# Rows are processed in chunks so the int64 scratch stays small even for huge expert tensors.
+_CHUNK_CODES = 1 << 24
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes one row of `n` codes takes."""
+    return -(-n // 8) * bits
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) along the last dim into uint8 (see module doc for the layout)."""
+    _check_bits(bits)
+    *lead, n = codes.shape
+    n8 = -(-n // 8) * 8
+    flat = codes.reshape(-1, n)
+    if flat.numel() and int(flat.max()) >= (1 << bits):
+        raise ValueError(f"code {int(flat.max())} does not fit in {bits} bits")
+    if bits == 8:
+        out = torch.nn.functional.pad(flat.to(torch.uint8), (0, n8 - n))
+        return out.reshape(*lead, n8)
+    rows = flat.shape[0]
+    out = torch.empty(rows, n8 // 8 * bits, dtype=torch.uint8, device=codes.device)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    step = max(1, _CHUNK_CODES // max(n8, 1))
+    for r0 in range(0, rows, step):
+        c = torch.nn.functional.pad(flat[r0 : r0 + step].to(torch.int64), (0, n8 - n))
+        word = (c.view(c.shape[0], n8 // 8, 8) << shifts).sum(-1)  # disjoint bit fields: sum == OR
+        out[r0 : r0 + step] = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).view(c.shape[0], -1)
+    return out.reshape(*lead, n8 // 8 * bits)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: uint8 codes of shape [..., n]."""
+    _check_bits(bits)
+    *lead, nbytes = packed.shape
+    n8 = nbytes // bits * 8
+    if nbytes % bits or n8 < n or n8 - n >= 8:
+        raise ValueError(f"packed row of {nbytes} bytes does not hold {n} codes of {bits} bits")
+    flat = packed.reshape(-1, nbytes)
+    if bits == 8:
+        return flat[:, :n].reshape(*lead, n)
+    if bits == 4:  # the common case, without int64 scratch
+        lo, hi = flat & 0xF, flat >> 4
+        return torch.stack((lo, hi), -1).view(flat.shape[0], n8)[:, :n].reshape(*lead, n)
+    rows = flat.shape[0]
+    out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    mask = (1 << bits) - 1
+    step = max(1, _CHUNK_CODES // max(n8, 1))
+    for r0 in range(0, rows, step):
+        b = flat[r0 : r0 + step].to(torch.int64).view(-1, n8 // 8, bits)
+        word = (b << byte_shifts).sum(-1)
+        codes = (word.unsqueeze(-1) >> shifts) & mask
+        out[r0 : r0 + step] = codes.view(b.shape[0], n8)[:, :n].to(torch.uint8)
+    return out.reshape(*lead, n)

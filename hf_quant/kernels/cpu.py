@@ -1,0 +1,102 @@
+"""Fast CPU kernels built on torch's fused weight-only matmuls."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.packing import unpack_bits
+from .ops import int4pack_linear, int8pack_linear
+from .reference import float_params
+from .registry import Kernel, register_kernel
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@register_kernel
+class CpuInt4PackKernel(Kernel):
+    """`aten._weight_int4pack_mm_for_cpu`: w = (q - 8) * s + m per group. Every affine int format of <= 4 bits
+    maps onto it exactly (q stays q, m = (8 - zero) * s), so 2-, 3- and 4-bit weights all run here; in memory
+    they take 4 bits per weight (the on-disk layout keeps exactly b bits)."""
+
+    name = "cpu_int4pack"
+    priority = 100
+
+    @classmethod
+    def unsupported_reason(cls, scheme, shape, device, dtype):
+        if torch.device(device).type != "cpu":
+            return "CPU only"
+        if scheme.format != "int" or scheme.bits > 4:
+            return "affine int formats of at most 4 bits only"
+        g, _, _ = scheme.group_layout(shape[1])
+        if g not in (32, 64, 128, 256):
+            return f"group size {g} is not one of 32, 64, 128, 256"
+        if dtype not in _FLOAT_DTYPES:
+            return f"dtype {dtype} not supported"
+        return None
+
+    @classmethod
+    def prepare(cls, scheme, tensors, shape, dtype):
+        out, in_features = shape
+        g, n_groups, in_padded = scheme.group_layout(in_features)
+        codes = unpack_bits(tensors["qweight"], scheme.bits, in_padded).to(torch.int32)
+        scale, zero = float_params(scheme, tensors)
+        out_padded = -(-out // 16) * 16  # the CPU tile layout needs N % 16 == 0
+        pad = out_padded - out
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+            scale = torch.nn.functional.pad(scale, (0, 0, 0, pad))
+            zero = torch.nn.functional.pad(zero, (0, 0, 0, pad))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        scale_zeros = torch.stack((scale, (8.0 - zero) * scale), -1).transpose(0, 1).contiguous().to(dtype)
+        return {
+            "packed": packed,
+            "scale_zeros": scale_zeros,
+            "group_size": g,
+            "in_features": in_features,
+            "in_padded": in_padded,
+            "out_features": out,
+        }
+
+    @classmethod
+    def linear(cls, x, state):
+        if x.shape[1] != state["in_padded"]:
+            x = torch.nn.functional.pad(x, (0, state["in_padded"] - x.shape[1]))
+        sz = state["scale_zeros"]
+        if sz.dtype != x.dtype:
+            sz = sz.to(x.dtype)
+        return int4pack_linear(x.contiguous(), state["packed"], sz, state["group_size"], state["out_features"])
+
+
+@register_kernel
+class CpuInt8PackKernel(Kernel):
+    """`aten._weight_int8pack_mm` for 8-bit per-channel weights; an asymmetric zero-point becomes a rank-1 term."""
+
+    name = "cpu_int8pack"
+    priority = 90
+
+    @classmethod
+    def unsupported_reason(cls, scheme, shape, device, dtype):
+        if torch.device(device).type != "cpu":
+            return "CPU only"
+        if scheme.format != "int" or scheme.bits != 8 or scheme.group_size != -1:
+            return "8-bit affine int with one scale per output channel only"
+        if dtype not in _FLOAT_DTYPES:
+            return f"dtype {dtype} not supported"
+        return None
+
+    @classmethod
+    def prepare(cls, scheme, tensors, shape, dtype):
+        out, in_features = shape
+        codes = unpack_bits(tensors["qweight"], 8, in_features)
+        scale, zero = float_params(scheme, tensors)
+        weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        zero_term = None if not scheme.has_zero else ((128.0 - zero[:, 0]) * scale[:, 0]).to(dtype)
+        return {"weight": weight, "scale": scale[:, 0].to(dtype).contiguous(), "zero_term": zero_term}
+
+    @classmethod
+    def linear(cls, x, state):
+        scale, zt = state["scale"], state["zero_term"]
+        if scale.dtype != x.dtype:
+            scale = scale.to(x.dtype)
+            zt = None if zt is None else zt.to(x.dtype)
+        return int8pack_linear(x.contiguous(), state["weight"], scale, zt)

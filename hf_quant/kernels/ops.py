@@ -1,0 +1,71 @@
+"""hf_quant's custom ops (`torch.library`): one schema each, a pure-PyTorch implementation that runs on every
+device, fast per-device implementations where they exist, and fake (meta) implementations for torch.compile."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.base import codebook_values
+from ..formats.packing import unpack_bits
+
+
+@torch.library.custom_op("hf_quant::dequantize", mutates_args=())
+def dequantize(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    format: str,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Canonical packed codes + float32 scale/zero ([*lead, out, n_groups]) -> float weight [*lead, out, in].
+
+    `zero` is required for "int" (symmetric callers pass 2**(bits-1)); codebook formats pass None.
+    """
+    n_groups = scale.shape[-1]
+    g = in_features if group_size == -1 else group_size
+    codes = unpack_bits(qweight, bits, n_groups * g)
+    lead = codes.shape[:-1]
+    if format == "int":
+        w = (codes.view(*lead, n_groups, g).to(scale.dtype) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    else:
+        table = codebook_values(format, device=codes.device).to(scale.dtype)
+        w = table[codes.long()].view(*lead, n_groups, g) * scale.unsqueeze(-1)
+    return w.reshape(*lead, n_groups * g)[..., :in_features].to(dtype).contiguous()
+
+
+@dequantize.register_fake
+def _(qweight, scale, zero, format, bits, group_size, in_features, dtype):
+    return qweight.new_empty((*qweight.shape[:-1], in_features), dtype=dtype)
+
+
+@torch.library.custom_op("hf_quant::int4pack_linear", mutates_args=(), device_types="cpu")
+def int4pack_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, out_features: int
+) -> torch.Tensor:
+    """x [M, K] @ W^T with W in torch's CPU int4 tile layout; output columns past `out_features` (padding) dropped."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
+    return y[:, :out_features] if y.shape[1] != out_features else y
+
+
+@int4pack_linear.register_fake
+def _(x, packed, scale_zeros, group_size, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("hf_quant::int8pack_linear", mutates_args=(), device_types="cpu")
+def int8pack_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_term: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] @ (weight_int8 * scale)^T, plus sum(x) * zero_term for asymmetric per-channel codes."""
+    y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+    if zero_term is not None:
+        y = y + x.sum(-1, keepdim=True) * zero_term
+    return y
+
+
+@int8pack_linear.register_fake
+def _(x, weight, scale, zero_term):
+    return x.new_empty((x.shape[0], weight.shape[0]))

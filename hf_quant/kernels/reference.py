@@ -1,0 +1,40 @@
+"""The reference kernel: dequantize with the plain-PyTorch op, then a float matmul. Runs everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.base import decode_params
+from .ops import dequantize
+from .registry import Kernel, register_kernel
+
+
+def float_params(scheme, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 scale and zero (2**(bits-1) for symmetric int, None for codebooks) on the tensors' device."""
+    return decode_params(scheme, tensors)
+
+
+@register_kernel
+class ReferenceKernel(Kernel):
+    name = "reference"
+    priority = 0
+
+    @classmethod
+    def unsupported_reason(cls, scheme, shape, device, dtype):
+        return None
+
+    @classmethod
+    def prepare(cls, scheme, tensors, shape, dtype):
+        scale, zero = float_params(scheme, tensors)
+        return {"scheme": scheme, "qweight": tensors["qweight"], "scale": scale, "zero": zero, "in_features": shape[1]}
+
+    @classmethod
+    def weight(cls, state: dict, dtype: torch.dtype) -> torch.Tensor:
+        s = state["scheme"]
+        return dequantize(
+            state["qweight"], state["scale"], state["zero"], s.format, s.bits, s.group_size, state["in_features"], dtype
+        )
+
+    @classmethod
+    def linear(cls, x, state):
+        return torch.nn.functional.linear(x, cls.weight(state, x.dtype))

@@ -1,0 +1,195 @@
+"""Modules holding packed weights: `QuantLinear` (replaces nn.Linear and GPT-2's Conv1D) and
+`QuantExpertWeight` (replaces a fused MoE expert parameter [experts, out, in])."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import QuantScheme, dequantize, tensor_specs
+from ..kernels import select_kernel
+
+
+class PackedWeight(nn.Module):
+    """Shared machinery: the canonical tensors as buffers, their dtype protected from float casts, and a cache
+    of the selected kernel's repacked layout per (device, compute dtype)."""
+
+    def __init__(self, scheme: QuantScheme, shape: tuple[int, ...], device=None):
+        super().__init__()
+        self.scheme = scheme
+        self.quantized_shape = tuple(shape)  # logical [*lead, out, in]
+        for name, (shp, dtype) in tensor_specs(scheme, self.quantized_shape).items():
+            self.register_buffer(name, torch.empty(shp, dtype=dtype, device=device))
+        self._kernel_cache: dict = {}
+
+    @property
+    def packed_names(self) -> list[str]:
+        return list(tensor_specs(self.scheme, self.quantized_shape))
+
+    def packed_tensors(self, index: int | None = None) -> dict[str, torch.Tensor]:
+        """The canonical tensors (of one expert when `index` is given; second-level scale metadata is global)."""
+        out = {}
+        for name in self.packed_names:
+            t = getattr(self, name)
+            out[name] = t[index] if index is not None and not name.endswith("_dq") else t
+        return out
+
+    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
+        specs = tensor_specs(self.scheme, self.quantized_shape)
+        if set(tensors) != set(specs):
+            raise ValueError(f"expected tensors {sorted(specs)}, got {sorted(tensors)}")
+        for name, (shp, dtype) in specs.items():
+            t = tensors[name]
+            if tuple(t.shape) != shp or t.dtype != dtype:
+                raise ValueError(f"{name}: expected {dtype} {shp}, got {t.dtype} {tuple(t.shape)}")
+            setattr(self, name, t)
+        self._kernel_cache.clear()
+
+    def _apply(self, fn, recurse=True):
+        # Packed tensors only follow device moves: `model.half()` / `.to(dtype)` must not re-round stored scales.
+        saved = {name: self._buffers[name] for name in self.packed_names if self._buffers.get(name) is not None}
+        for name in saved:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in saved.items():
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                self._buffers[name] = t if t.device == device else t.to(device)
+        self._kernel_cache.clear()
+        return self
+
+    def _kernel_state(self, device: torch.device, dtype: torch.dtype, index: int | None = None):
+        qweight = self._buffers["qweight"]
+        key = (device, dtype, index, qweight.data_ptr(), qweight._version)
+        hit = self._kernel_cache.get(key)
+        if hit is None:
+            shape = self.quantized_shape[-2:]
+            kernel = select_kernel(self.scheme, shape, device, dtype)
+            hit = (kernel, kernel.prepare(self.scheme, self.packed_tensors(index), shape, dtype))
+            self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[3] == key[3] and k[4] == key[4]}
+            self._kernel_cache[key] = hit
+        return hit
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
+        """The float weight [*lead, out, in] (one expert's [out, in] when `index` is given)."""
+        return dequantize(self.scheme, self.packed_tensors(index), self.quantized_shape[-1], dtype)
+
+    def kernel_name(self, device=None, dtype=torch.float32) -> str:
+        device = torch.device(device) if device is not None else self._buffers["qweight"].device
+        return select_kernel(self.scheme, self.quantized_shape[-2:], device, dtype).name
+
+    def _scheme_repr(self) -> str:
+        s = self.scheme
+        fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
+        g = "channel" if s.group_size == -1 else f"g{s.group_size}"
+        return f"{fmt}, {g}, {s.method}{', double_quant' if s.double_quant else ''}"
+
+
+class QuantLinear(PackedWeight):
+    """A linear layer y = x W^T + b with W stored packed."""
+
+    source_is_conv1d = False  # replaced a GPT-2 Conv1D (dequantize() gives a Conv1D back)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, device=None, dtype=None):
+        super().__init__(scheme, (out_features, in_features), device=device)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, scheme: QuantScheme) -> "QuantLinear":
+        """Quantize an nn.Linear (or GPT-2 Conv1D) module."""
+        from transformers.pytorch_utils import Conv1D
+
+        from ..algorithms import quantize_weight
+
+        weight = float_weight_of(module)
+        q = cls(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
+                dtype=weight.dtype)
+        q.load_packed(quantize_weight(weight, scheme))
+        q.source_is_conv1d = isinstance(module, Conv1D)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, state = self._kernel_state(x.device, x.dtype)
+        y = kernel.linear(x.reshape(-1, self.in_features), state).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def to_float(self, dtype: torch.dtype) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight = nn.Parameter(self.dequantize_weight(dtype), requires_grad=False)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self._scheme_repr()}"
+
+
+class QuantExpertWeight(PackedWeight):
+    """A fused MoE expert parameter, stored packed as [experts, out, in] (the reduction dimension last).
+
+    Indexing returns one expert's float weight in the parameter's original orientation, so the model's own
+    (eager) experts forward runs unchanged: `F.linear(x, self.gate_up_proj[e])`, or `x @ self.gate_up_proj[e]`
+    for experts stored transposed ([experts, in, out])."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, scheme: QuantScheme,
+                 transposed: bool, device=None, dtype=torch.float32):
+        super().__init__(scheme, (num_experts, out_features, in_features), device=device)
+        self.transposed = transposed
+        self.compute_dtype = dtype
+
+    @staticmethod
+    def logical_shape(param_shape: tuple[int, int, int], transposed: bool) -> tuple[int, int, int]:
+        e, a, b = param_shape
+        return (e, b, a) if transposed else (e, a, b)
+
+    @property
+    def shape(self) -> torch.Size:
+        e, out, inp = self.quantized_shape
+        return torch.Size((e, inp, out) if self.transposed else (e, out, inp))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._buffers["qweight"].device
+
+    def __len__(self) -> int:
+        return self.quantized_shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = int(index)
+        w = self.dequantize_weight(self.compute_dtype, index)
+        return w.t() if self.transposed else w
+
+    def linear(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """x [..., in] @ W_index^T with the fused kernel (no float copy of the expert)."""
+        kernel, state = self._kernel_state(x.device, x.dtype, int(index))
+        return kernel.linear(x.reshape(-1, self.quantized_shape[-1]), state).reshape(*x.shape[:-1], -1)
+
+    def to_float(self, dtype: torch.dtype) -> nn.Parameter:
+        w = self.dequantize_weight(dtype)
+        return nn.Parameter(w.transpose(1, 2).contiguous() if self.transposed else w, requires_grad=False)
+
+    def extra_repr(self) -> str:
+        e, out, inp = self.quantized_shape
+        return f"experts={e}, out_features={out}, in_features={inp}, transposed={self.transposed}, {self._scheme_repr()}"
+
+
+def float_weight_of(module: nn.Module) -> torch.Tensor:
+    """[out, in] weight of an nn.Linear or a GPT-2 Conv1D (whose parameter is stored [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    w = module.weight.detach()
+    return w.t() if isinstance(module, Conv1D) else w
+
+
+__all__ = ["PackedWeight", "QuantExpertWeight", "QuantLinear", "float_weight_of"]

@@ -1,0 +1,232 @@
+"""`HfQuantQuantizer`: the transformers `HfQuantizer` of hf_quant.
+
+Quantize-on-load: before weights load, every nn.Linear / Conv1D to quantize is replaced (on the meta device) by a
+`QuantLinear` holding a float `weight` placeholder; each weight tensor then goes through `HfQuantQuantize` as it
+is read, so only one float tensor is alive at a time. Fused MoE expert parameters stay placeholders until their
+tensor arrives, and are then replaced by a `QuantExpertWeight`.
+Pre-quantized: the same modules are built with their packed buffers, checked against the checkpoint's header,
+and loaded as ordinary buffers (bit-identical, nothing is re-quantized).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+
+from .algorithms import quantize_weight
+from .config import FORMAT_VERSION, HfQuantConfig
+from .formats import tensor_specs
+from .integrations.checkpoint import check_checkpoint_files
+from .nn import PackedWeight, QuantExpertWeight, QuantLinear
+
+logger = logging.getLogger(__name__)
+
+METADATA_VERSION_KEY = "hf_quant_format_version"
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers v5 experts modules (decorated with `use_experts_implementation`) declare their layout."""
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate")
+
+
+def expert_params(module: nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
+class HfQuantQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: HfQuantConfig
+
+    def __init__(self, quantization_config: HfQuantConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+        self.pending_experts: dict[str, tuple] = {}  # param name -> (scheme, transposed), quantize-on-load
+
+    # --- loading hooks ----------------------------------------------------------------------------
+
+    def validate_environment(self, *args, **kwargs):
+        return None
+
+    def update_dtype(self, dtype):
+        return torch.float32 if dtype is None else dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        if param_name in self.pending_experts:
+            return True
+        module, name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and name == "weight"
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        config = self.quantization_config
+        if config.modules_to_not_convert is None:
+            # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
+            config.modules_to_not_convert = sorted(self.get_modules_to_not_convert(model, None, None))
+        self.modules_to_not_convert = list(config.modules_to_not_convert) + list(model._keep_in_fp32_modules or [])
+        compute_dtype = dtype or torch.float32
+        replaced = install_quantized_modules(
+            model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
+        )
+        if replaced == 0:
+            raise ValueError(
+                "hf_quant found no nn.Linear, Conv1D or fused-expert weight to quantize in "
+                f"{type(model).__name__} (modules_to_not_convert={config.modules_to_not_convert}, "
+                f"overrides={config.overrides})"
+            )
+        if self.pre_quantized and checkpoint_files:
+            check_checkpoint_files(model, checkpoint_files)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        missing = []
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear) and "weight" in module._parameters:
+                missing.append(f"{name}.weight")
+            if is_fused_experts(module):
+                missing += [f"{name}.{p}" for p in expert_params(module) if f"{name}.{p}" in self.pending_experts]
+        if missing:
+            raise ValueError(
+                f"hf_quant: these weights were not found in the checkpoint, so they could not be quantized: "
+                f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+            )
+        if any(isinstance(m, QuantExpertWeight) for m in model.modules()) and hasattr(model, "set_experts_implementation"):
+            # grouped/batched expert kernels read the whole 3-D float tensor; the eager loop indexes one expert
+            # at a time, which QuantExpertWeight supports.
+            model.set_experts_implementation("eager")
+        model.config.quantization_config = self.quantization_config
+        return model
+
+    def get_quantize_ops(self):
+        return HfQuantQuantize(self)
+
+    def get_state_dict_and_metadata(self, model):
+        return None, {METADATA_VERSION_KEY: str(FORMAT_VERSION)}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_model(model, dtype or torch.float32)
+
+
+class HfQuantQuantize(ConversionOps):
+    """Quantizes each float weight as the loader reads it."""
+
+    def __init__(self, hf_quantizer: HfQuantQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
+        result = {}
+        for name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            module, pname = get_module_from_name(model, name)
+            if isinstance(module, QuantLinear) and pname == "weight":
+                weight = value.t() if module.source_is_conv1d else value
+                packed = quantize_weight(weight, module.scheme)
+                del module._parameters["weight"]
+                prefix = name.rsplit(".", 1)[0]
+                result.update({f"{prefix}.{k}": v for k, v in packed.items()})
+            elif name in self.hf_quantizer.pending_experts:
+                scheme, transposed, compute_dtype = self.hf_quantizer.pending_experts.pop(name)
+                shape = QuantExpertWeight.logical_shape(tuple(value.shape), transposed)
+                q = QuantExpertWeight(*shape, scheme, transposed, device=value.device, dtype=compute_dtype)
+                q.load_packed(quantize_weight(value.transpose(1, 2) if transposed else value, scheme))
+                del module._parameters[pname]
+                module.add_module(pname, q)
+            else:
+                result[name] = value
+                continue
+            if missing_keys is not None:
+                missing_keys.discard(name)
+        return result
+
+
+def install_quantized_modules(
+    model: nn.Module,
+    config: HfQuantConfig,
+    modules_to_not_convert: list[str],
+    pre_quantized: bool,
+    compute_dtype: torch.dtype,
+    pending_experts: dict,
+) -> int:
+    """Swap the modules to quantize for packed modules on the meta device; returns how many were swapped."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not name or not should_convert_module(name, modules_to_not_convert):
+            continue
+        if type(module) is nn.Linear or isinstance(module, Conv1D):
+            scheme = config.scheme_for(name)
+            if scheme is None:
+                continue
+            is_conv1d = isinstance(module, Conv1D)
+            in_f, out_f = (module.weight.shape if is_conv1d else (module.in_features, module.out_features))
+            with torch.device("meta"):
+                q = QuantLinear(in_f, out_f, module.bias is not None, scheme, dtype=compute_dtype)
+            q.source_is_conv1d = is_conv1d
+            if not pre_quantized:
+                # Placeholder for the checkpoint's float weight; HfQuantQuantize replaces it by packed tensors.
+                q.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+            q.requires_grad_(False)
+            model.set_submodule(name, q)
+            replaced += 1
+        elif is_fused_experts(module) and config.quantize_experts:
+            for pname in expert_params(module):
+                scheme = config.scheme_for(f"{name}.{pname}")
+                if scheme is None:
+                    continue
+                transposed = bool(module.is_transposed)
+                shape = tuple(getattr(module, pname).shape)
+                if pre_quantized:
+                    with torch.device("meta"):
+                        q = QuantExpertWeight(*QuantExpertWeight.logical_shape(shape, transposed), scheme,
+                                              transposed, dtype=compute_dtype)
+                    del module._parameters[pname]
+                    module.add_module(pname, q)
+                else:
+                    pending_experts[f"{name}.{pname}"] = (scheme, transposed, compute_dtype)
+                replaced += 1
+    return replaced
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every packed module by its float equivalent (nn.Linear / a 3-D expert parameter)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            layer = module.to_float(dtype)
+            if getattr(module, "source_is_conv1d", False):
+                conv = Conv1D(layer.out_features, layer.in_features).to(device=layer.weight.device, dtype=dtype)
+                conv.weight = nn.Parameter(layer.weight.t().contiguous(), requires_grad=False)
+                if layer.bias is not None:
+                    conv.bias = nn.Parameter(layer.bias, requires_grad=False)
+                layer = conv
+            model.set_submodule(name, layer)
+        elif is_fused_experts(module):
+            for pname, child in list(module.named_children()):
+                if isinstance(child, QuantExpertWeight):
+                    del module._modules[pname]
+                    module.register_parameter(pname, child.to_float(dtype))
+    if hasattr(model, "set_experts_implementation") and hasattr(model.config, "_experts_implementation"):
+        model.config._experts_implementation = None
+    return model
+
+
+def packed_modules(model: nn.Module) -> dict[str, PackedWeight]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedWeight)}
+
+
+__all__ = ["HfQuantQuantizer", "dequantize_model", "install_quantized_modules", "packed_modules", "tensor_specs"]
