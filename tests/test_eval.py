@@ -69,7 +69,7 @@ def reference_perplexity(model, ids: list[int], window: int, stride: int) -> flo
 
 def test_random_model_perplexity_is_about_vocab_size():
     # A freshly initialised model (std 0.02 weights) gives near-uniform next-token
-    # distributions, so its perplexity is close to the vocabulary size (measured: ~256.5).
+    # distributions, so its perplexity is close to the vocabulary size (measured: 261.1).
     ppl = perplexity(tiny_llama(), ByteTokenizer(), synthetic_text(), max_tokens=512, window=128, stride=128)
     assert math.isfinite(ppl)
     assert VOCAB / 1.2 < ppl < VOCAB * 1.2
@@ -219,7 +219,10 @@ def test_minilm_embeddings_are_meaningful_and_padding_free(minilm):
         model, tokenizer, ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
     )
     cos = emb @ emb.T
-    assert cos[0, 1] > cos[0, 2] + 0.2  # paraphrase closer than an unrelated sentence
+    # sentence-transformers' README reports 0.7553 for this pair (we measure 0.7553);
+    # a pooling or normalisation bug would move it.
+    assert cos[0, 1].item() == pytest.approx(0.7553, abs=0.005)
+    assert cos[0, 1] > cos[0, 2] + 0.5  # paraphrase far closer than an unrelated sentence
     # Mask-weighted pooling: a short sentence embeds the same alone or padded in a batch.
     long = "the " * 50 + "end"
     alone = sentence_embeddings(model, tokenizer, ["A man is eating food."])
@@ -238,4 +241,4 @@ def test_minilm_cosine_drops_for_a_perturbed_copy(minilm):
             if isinstance(module, torch.nn.Linear):
                 module.weight.add_(torch.randn_like(module.weight) * 0.1 * module.weight.std())
     cosine = embedding_cosine(model, noisy, tokenizer, sentences)
-    assert 0.5 < cosine < 0.9999
+    assert 0.5 < cosine < 0.9999  # measured 0.951
