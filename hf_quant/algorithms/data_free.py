@@ -15,7 +15,7 @@ import torch
 from ..formats import QuantParams, QuantScheme, codebook_values, pack, round_params
 
 # Rows of the grouped weight processed at once: bounds scratch memory to ~ a few times this many floats.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32: the search's passes stay in cache
 _GRID = torch.linspace(1.0, 0.5, 11).tolist()
 _ALS_STEPS = 6
 
@@ -35,7 +35,7 @@ def quantize_params(weight: torch.Tensor, scheme: QuantScheme) -> QuantParams:
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
     rows = w.shape[0]
-    codes = torch.empty(rows, in_padded, dtype=torch.uint8, device=w.device)
+    codes = torch.empty(rows, in_features, dtype=torch.uint8, device=w.device)
     scale = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device)
     zero = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device) if scheme.has_zero else None
     step = max(1, _CHUNK_ELEMENTS // in_padded)
@@ -51,10 +51,10 @@ def quantize_params(weight: torch.Tensor, scheme: QuantScheme) -> QuantParams:
     for r0 in range(0, rows, step):
         wg = _grouped(w[r0 : r0 + step].float(), g, in_padded)
         z = None if zero is None else zero[r0 : r0 + step, :, None]
-        codes[r0 : r0 + step] = _assign(wg, scale[r0 : r0 + step, :, None], z, scheme).reshape(-1, in_padded)
+        codes[r0 : r0 + step] = _assign(wg, scale[r0 : r0 + step, :, None], z, scheme).reshape(-1, in_padded)[:, :in_features]
     shape_p = (*lead, out)
     return QuantParams(
-        codes.reshape(*shape_p, in_padded),
+        codes.reshape(*shape_p, in_features),
         scale.reshape(*shape_p, n_groups),
         None if zero is None else zero.reshape(*shape_p, n_groups),
     )
@@ -94,43 +94,61 @@ def _error(wg, q, s, z, scheme) -> torch.Tensor:
     return (_decode(q, s, z, scheme) - wg).pow_(2).sum(-1, keepdim=True)
 
 
-def _range_params(wg: torch.Tensor, ratio: float, scheme: QuantScheme, integer_zero: bool):
+def _candidate_error(wg: torch.Tensor, s: torch.Tensor, z, scheme: QuantScheme) -> torch.Tensor:
+    """Squared error of each group when rounded with (s, z); in-place arithmetic keeps this at ~8 passes."""
+    if scheme.format != "int":
+        return _error(wg, _assign(wg, s, z, scheme), s, z, scheme)
+    zz = _sym_zero(scheme) if z is None else z
+    r = (wg / s).add_(zz).round_().clamp_(0, (1 << scheme.bits) - 1)
+    return r.sub_(zz).mul_(s).sub_(wg).pow_(2).sum(-1, keepdim=True)
+
+
+def _range_params(wg: torch.Tensor, ratio: float, scheme: QuantScheme, integer_zero: bool, stats=None):
     """Scale/zero covering `ratio` times the group's range (min/max for asymmetric, absmax otherwise)."""
     tiny = torch.finfo(torch.float16).tiny
+    if stats is None:
+        stats = _range_stats(wg, scheme)
     if scheme.format == "int":
         maxq = (1 << scheme.bits) - 1
         if scheme.symmetric:
-            amax = wg.abs().amax(-1, keepdim=True) * ratio
-            return (2 * amax / maxq).clamp_min(tiny), None
-        lo, hi = wg.amin(-1, keepdim=True) * ratio, wg.amax(-1, keepdim=True) * ratio
+            return (2 * stats * ratio / maxq).clamp_min(tiny), None
+        lo, hi = stats[0] * ratio, stats[1] * ratio
         s = ((hi - lo) / maxq).clamp_min(tiny)
         z = -lo / s
         return s, (torch.round(z) if integer_zero else z)
     top = codebook_values(scheme.format).abs().max().item()
-    return (wg.abs().amax(-1, keepdim=True) * ratio / top).clamp_min(tiny), None
+    return (stats * ratio / top).clamp_min(tiny), None
+
+
+def _range_stats(wg: torch.Tensor, scheme: QuantScheme):
+    if scheme.format == "int" and not scheme.symmetric:
+        return wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    return wg.abs().amax(-1, keepdim=True)
 
 
 def _search(wg: torch.Tensor, scheme: QuantScheme):
     if scheme.method == "rtn":
         return _range_params(wg, 1.0, scheme, integer_zero=True)
-    best_s, best_z = _range_params(wg, 1.0, scheme, integer_zero=False)
-    best_err = _error(wg, _assign(wg, best_s, best_z, scheme), best_s, best_z, scheme)
+    stats = _range_stats(wg, scheme)
+    best_s, best_z = _range_params(wg, 1.0, scheme, integer_zero=False, stats=stats)
+    best_err = _candidate_error(wg, best_s, best_z, scheme)
     for ratio in _GRID[1:]:
-        s, z = _range_params(wg, ratio, scheme, integer_zero=False)
-        err = _error(wg, _assign(wg, s, z, scheme), s, z, scheme)
-        better = err < best_err
-        best_s = torch.where(better, s, best_s)
-        best_z = None if z is None else torch.where(better, z, best_z)
-        best_err = torch.where(better, err, best_err)
+        s, z = _range_params(wg, ratio, scheme, integer_zero=False, stats=stats)
+        best_s, best_z, best_err = _keep_better(s, z, _candidate_error(wg, s, z, scheme), best_s, best_z, best_err)
     for _ in range(_ALS_STEPS):
         q = _assign(wg, best_s, best_z, scheme)
         s, z = _least_squares(wg, q, best_s, best_z, scheme)
-        err = _error(wg, _assign(wg, s, z, scheme), s, z, scheme)
-        better = err < best_err
-        best_s = torch.where(better, s, best_s)
-        best_z = None if z is None else torch.where(better, z, best_z)
-        best_err = torch.where(better, err, best_err)
+        best_s, best_z, best_err = _keep_better(s, z, _candidate_error(wg, s, z, scheme), best_s, best_z, best_err)
     return best_s, best_z
+
+
+def _keep_better(s, z, err, best_s, best_z, best_err):
+    better = err < best_err
+    return (
+        torch.where(better, s, best_s),
+        None if z is None else torch.where(better, z, best_z),
+        torch.where(better, err, best_err),
+    )
 
 
 def _least_squares(wg, q, s_old, z_old, scheme: QuantScheme):

@@ -2,7 +2,7 @@
 
 Every format stores a weight of logical shape [*lead, out, in] (lead = experts for fused MoE tensors) as:
 
-    qweight    uint8    [*lead, out, packed_length(in_padded, bits)]  codes, `packing.pack_bits` layout
+    qweight    uint8    [*lead, out, packed_length(in, bits)]  codes, `packing.pack_bits` layout
     scales     float16  [*lead, out, n_groups]     (uint8 codes when double_quant)
     scales_dq  float16  [ceil(numel(scales) / 64), 2]  (step, offset) per 64 scales; double_quant only
     zeros      float16  [*lead, out, n_groups]     int asymmetric only (uint8 codes when double_quant)
@@ -10,7 +10,8 @@ Every format stores a weight of logical shape [*lead, out, in] (lead = experts f
 
 Decoding: affine int  w = (q - zero) * scale   (symmetric: zero = 2**(bits-1), not stored)
           codebook    w = CODEBOOK[q] * scale  (NF4, FP4 E2M1 tables; FP8 E4M3 bit patterns)
-The input dimension is padded to n_groups * group_size; the padding is cropped when decoding.
+When `in` is not a multiple of the group size, the last group of each row is shorter (its scale covers only
+the remaining columns); nothing extra is stored for the padding, which exists only while decoding.
 This layout is independent of any kernel's in-memory layout; kernels repack it at load time.
 """
 
@@ -54,7 +55,7 @@ def codebook_values(fmt: str, device=None) -> torch.Tensor:
 class QuantParams:
     """Unpacked quantization: integer codes and float32 per-group scale (and zero-point)."""
 
-    codes: torch.Tensor  # uint8 [*lead, out, in_padded]
+    codes: torch.Tensor  # uint8 [*lead, out, in]
     scale: torch.Tensor  # float32 [*lead, out, n_groups]
     zero: torch.Tensor | None  # float32 [*lead, out, n_groups], int asymmetric only
 
@@ -62,8 +63,8 @@ class QuantParams:
 def tensor_specs(scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the stored tensors of a weight of logical `shape` [*lead, out, in]."""
     *lead, out, in_features = shape
-    _, n_groups, in_padded = scheme.group_layout(in_features)
-    specs = {"qweight": ((*lead, out, packed_length(in_padded, scheme.bits)), torch.uint8)}
+    _, n_groups, _ = scheme.group_layout(in_features)
+    specs = {"qweight": ((*lead, out, packed_length(in_features, scheme.bits)), torch.uint8)}
     param_shape = (*lead, out, n_groups)
     names = ["scales"] + (["zeros"] if scheme.has_zero else [])
     for name in names:
@@ -167,8 +168,7 @@ def decode_params(scheme: QuantScheme, tensors: dict[str, torch.Tensor]) -> tupl
 
 
 def unpack(scheme: QuantScheme, tensors: dict[str, torch.Tensor], in_features: int) -> QuantParams:
-    _, _, in_padded = scheme.group_layout(in_features)
-    codes = unpack_bits(tensors["qweight"], scheme.bits, in_padded)
+    codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
     scale, zero = decode_params(scheme, tensors)
     return QuantParams(codes, scale, zero if scheme.has_zero else None)
 
@@ -184,6 +184,8 @@ def dequantize_codes(
     """Reference decoding of unpacked codes with float scale/zero (zero given for every int format)."""
     g, n_groups, in_padded = scheme.group_layout(in_features)
     lead = codes.shape[:-1]
+    if in_padded != in_features:  # short last group: pad while decoding only
+        codes = torch.nn.functional.pad(codes, (0, in_padded - in_features))
     if scheme.format == "int":
         if zero is None:
             zero = torch.full_like(scale, float(1 << (scheme.bits - 1)))
@@ -199,7 +201,6 @@ def dequantize(
     scheme: QuantScheme, tensors: dict[str, torch.Tensor], in_features: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Reference dequantization of the canonical tensors to a float weight [*lead, out, in]."""
-    _, _, in_padded = scheme.group_layout(in_features)
-    codes = unpack_bits(tensors["qweight"], scheme.bits, in_padded)
+    codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
     scale, zero = decode_params(scheme, tensors)
     return dequantize_codes(scheme, codes, scale, zero, in_features, dtype)

@@ -38,7 +38,9 @@ class CpuInt4PackKernel(Kernel):
     def prepare(cls, scheme, tensors, shape, dtype):
         out, in_features = shape
         g, n_groups, in_padded = scheme.group_layout(in_features)
-        codes = unpack_bits(tensors["qweight"], scheme.bits, in_padded).to(torch.int32)
+        codes = unpack_bits(tensors["qweight"], scheme.bits, in_features).to(torch.int32)
+        # x is zero-padded to in_padded at call time, so padded codes contribute nothing.
+        codes = torch.nn.functional.pad(codes, (0, in_padded - in_features))
         scale, zero = float_params(scheme, tensors)
         out_padded = -(-out // 16) * 16  # the CPU tile layout needs N % 16 == 0
         pad = out_padded - out

@@ -26,7 +26,9 @@ def dequantize(
     """
     n_groups = scale.shape[-1]
     g = in_features if group_size == -1 else group_size
-    codes = unpack_bits(qweight, bits, n_groups * g)
+    codes = unpack_bits(qweight, bits, in_features)
+    if n_groups * g != in_features:  # short last group
+        codes = torch.nn.functional.pad(codes, (0, n_groups * g - in_features))
     lead = codes.shape[:-1]
     if format == "int":
         w = (codes.view(*lead, n_groups, g).to(scale.dtype) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)

