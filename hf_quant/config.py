@@ -3,40 +3,103 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats.scheme import CODEBOOK_BITS, FORMATS, QuantScheme
+from .formats.scheme import CODEBOOK_BITS, FORMATS, GROUP_SIZES, INT_BITS, METHODS, QuantScheme
 
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (formats/base.py). Bump on any change a reader must know about.
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 _SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
+FIELDS = (
+    "bits", "format", "group_size", "symmetric", "method", "double_quant", "modules_to_not_convert", "overrides",
+    "quantize_experts", "format_version",
+)
+DEFAULT_INT_BITS = 4
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_scheme_settings(settings: Mapping[str, Any]) -> None:
+    """Type and range checks of scheme fields, one field at a time (cross-field rules are QuantScheme's)."""
+    if "format" in settings and (not isinstance(settings["format"], str) or settings["format"] not in FORMATS):
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {settings['format']!r}")
+    if "bits" in settings:
+        bits = settings["bits"]
+        if not _is_int(bits) or bits not in (*INT_BITS, *CODEBOOK_BITS.values()):
+            raise ValueError(
+                f"bits must be an int, one of {list(INT_BITS)} for format 'int' (nf4/fp4: 4, fp8: 8), got {bits!r}"
+            )
+    if "group_size" in settings:
+        gs = settings["group_size"]
+        if not _is_int(gs) or gs not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {list(GROUP_SIZES)} (-1: one group per row), got {gs!r}")
+    if "method" in settings and (not isinstance(settings["method"], str) or settings["method"] not in METHODS):
+        raise ValueError(f"method must be one of {list(METHODS)}, got {settings['method']!r}")
+    for name in ("symmetric", "double_quant"):
+        if name in settings and not isinstance(settings[name], bool):
+            raise ValueError(f"{name} must be a bool (True or False), got {settings[name]!r}")
+
+
+def _override_items(overrides) -> list[tuple[Any, Any]]:
+    """(regex, settings) pairs in precedence order, from a dict or from a list of [regex, settings] pairs (the
+    saved form)."""
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    if isinstance(overrides, (list, tuple)) and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in overrides
+    ):
+        seen = set()
+        for pattern, _ in overrides:
+            if not isinstance(pattern, str):
+                continue  # reported by the caller
+            if pattern in seen:
+                raise ValueError(f"overrides lists the regex {pattern!r} more than once; give each regex once")
+            seen.add(pattern)
+        return [tuple(pair) for pair in overrides]
+    raise ValueError(
+        "overrides must be a dict {regex: {setting: value} or None}, e.g. {'down_proj': {'bits': 8}} (or a list of "
+        f"[regex, settings] pairs, the saved form), got {overrides!r}"
+    )
 
 
 class HfQuantConfig(QuantizationConfigMixin):
     """Quantization settings for `from_pretrained(..., quantization_config=HfQuantConfig(...))`.
 
+    Every field is validated when the config is built (and again when it is changed through `update`, or an
+    attribute is set and the config is used): a bad value raises ValueError naming the field and what it accepts.
+
     Args:
-        bits: code width of "int" weights (2, 3, 4, 5, 6, 8). Default: 4 for "int", the format's own width otherwise.
+        bits: code width of "int" weights (2, 3, 4, 5, 6, 8). Default (None): 4 for "int", the format's own width
+            for codebook formats (nf4, fp4: 4; fp8: 8). The resolved width is stored, so `to_dict()` always holds
+            an int and a round trip gives an equal config. Codebook formats reject any other width.
         format: "int" (affine integer), "nf4", "fp4" (E2M1) or "fp8" (E4M3, weight-only).
         group_size: 32, 64, 128, 256, or -1 for one scale per output channel. In-features that are not a multiple
             of the group size are zero-padded to the next multiple; the padding is part of the stored layout.
-        symmetric: "int" only: no stored zero-point.
+        symmetric: "int" only: no stored zero-point. True with a codebook format is an error.
         method: "mse" (default; data-free error-minimizing scale/zero search) or "rtn" (round to nearest).
         double_quant: store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).
-        modules_to_not_convert: module names (or dotted prefixes) kept in float. Default (None): the output
-            embedding, tied weights and the last module, as transformers computes them. Embeddings are never
-            quantized.
+        modules_to_not_convert: list of module names (or dotted prefixes) kept in float. Default (None): the
+            output embedding, tied weights and the last module, as transformers computes them; the resolved list is
+            recorded in the config when the model is loaded. Embeddings are never quantized.
         overrides: {regex: {setting: value}} applied to modules whose full name matches the regex
-            (`re.search`); the first matching entry wins, e.g. `{r"down_proj": {"bits": 8}}`. A value of None
-            (instead of a dict) keeps matching modules in float.
+            (`re.search`); the first matching entry (in insertion order) wins, e.g. `{r"down_proj": {"bits": 8}}`.
+            A value of None (instead of a dict) keeps matching modules in float. Settings not given are inherited
+            from the config, except that an override switching to a codebook format takes that format's width
+            (unless it sets `bits`) and is never symmetric. `to_dict()` (and config.json) hold the overrides as a
+            list of [regex, settings] pairs, which keeps their order; such a list is accepted here too.
         quantize_experts: also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).
-        format_version: the on-disk layout version; set by hf_quant, checked when loading.
+        format_version: the on-disk layout version; set by hf_quant, checked when loading. A saved config must
+            carry it (`from_dict` rejects a config without it).
     """
 
     def __init__(
@@ -54,73 +117,133 @@ class HfQuantConfig(QuantizationConfigMixin):
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
-        kwargs.pop("quant_method", None)
+        method_given = kwargs.pop("quant_method", QUANT_METHOD)
+        if method_given != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r} for HfQuantConfig, got {method_given!r}")
         if kwargs:
+            hints = {k: difflib.get_close_matches(k, FIELDS, n=1) for k in kwargs}
+            hint = "; ".join(f"{k!r}: did you mean {h[0]!r}?" for k, h in hints.items() if h)
             raise ValueError(
-                f"HfQuantConfig got unknown field(s) {sorted(kwargs)}; known fields: "
-                f"{sorted(['bits', 'format', 'group_size', 'symmetric', 'method', 'double_quant', 'modules_to_not_convert', 'overrides', 'quantize_experts', 'format_version'])}"
+                f"HfQuantConfig got unknown field(s) {sorted(kwargs)}; known fields: {list(FIELDS)}"
+                + (f" ({hint})" if hint else "")
             )
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-        self.bits = bits if bits is not None else CODEBOOK_BITS.get(format, 4)
+        self.bits = bits
         self.format = format
         self.group_size = group_size
         self.symmetric = symmetric
         self.method = method
         self.double_quant = double_quant
-        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
-        self.overrides = dict(overrides or {})
+        self.modules_to_not_convert = modules_to_not_convert
+        self.overrides = {} if overrides is None else overrides
         self.quantize_experts = quantize_experts
         self.format_version = format_version
         self.post_init()
 
     def post_init(self) -> None:
-        if self.format_version not in SUPPORTED_FORMAT_VERSIONS:
+        """Validate every field and build the per-module schemes. Re-run automatically by `scheme_for` when an
+        attribute was changed after construction."""
+        fv = self.format_version
+        if not _is_int(fv) or fv not in SUPPORTED_FORMAT_VERSIONS:
             raise ValueError(
-                f"format_version={self.format_version!r} is not supported by this hf_quant (it reads versions "
-                f"{list(SUPPORTED_FORMAT_VERSIONS)}); upgrade hf_quant to load this checkpoint"
+                f"format_version={fv!r} is not supported by this hf_quant (it reads versions "
+                f"{list(SUPPORTED_FORMAT_VERSIONS)}); upgrade hf_quant to load this checkpoint "
+                "(pip install -U hf-quant)"
             )
-        self.default_scheme = self._scheme({})  # validates the defaults
-        if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
-            raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        _check_scheme_settings({"format": self.format})
+        if self.bits is None:
+            self.bits = CODEBOOK_BITS.get(self.format, DEFAULT_INT_BITS)
+        _check_scheme_settings({f: getattr(self, f) for f in _SCHEME_FIELDS})
+        if self.format != "int" and self.symmetric:
+            raise ValueError(
+                f"symmetric=True only applies to format='int'; {self.format} codebooks are symmetric already "
+                "(leave symmetric=False)"
+            )
+        self.default_scheme = self._scheme({})
+
+        mods = self.modules_to_not_convert
+        if mods is not None:
+            if isinstance(mods, (str, bytes)) or not isinstance(mods, (list, tuple)) or not all(
+                isinstance(m, str) for m in mods
+            ):
+                raise ValueError(
+                    "modules_to_not_convert must be None or a list of module names (str), e.g. ['lm_head'], "
+                    f"got {mods!r}"
+                )
+            self.modules_to_not_convert = list(mods)
         if not isinstance(self.quantize_experts, bool):
-            raise ValueError(f"quantize_experts must be a bool, got {self.quantize_experts!r}")
-        self._override_patterns = []
-        for pattern, settings in self.overrides.items():
+            raise ValueError(f"quantize_experts must be a bool (True or False), got {self.quantize_experts!r}")
+
+        overrides, patterns = {}, []
+        for pattern, settings in _override_items(self.overrides):
+            if not isinstance(pattern, str):
+                raise ValueError(f"overrides keys must be regular expressions (str), got {pattern!r}")
             try:
                 regex = re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"overrides key {pattern!r} is not a valid regular expression: {e}") from None
             if settings is None:
-                self._override_patterns.append((regex, None))
+                overrides[pattern] = None
+                patterns.append((regex, None))
                 continue
-            if not isinstance(settings, dict):
-                raise ValueError(f"overrides[{pattern!r}] must be a dict of settings or None, got {settings!r}")
+            if not isinstance(settings, Mapping):
+                raise ValueError(
+                    f"overrides[{pattern!r}] must be a dict of settings (allowed: {list(_SCHEME_FIELDS)}) or None "
+                    f"(keep in float), got {settings!r}"
+                )
             unknown = set(settings) - set(_SCHEME_FIELDS)
             if unknown:
                 raise ValueError(
                     f"overrides[{pattern!r}] has unknown setting(s) {sorted(unknown)}; allowed: {list(_SCHEME_FIELDS)}"
                 )
             try:
-                self._override_patterns.append((regex, self._scheme(settings)))
+                _check_scheme_settings(settings)
+                patterns.append((regex, self._scheme(settings)))
             except ValueError as e:
                 raise ValueError(f"overrides[{pattern!r}]: {e}") from None
+            overrides[pattern] = dict(settings)
+        self.overrides = overrides
+        self._override_patterns = patterns
+        self._validated = self._snapshot()
 
-    def _scheme(self, settings: dict[str, Any]) -> QuantScheme:
+    def _scheme(self, settings: Mapping[str, Any]) -> QuantScheme:
         values = {f: getattr(self, f) for f in _SCHEME_FIELDS}
         if "format" in settings and "bits" not in settings:
             values["bits"] = CODEBOOK_BITS.get(settings["format"], values["bits"])
+        if "format" in settings and "symmetric" not in settings and settings["format"] != "int":
+            values["symmetric"] = False  # inherited only; an explicit symmetric=True with a codebook is an error
         values.update(settings)
-        if values["format"] != "int":
-            values["symmetric"] = False  # codebooks are symmetric by construction; nothing is stored for it
         return QuantScheme(**values)
+
+    def _snapshot(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=repr)
+
+    def _ensure_valid(self) -> None:
+        if getattr(self, "_validated", None) != self._snapshot():
+            self.post_init()
 
     def scheme_for(self, module_name: str) -> QuantScheme | None:
         """The scheme of the module `module_name`, or None when an override keeps it in float."""
+        self._ensure_valid()
         for regex, scheme in self._override_patterns:
             if regex.search(module_name):
                 return scheme
         return self.default_scheme
+
+    def update(self, **kwargs) -> dict[str, Any]:
+        """Set fields (validated together, like a new config); returns the kwargs that are not fields.
+        Changing `format` without giving `bits` resets `bits` to the new format's default."""
+        fields = {k: v for k, v in kwargs.items() if k in FIELDS}
+        if "format" in fields and "bits" not in fields and fields["format"] != self.format:
+            fields["bits"] = None  # the new format's default width, as for a new config
+        if fields:
+            new = type(self)(**{**self._fields(), **fields})
+            self.__dict__.update(new.__dict__)
+        return {k: v for k, v in kwargs.items() if k not in FIELDS}
+
+    def _fields(self) -> dict[str, Any]:
+        d = self.to_dict()
+        d.pop("quant_method")
+        return d
 
     # --- serialization -------------------------------------------------------------------------
 
@@ -135,28 +258,38 @@ class HfQuantConfig(QuantizationConfigMixin):
             "method": self.method,
             "double_quant": self.double_quant,
             "modules_to_not_convert": copy.copy(self.modules_to_not_convert),
-            "overrides": copy.deepcopy(self.overrides),
+            # A list of [regex, settings] pairs, not a dict: the order decides which override wins, and
+            # transformers writes config.json with sorted keys.
+            "overrides": [[pattern, copy.deepcopy(settings)] for pattern, settings in self.overrides.items()],
             "quantize_experts": self.quantize_experts,
         }
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
+    def __iter__(self):
+        # `dict(config)` (used by transformers where a config may be a dict or a config object): the fields only.
+        yield from self.to_dict().items()
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        if not isinstance(config_dict, Mapping):
+            raise ValueError(f"quantization_config must be a dict, got {type(config_dict).__name__}")
         config_dict = dict(config_dict)
         method = config_dict.get("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
             raise ValueError(f"quant_method is {method!r}; HfQuantConfig reads only {QUANT_METHOD!r} configs")
         if "format_version" not in config_dict:
-            raise ValueError("quantization_config has no format_version; it was not written by hf_quant")
+            raise ValueError(
+                "quantization_config (quant_method 'hf_quant') has no 'format_version'. hf_quant writes it into every "
+                "config it saves, so this config.json was not written by hf_quant or was edited: save the "
+                "checkpoint again with hf_quant, or add the format_version it was written with "
+                f"(this hf_quant reads {list(SUPPORTED_FORMAT_VERSIONS)}). To quantize a float model, pass "
+                "HfQuantConfig(...) instead of a dict."
+            )
+        config_dict.update({k: v for k, v in kwargs.items() if k in FIELDS})
         config = cls(**config_dict)
-        unused = {}
-        for key, value in kwargs.items():
-            if hasattr(config, key):
-                setattr(config, key, value)
-            else:
-                unused[key] = value
+        unused = {k: v for k, v in kwargs.items() if k not in FIELDS}
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = True) -> str:

@@ -10,6 +10,8 @@ and loaded as ordinary buffers (bit-identical, nothing is re-quantized).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 
 import torch
@@ -22,12 +24,13 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from .algorithms import quantize_weight
 from .config import FORMAT_VERSION, HfQuantConfig
 from .formats import tensor_specs
-from .integrations.checkpoint import check_checkpoint_files
+from .integrations.checkpoint import check_checkpoint_files, check_model_packed_values
 from .nn import PackedWeight, QuantExpertWeight, QuantLinear
 
 logger = logging.getLogger(__name__)
 
 METADATA_VERSION_KEY = "hf_quant_format_version"
+METADATA_MODULES_KEY = "hf_quant_modules"
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -47,6 +50,7 @@ class HfQuantQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self.pending_experts: dict[str, tuple] = {}  # param name -> (scheme, transposed), quantize-on-load
+        self.load_errors: dict[str, str] = {}  # weight name -> why it could not be quantized (quantize-on-load)
 
     # --- loading hooks ----------------------------------------------------------------------------
 
@@ -82,8 +86,21 @@ class HfQuantQuantizer(HfQuantizer):
             )
         if self.pre_quantized and checkpoint_files:
             check_checkpoint_files(model, checkpoint_files)
+        # transformers initializes (missing) weights after loading; see `initialize_weights_with_stubs`.
+        model.initialize_weights = functools.partial(initialize_weights_with_stubs, model, model.initialize_weights)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        model.__dict__.pop("initialize_weights", None)
+        if self.load_errors:
+            errors = sorted(self.load_errors.items())
+            listed = "; ".join(f"{name}: {why}" for name, why in errors[:10])
+            raise ValueError(
+                f"hf_quant could not quantize {len(errors)} weight(s) of the checkpoint: {listed}"
+                f"{' ...' if len(errors) > 10 else ''}. Fix the checkpoint, or keep these modules in float with "
+                "HfQuantConfig(modules_to_not_convert=[...])"
+            )
+        if self.pre_quantized:
+            check_model_packed_values(model)  # scales finite and > 0, zero-points finite; names the tensor
         missing = []
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear) and "weight" in module._parameters:
@@ -99,6 +116,7 @@ class HfQuantQuantizer(HfQuantizer):
             # grouped/batched expert kernels read the whole 3-D float tensor; the eager loop indexes one expert
             # at a time, which QuantExpertWeight supports.
             model.set_experts_implementation("eager")
+        model._weight_conversions = conversions_sparing_packed(model)
         model.config.quantization_config = self.quantization_config
         return model
 
@@ -106,7 +124,13 @@ class HfQuantQuantizer(HfQuantizer):
         return HfQuantQuantize(self)
 
     def get_state_dict_and_metadata(self, model):
-        return None, {METADATA_VERSION_KEY: str(FORMAT_VERSION)}
+        # The per-module record makes a checkpoint self-describing: `hf-quant inspect` reads exact shapes and
+        # schemes from the safetensors header without building the model.
+        modules = {
+            name: {"shape": list(m.quantized_shape), "scheme": m.scheme.to_dict(), "kind": type(m).__name__}
+            for name, m in packed_modules(model).items()
+        }
+        return None, {METADATA_VERSION_KEY: str(FORMAT_VERSION), METADATA_MODULES_KEY: json.dumps(modules)}
 
     def is_serializable(self):
         return True
@@ -137,7 +161,13 @@ class HfQuantQuantize(ConversionOps):
             module, pname = get_module_from_name(model, name)
             if isinstance(module, QuantLinear) and pname == "weight":
                 weight = value.t() if module.source_is_conv1d else value
-                packed = quantize_weight(weight, module.scheme)
+                try:
+                    packed = quantize_weight(weight, module.scheme)
+                except ValueError as e:
+                    # Raised from here, transformers' loader would catch it and raise a RuntimeError that does
+                    # not name the weight: record it, leave the weight unloaded, raise after loading.
+                    self.hf_quantizer.load_errors[name] = str(e)
+                    continue
                 del module._parameters["weight"]
                 prefix = name.rsplit(".", 1)[0]
                 result.update({f"{prefix}.{k}": v for k, v in packed.items()})
@@ -145,7 +175,11 @@ class HfQuantQuantize(ConversionOps):
                 scheme, transposed, compute_dtype = self.hf_quantizer.pending_experts.pop(name)
                 shape = QuantExpertWeight.logical_shape(tuple(value.shape), transposed)
                 q = QuantExpertWeight(*shape, scheme, transposed, device=value.device, dtype=compute_dtype)
-                q.load_packed(quantize_weight(value.transpose(1, 2) if transposed else value, scheme))
+                try:
+                    q.load_packed(quantize_weight(value.transpose(1, 2) if transposed else value, scheme))
+                except ValueError as e:
+                    self.hf_quantizer.load_errors[name] = str(e)
+                    continue
                 del module._parameters[pname]
                 module.add_module(pname, q)
             else:
@@ -154,6 +188,56 @@ class HfQuantQuantize(ConversionOps):
             if missing_keys is not None:
                 missing_keys.discard(name)
         return result
+
+
+def initialize_weights_with_stubs(model: nn.Module, initialize_weights) -> None:
+    """Run transformers' `initialize_weights` with a stand-in `weight` on every packed QuantLinear.
+
+    Some models' `_init_weights(parent)` reach into a child layer's weight (GPT-2: `init.normal_(module.c_proj.weight)`,
+    likewise T5, wav2vec2, ...), which a QuantLinear does not have. The stand-in is a meta tensor of the replaced
+    weight's shape flagged `_is_hf_initialized`, so transformers' init functions leave it alone; it is removed
+    afterwards, so the model never holds a float weight for a quantized layer.
+    """
+    stubbed = []
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and "weight" not in module._parameters and "weight" not in module.__dict__:
+            shape = (module.out_features, module.in_features)
+            stub = torch.empty(shape[::-1] if module.source_is_conv1d else shape, device="meta")
+            stub._is_hf_initialized = True
+            module.__dict__["weight"] = stub
+            stubbed.append(module)
+    try:
+        initialize_weights()
+    finally:
+        for module in stubbed:
+            module.__dict__.pop("weight", None)
+
+
+def conversions_sparing_packed(model: nn.Module) -> list | None:
+    """The model's weight conversions (what `save_pretrained` reverts to write the checkpoint's original layout),
+    less every transform whose reverse would rename or convert a tensor of a packed module.
+
+    Packed tensors are saved under the model's own module names, the layout `check_checkpoint_files` and the
+    pre-quantized loader expect. Reverting a conversion on them is wrong: e.g. the per-expert split of a fused
+    MoE converter would chunk `experts.gate_up_proj.qweight` into `experts.0.gate_proj.weight.qweight` (and cut
+    double-quant blocks, which span experts, apart), a layout nothing reads back.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions:
+        return conversions
+    packed_keys = [
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, PackedWeight)
+        for key, t in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]
+        if t is not None
+    ]
+    kept = []
+    for transform in conversions:
+        reverse = transform.reverse_transform()
+        if not any(reverse.rename_source_key(key)[1] is not None for key in packed_keys):
+            kept.append(transform)
+    return kept
 
 
 def install_quantized_modules(
@@ -205,6 +289,7 @@ def install_quantized_modules(
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace every packed module by its float equivalent (nn.Linear / a 3-D expert parameter)."""
+    had_experts = False
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             layer = module.to_float(dtype)
@@ -220,8 +305,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                 if isinstance(child, QuantExpertWeight):
                     del module._modules[pname]
                     module.register_parameter(pname, child.to_float(dtype))
-    if hasattr(model, "set_experts_implementation") and hasattr(model.config, "_experts_implementation"):
-        model.config._experts_implementation = None
+                    had_experts = True
+    if had_experts and hasattr(model, "set_experts_implementation"):
+        # Quantized experts were pinned to "eager"; float ones get transformers' default back. (Setting the config
+        # field to None instead leaves the experts without an implementation: transformers warns on every forward.)
+        model.set_experts_implementation(model.get_correct_experts_implementation(None))
     return model
 
 
@@ -229,4 +317,11 @@ def packed_modules(model: nn.Module) -> dict[str, PackedWeight]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedWeight)}
 
 
-__all__ = ["HfQuantQuantizer", "dequantize_model", "install_quantized_modules", "packed_modules", "tensor_specs"]
+__all__ = [
+    "HfQuantQuantizer",
+    "conversions_sparing_packed",
+    "dequantize_model",
+    "install_quantized_modules",
+    "packed_modules",
+    "tensor_specs",
+]

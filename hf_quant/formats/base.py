@@ -124,11 +124,24 @@ def dq_decode(codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1)[: flat.numel()].reshape(codes.shape)
 
 
+def _dq_round(values: torch.Tensor) -> torch.Tensor:
+    """Values as double quantization stores them, i.e. a fixed point of decode(encode(.)): `pack` re-encodes
+    the rounded values, and one encode/decode pass is not always idempotent (a block whose step had to be
+    widened no longer spans all 256 codes), so iterate until re-encoding reproduces them exactly."""
+    values = dq_decode(*dq_encode(values))
+    for _ in range(8):
+        again = dq_decode(*dq_encode(values))
+        if torch.equal(again, values):
+            break
+        values = again
+    return values
+
+
 def round_params(scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor | None):
     """Round float32 scale/zero to exactly what storage will hold, so codes are chosen against stored values."""
     if scheme.double_quant:
-        scale = dq_decode(*dq_encode(scale))
-        zero = None if zero is None else dq_decode(*dq_encode(zero))
+        scale = _dq_round(scale)
+        zero = None if zero is None else _dq_round(zero)
     else:
         scale = scale.to(torch.float16).float()
         zero = None if zero is None else zero.to(torch.float16).float()

@@ -1,0 +1,324 @@
+"""Damaged or inconsistent checkpoints give a clear error naming the file or tensor and the fix; nothing is
+silently skipped, and pickles are never loaded by hf_quant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_quant import HfQuantConfig, QuantLinear
+from hf_quant.integrations.checkpoint import (
+    METADATA_VERSION_KEY,
+    CheckpointError,
+    check_model_packed_values,
+    check_packed_values,
+)
+
+ST = "model.safetensors"
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(root / "float")
+    model = AutoModelForCausalLM.from_pretrained(root / "float", quantization_config=HfQuantConfig(group_size=32))
+    model.save_pretrained(root / "quant")
+    return {"float": root / "float", "quant": root / "quant"}
+
+
+@pytest.fixture
+def quant_dir(saved, tmp_path) -> Path:
+    """A private copy of the saved quantized checkpoint, free to tamper with."""
+    return Path(shutil.copytree(saved["quant"], tmp_path / "quant"))
+
+
+@pytest.fixture
+def float_dir(saved, tmp_path) -> Path:
+    return Path(shutil.copytree(saved["float"], tmp_path / "float"))
+
+
+def rewrite(path: Path, edit) -> None:
+    """Load a safetensors file, let `edit(tensors, metadata)` change it, and write it back (metadata kept)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = load_file(str(path))
+    edit(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def edit_quantization_config(directory: Path, edit) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["quantization_config"])
+    path.write_text(json.dumps(config))
+
+
+def test_intact_checkpoint_loads(quant_dir):
+    model = AutoModelForCausalLM.from_pretrained(quant_dir)
+    assert isinstance(model.get_submodule(Q_PROJ), QuantLinear)
+    check_model_packed_values(model)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+# --- damaged files -------------------------------------------------------------------------------
+
+
+def test_truncated_file_names_the_file(quant_dir):
+    path = quant_dir / ST
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    message = str(info.value)
+    assert str(path) in message
+    assert "truncated" in message or "corrupted" in message
+    assert "save the checkpoint again" in message
+
+
+@pytest.mark.parametrize(
+    "tensor,change,found",
+    [
+        ("qweight", lambda t: t.to(torch.int32), "torch.int32 [64, 32]"),
+        ("qweight", lambda t: t[:, :-1].contiguous(), "torch.uint8 [64, 31]"),
+        ("scales", lambda t: t.float(), "torch.float32 [64, 2]"),
+        ("zeros", lambda t: t[:-1].contiguous(), "torch.float16 [63, 2]"),
+    ],
+    ids=["qweight-dtype", "qweight-shape", "scales-dtype", "zeros-shape"],
+)
+def test_tampered_tensor_names_key_expected_and_found(quant_dir, tensor, change, found):
+    key = f"{Q_PROJ}.{tensor}"
+    rewrite(quant_dir / ST, lambda tensors, meta: tensors.__setitem__(key, change(tensors[key])))
+    expected = {"qweight": "torch.uint8 [64, 32]", "scales": "torch.float16 [64, 2]", "zeros": "torch.float16 [64, 2]"}
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    message = str(info.value)
+    assert repr(key) in message and ST in message
+    assert f"is {found}" in message
+    assert f"requires {expected[tensor]}" in message
+
+
+def test_missing_tensor_names_the_key(quant_dir):
+    key = f"{Q_PROJ}.scales"
+    rewrite(quant_dir / ST, lambda tensors, meta: tensors.pop(key))
+    with pytest.raises(CheckpointError, match="missing tensor") as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    assert repr(key) in str(info.value) and ST in str(info.value)
+
+
+def test_packed_tensor_of_a_module_the_config_keeps_in_float(quant_dir):
+    # config.json edited to keep q_proj in float: its packed tensors would be dropped and its float weight
+    # randomly initialised; instead the mismatch is reported.
+    edit_quantization_config(quant_dir, lambda qc: qc["modules_to_not_convert"].append(Q_PROJ))
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    assert repr(f"{Q_PROJ}.qweight") in str(info.value) and "in float" in str(info.value)
+
+
+def test_float_weight_beside_packed_tensors(quant_dir):
+    key = f"{Q_PROJ}.weight"
+    rewrite(quant_dir / ST, lambda tensors, meta: tensors.__setitem__(key, torch.zeros(64, 64)))
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    assert repr(key) in str(info.value)
+
+
+# --- format versions -----------------------------------------------------------------------------
+
+
+def test_config_format_version_from_the_future(quant_dir):
+    edit_quantization_config(quant_dir, lambda qc: qc.__setitem__("format_version", 99))
+    with pytest.raises(ValueError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    message = str(info.value)
+    assert "format_version=99" in message and "upgrade hf_quant" in message
+
+
+def test_metadata_format_version_from_the_future(quant_dir):
+    rewrite(quant_dir / ST, lambda tensors, meta: meta.__setitem__(METADATA_VERSION_KEY, "99"))
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    message = str(info.value)
+    assert str(quant_dir / ST) in message and "version 99" in message and "Upgrade hf_quant" in message
+
+
+def test_metadata_format_version_garbage(quant_dir):
+    rewrite(quant_dir / ST, lambda tensors, meta: meta.__setitem__(METADATA_VERSION_KEY, "one"))
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    assert METADATA_VERSION_KEY in str(info.value) and "'one'" in str(info.value)
+
+
+def test_config_without_format_version(quant_dir):
+    edit_quantization_config(quant_dir, lambda qc: qc.pop("format_version"))
+    with pytest.raises(ValueError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    message = str(info.value)
+    assert "no 'format_version'" in message and "save the checkpoint again" in message
+
+
+# --- pickles -------------------------------------------------------------------------------------
+
+
+def _bin_only(quant_dir: Path) -> Path:
+    tensors = load_file(str(quant_dir / ST))
+    (quant_dir / ST).unlink()
+    torch.save(tensors, quant_dir / "pytorch_model.bin")
+    return quant_dir / "pytorch_model.bin"
+
+
+def test_pickle_checkpoint_is_refused_unopened(quant_dir, monkeypatch):
+    path = _bin_only(quant_dir)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError(f"torch.load called on {args[:1]}")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    message = str(info.value)
+    assert str(path) in message and "safetensors only" in message and "never loaded" in message
+
+
+def test_pickle_checkpoint_without_dtype_in_config(quant_dir, monkeypatch):
+    # Without `dtype` in config.json, transformers itself reads the .bin (torch.load, weights_only=True, on the
+    # meta device) to guess the dtype, before any hf_quant hook runs. hf_quant must not add a load of its own, and
+    # the checkpoint is still refused.
+    path = _bin_only(quant_dir)
+    config = json.loads((quant_dir / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (quant_dir / "config.json").write_text(json.dumps(config))
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        import traceback
+
+        calls.append((kwargs.get("weights_only"), "".join(traceback.format_stack())))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    with pytest.raises(CheckpointError, match="safetensors only") as info:
+        AutoModelForCausalLM.from_pretrained(quant_dir)
+    assert str(path) in str(info.value)
+    for weights_only, stack in calls:
+        assert weights_only is True
+        assert "hf_quant" not in stack.replace("test_bad_input", "")
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+def _nan_in_float_checkpoint(float_dir: Path, key: str) -> None:
+    def edit(tensors, meta):
+        tensors[key][3, 5] = float("nan")
+
+    rewrite(float_dir / ST, edit)
+
+
+def test_nan_weight_when_quantizing_on_load_is_not_silently_skipped(float_dir, caplog):
+    """Loading fails and the weight is reported (in the exception or transformers' load report)."""
+    key = "model.layers.0.self_attn.k_proj.weight"
+    _nan_in_float_checkpoint(float_dir, key)
+    with caplog.at_level(logging.WARNING), pytest.raises((RuntimeError, ValueError)) as info:
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=HfQuantConfig(group_size=32))
+    reported = str(info.value) + caplog.text
+    assert key in reported and "NaN" in reported
+
+
+def test_nan_weight_when_quantizing_on_load_raises_value_error_naming_it(float_dir):
+    key = "model.layers.0.self_attn.k_proj.weight"
+    _nan_in_float_checkpoint(float_dir, key)
+    with pytest.raises(ValueError) as info:
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=HfQuantConfig(group_size=32))
+    assert key in str(info.value) and "NaN" in str(info.value)
+
+
+BAD_VALUES = [0.0, -0.5, math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("value", BAD_VALUES, ids=["zero", "negative", "inf", "-inf", "nan"])
+def test_invalid_scale_in_saved_file_names_the_tensor(quant_dir, value):
+    key = f"{Q_PROJ}.scales"
+
+    def edit(tensors, meta):
+        tensors[key][5, 1] = value
+
+    rewrite(quant_dir / ST, edit)
+    # The header is valid, so the tensors load; the value check (meant to run in the quantizer after loading,
+    # see check_model_packed_values) names the tensor and the index.
+    with pytest.raises(CheckpointError) as info:
+        model = AutoModelForCausalLM.from_pretrained(quant_dir)
+        check_model_packed_values(model)
+    message = str(info.value)
+    assert repr(key) in message and "[5, 1]" in message and "finite and > 0" in message
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+def test_invalid_zero_point_names_the_tensor(quant_dir, value):
+    key = f"{Q_PROJ}.zeros"
+
+    def edit(tensors, meta):
+        tensors[key][0, 0] = value
+
+    rewrite(quant_dir / ST, edit)
+    with pytest.raises(CheckpointError) as info:
+        model = AutoModelForCausalLM.from_pretrained(quant_dir)
+        check_model_packed_values(model)
+    assert repr(key) in str(info.value) and "finite" in str(info.value)
+
+
+def test_double_quant_scale_metadata_checked():
+    from hf_quant.formats import QuantScheme
+
+    lin = torch.nn.Linear(64, 16, bias=False)
+    q = QuantLinear.from_float(lin, QuantScheme(group_size=32, double_quant=True))
+    check_packed_values(q, "layer")  # a freshly quantized layer passes
+    q.scales_dq[0, 0] = 0.0  # step of the first block
+    with pytest.raises(CheckpointError, match=r"'layer\.scales_dq'.*positive step"):
+        check_packed_values(q, "layer")
+    q.scales_dq[0, 0] = 1.0
+    q.scales_dq[0, 1] = -2.0  # offset: decoded scales become negative
+    with pytest.raises(CheckpointError, match=r"'layer\.scales'.*finite and > 0"):
+        check_packed_values(q, "layer")
+    q.scales_dq[0, 1] = float("inf")
+    with pytest.raises(CheckpointError, match=r"'layer\.scales_dq'.*finite"):
+        check_packed_values(q, "layer")
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        dict(bits=4), dict(bits=2, symmetric=True), dict(bits=8, double_quant=True), dict(format="nf4"),
+        dict(format="fp4", double_quant=True), dict(format="fp8", bits=8, group_size=-1), dict(bits=3, method="rtn"),
+    ],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_value_check_accepts_what_hf_quant_writes(scheme):
+    from hf_quant.formats import QuantScheme
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 24, bias=False)
+    with torch.no_grad():
+        lin.weight[:4] = 0.0  # all-zero groups: the smallest scales hf_quant writes
+        lin.weight[4:8] *= 1e-6
+    check_packed_values(QuantLinear.from_float(lin, QuantScheme(**{"group_size": 32, **scheme})))

@@ -1,0 +1,286 @@
+"""HfQuantConfig: validation at construction, serialization round trips, format_version, per-module schemes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.quantizers.auto import AutoQuantizationConfig
+
+import hf_quant
+from hf_quant import FORMAT_VERSION, HfQuantConfig, QuantScheme
+from hf_quant.config import FIELDS
+
+ALLOWED_BITS = "[2, 3, 4, 5, 6, 8]"
+ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8']"
+
+
+def tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+# (kwargs, substrings the message must contain: the field and what it accepts)
+INVALID = [
+    ({"bits": 7}, ["bits", ALLOWED_BITS, "got 7"]),
+    ({"bits": 1}, ["bits", ALLOWED_BITS, "got 1"]),
+    ({"bits": "4"}, ["bits", ALLOWED_BITS, "got '4'"]),
+    ({"bits": 4.0}, ["bits", "int", ALLOWED_BITS]),
+    ({"bits": True}, ["bits", ALLOWED_BITS]),
+    ({"format": "nf5"}, ["format", ALLOWED_FORMATS, "'nf5'"]),
+    ({"format": None}, ["format", ALLOWED_FORMATS]),
+    ({"group_size": 100}, ["group_size", "[32, 64, 128, 256, -1]", "got 100"]),
+    ({"group_size": 0}, ["group_size", "[32, 64, 128, 256, -1]", "got 0"]),
+    ({"group_size": 128.0}, ["group_size", "[32, 64, 128, 256, -1]"]),
+    ({"symmetric": "yes"}, ["symmetric", "bool", "True or False", "'yes'"]),
+    ({"method": "gptq-typo"}, ["method", "['rtn', 'mse']", "'gptq-typo'"]),
+    ({"double_quant": 1}, ["double_quant", "bool", "True or False", "got 1"]),
+    ({"quantize_experts": "no"}, ["quantize_experts", "True or False"]),
+    ({"overrides": {"down_proj(": {"bits": 8}}}, ["overrides", "'down_proj('", "regular expression"]),
+    ({"overrides": {"down_proj": {"bitz": 8}}}, ["overrides['down_proj']", "['bitz']", "allowed", "'group_size'"]),
+    ({"overrides": {"down_proj": {"bits": 7}}}, ["overrides['down_proj']", "bits", ALLOWED_BITS]),
+    ({"overrides": {"down_proj": {"format": "nf4", "bits": 8}}}, ["overrides['down_proj']", "bits=8", "nf4"]),
+    ({"overrides": {"down_proj": 8}}, ["overrides['down_proj']", "dict of settings", "None"]),
+    ({"overrides": ["down_proj"]}, ["overrides must be a dict", "{'down_proj': {'bits': 8}}"]),
+    ({"overrides": {3: {"bits": 8}}}, ["overrides keys", "str"]),
+    ({"overrides": [["a", {"bits": 8}], ["a", None]]}, ["overrides", "'a'", "more than once"]),
+    ({"overrides": [["a", {"bits": 8}, "extra"]]}, ["overrides must be a dict", "[regex, settings] pairs"]),
+    ({"modules_to_not_convert": "lm_head"}, ["modules_to_not_convert", "list of module names", "['lm_head']"]),
+    ({"modules_to_not_convert": ["lm_head", 3]}, ["modules_to_not_convert", "list of module names"]),
+    ({"modules_to_not_convert": {"lm_head": 1}}, ["modules_to_not_convert", "list of module names"]),
+    ({"bitz": 4}, ["unknown field", "'bitz'", "did you mean 'bits'", "'group_size'"]),
+    ({"group": 32}, ["unknown field", "'group'", "'group_size'"]),
+    ({"format_version": 99}, ["format_version=99", "[1]", "upgrade hf_quant"]),
+    ({"format_version": "1"}, ["format_version='1'", "upgrade hf_quant"]),
+    ({"format_version": True}, ["format_version=True"]),
+    ({"quant_method": "gptq"}, ["quant_method", "'hf_quant'", "'gptq'"]),
+    ({"format": "nf4", "bits": 3}, ["bits=3", "nf4", "4"]),
+    ({"format": "fp8", "bits": 4}, ["bits=4", "fp8", "8"]),
+    ({"format": "nf4", "symmetric": True}, ["symmetric", "format='int'"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,expected", INVALID, ids=[repr(k) for k, _ in INVALID])
+def test_invalid_field_raises_naming_field_and_allowed_values(kwargs, expected):
+    with pytest.raises(ValueError) as info:
+        HfQuantConfig(**kwargs)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("kwargs,expected", INVALID[:14], ids=[repr(k) for k, _ in INVALID[:14]])
+def test_from_dict_validates_like_the_constructor(kwargs, expected):
+    d = {**HfQuantConfig().to_dict(), **kwargs}
+    with pytest.raises(ValueError) as info:
+        HfQuantConfig.from_dict(d)
+    assert all(part in str(info.value) for part in expected), str(info.value)
+
+
+def test_from_dict_requires_format_version():
+    d = HfQuantConfig().to_dict()
+    del d["format_version"]
+    with pytest.raises(ValueError, match="format_version") as info:
+        HfQuantConfig.from_dict(d)
+    assert "save the checkpoint again" in str(info.value)
+    assert "HfQuantConfig(...)" in str(info.value)
+
+
+def test_from_dict_rejects_other_quant_method():
+    with pytest.raises(ValueError, match="'gptq'"):
+        HfQuantConfig.from_dict({**HfQuantConfig().to_dict(), "quant_method": "gptq"})
+
+
+def test_changes_after_construction_are_validated_and_applied():
+    config = HfQuantConfig()
+    config.bits = 3  # attribute set directly: used (not silently ignored) ...
+    assert config.scheme_for("model.layers.0.mlp.up_proj").bits == 3
+    config.bits = 7  # ... and validated when the config is next used
+    with pytest.raises(ValueError, match=r"bits must be .*\[2, 3, 4, 5, 6, 8\]"):
+        config.scheme_for("model.layers.0.mlp.up_proj")
+
+    config = HfQuantConfig()
+    assert config.update(group_size=64, cache_dir="x") == {"cache_dir": "x"}  # non-fields are returned unused
+    assert config.group_size == 64 and config.scheme_for("a").group_size == 64
+    with pytest.raises(ValueError, match="group_size"):
+        config.update(group_size=100)
+    assert config.group_size == 64  # a rejected update changes nothing
+    config.update(format="fp8")  # bits follows the new format when not given, as for a new config
+    assert (config.format, config.bits) == ("fp8", 8)
+
+    config, unused = HfQuantConfig.from_dict(HfQuantConfig().to_dict(), return_unused_kwargs=True, bits=8, foo=1)
+    assert config.bits == 8 and config.scheme_for("a").bits == 8 and unused == {"foo": 1}
+    with pytest.raises(ValueError, match="bits"):
+        HfQuantConfig.from_dict(HfQuantConfig().to_dict(), bits=7)
+
+
+def test_valid_configs_construct():
+    for kwargs in [
+        {},
+        {"bits": 2, "group_size": -1, "symmetric": True, "method": "rtn", "double_quant": True},
+        {"format": "nf4"},
+        {"format": "fp4", "bits": 4},
+        {"format": "fp8", "group_size": 32},
+        {"modules_to_not_convert": ("lm_head",)},  # a tuple is accepted and stored as a list
+        {"overrides": {r"\.down_proj$": {"format": "nf4"}, "o_proj": None}, "quantize_experts": False},
+    ]:
+        HfQuantConfig(**kwargs)
+    assert HfQuantConfig(modules_to_not_convert=("lm_head",)).modules_to_not_convert == ["lm_head"]
+
+
+# --- bits=None default ---------------------------------------------------------------------------
+
+
+def test_bits_default_is_documented_and_resolved_once():
+    doc = HfQuantConfig.__doc__
+    assert "Default (None): 4 for \"int\"" in doc and "fp8: 8" in doc
+    expected = {"int": 4, "nf4": 4, "fp4": 4, "fp8": 8}
+    for fmt, bits in expected.items():
+        config = HfQuantConfig(format=fmt)  # bits=None
+        assert config.bits == bits
+        assert config.to_dict()["bits"] == bits  # stored resolved, never None
+        assert config == HfQuantConfig(format=fmt, bits=bits)
+        assert config.scheme_for("x") == QuantScheme(format=fmt, bits=bits, group_size=128)
+        # stable: a round trip, or None given explicitly, gives the same config
+        assert HfQuantConfig.from_dict(config.to_dict()) == config
+        assert HfQuantConfig.from_dict({**config.to_dict(), "bits": None}) == config
+
+
+# --- format_version ------------------------------------------------------------------------------
+
+
+def test_format_version_is_serialized():
+    d = HfQuantConfig().to_dict()
+    assert d["format_version"] == FORMAT_VERSION == 1
+    assert json.loads(HfQuantConfig().to_json_string())["format_version"] == FORMAT_VERSION
+
+
+# --- schemes per module --------------------------------------------------------------------------
+
+
+def test_scheme_for_first_matching_override_wins():
+    config = HfQuantConfig(
+        bits=4,
+        group_size=64,
+        overrides={
+            r"layers\.0\.mlp\.down_proj": {"bits": 8},
+            r"down_proj": {"bits": 2, "method": "rtn"},
+            r"o_proj": None,
+            r"proj": {"bits": 3},  # matches everything above too, but comes last
+        },
+    )
+    assert config.scheme_for("model.layers.0.mlp.down_proj") == QuantScheme(bits=8, group_size=64)
+    assert config.scheme_for("model.layers.1.mlp.down_proj") == QuantScheme(bits=2, group_size=64, method="rtn")
+    assert config.scheme_for("model.layers.0.self_attn.o_proj") is None  # kept in float
+    assert config.scheme_for("model.layers.0.self_attn.q_proj") == QuantScheme(bits=3, group_size=64)
+    assert config.scheme_for("lm_head") == QuantScheme(bits=4, group_size=64)  # no match: the default
+    # re.search semantics: a pattern matches anywhere unless anchored
+    anchored = HfQuantConfig(overrides={r"^q_proj$": {"bits": 8}})
+    assert anchored.scheme_for("model.layers.0.self_attn.q_proj").bits == 4
+    assert anchored.scheme_for("q_proj").bits == 8
+
+
+def test_override_order_survives_serialization():
+    # The order decides which override wins; transformers writes config.json with sorted keys, so to_dict holds
+    # the overrides as an ordered list of [regex, settings] pairs.
+    config = HfQuantConfig(overrides={"proj": {"bits": 8}, "down_proj": None, "a": {"bits": 2}})
+    d = config.to_dict()
+    assert d["overrides"] == [["proj", {"bits": 8}], ["down_proj", None], ["a", {"bits": 2}]]
+    restored = HfQuantConfig.from_dict(json.loads(json.dumps(d, sort_keys=True)))
+    assert restored == config
+    assert restored.overrides == {"proj": {"bits": 8}, "down_proj": None, "a": {"bits": 2}}  # still a dict
+    assert list(restored.overrides) == ["proj", "down_proj", "a"]
+    assert restored.scheme_for("mlp.down_proj").bits == 8
+    # a different order is a different config
+    assert HfQuantConfig(overrides={"down_proj": None, "proj": {"bits": 8}, "a": {"bits": 2}}) != config
+
+
+def test_codebook_formats_imply_their_bits():
+    assert HfQuantConfig(format="nf4").bits == 4
+    assert HfQuantConfig(format="fp4").bits == 4
+    assert HfQuantConfig(format="fp8").bits == 8
+    for fmt, wrong in [("nf4", 8), ("nf4", 3), ("fp4", 2), ("fp8", 4), ("fp8", 6)]:
+        with pytest.raises(ValueError, match=rf"bits={wrong} does not fit format='{fmt}'"):
+            HfQuantConfig(format=fmt, bits=wrong)
+    # an override switching format takes the codebook's width (and drops the inherited int settings) ...
+    config = HfQuantConfig(bits=3, symmetric=True, overrides={"a": {"format": "fp8"}, "b": {"format": "nf4"}})
+    assert config.scheme_for("a") == QuantScheme(format="fp8", bits=8)
+    assert config.scheme_for("b") == QuantScheme(format="nf4", bits=4)
+    # ... but an explicit mismatch is an error, not silently replaced
+    with pytest.raises(ValueError, match=r"overrides\['a'\].*bits=3 does not fit format='nf4'"):
+        HfQuantConfig(overrides={"a": {"format": "nf4", "bits": 3}})
+    with pytest.raises(ValueError, match=r"overrides\['a'\].*symmetric"):
+        HfQuantConfig(overrides={"a": {"format": "nf4", "symmetric": True}})
+    with pytest.raises(ValueError, match=r"overrides\['a'\].*bits=4 does not fit format='fp8'"):
+        HfQuantConfig(format="fp8", overrides={"a": {"bits": 4}})
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+ROUND_TRIP = [
+    HfQuantConfig(),
+    HfQuantConfig(bits=3, group_size=-1, symmetric=True, method="rtn", double_quant=True),
+    HfQuantConfig(format="nf4", group_size=32, modules_to_not_convert=["lm_head", "model.layers.0.mlp"]),
+    HfQuantConfig(format="fp8", quantize_experts=False),
+    HfQuantConfig(overrides={r"down_proj$": {"bits": 8, "group_size": 32}, "o_proj": None, "k": {"format": "fp4"}}),
+]
+
+
+@pytest.mark.parametrize("config", ROUND_TRIP, ids=range(len(ROUND_TRIP)))
+def test_round_trips(config):
+    original = copy.deepcopy(config)
+    d = config.to_dict()
+    assert d["quant_method"] == "hf_quant"
+    assert set(d) == {"quant_method", *FIELDS}
+    assert HfQuantConfig.from_dict(d) == config
+    via_json = json.loads(config.to_json_string())
+    assert HfQuantConfig.from_dict(via_json) == config
+    via_auto = AutoQuantizationConfig.from_dict(via_json)
+    assert type(via_auto) is HfQuantConfig and via_auto == config
+    assert dict(config) == d  # `dict(config)` yields the fields only (JSON-serializable)
+    for name in ("a.down_proj", "model.o_proj", "k", "lm_head"):
+        assert via_auto.scheme_for(name) == config.scheme_for(name)
+    assert config == original  # serializing does not change the config
+    assert HfQuantConfig.from_dict(d) is not config and d == config.to_dict()  # to_dict is a copy
+
+
+def test_saved_model_config_round_trips(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "float")
+    # Overlapping overrides whose order matters (sorted, "mlp" would come first and win for down_proj).
+    overrides = {r"mlp\.down_proj": {"bits": 8}, "mlp": {"bits": 2}, "o_proj": None}
+    config = HfQuantConfig(bits=4, group_size=32, double_quant=True, overrides=overrides)
+    before = config.to_dict()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    assert config.to_dict() == before  # the caller's config is not changed by loading
+    model.save_pretrained(tmp_path / "quant")
+
+    saved = json.loads((tmp_path / "quant" / "config.json").read_text())["quantization_config"]
+    assert saved["format_version"] == FORMAT_VERSION
+    assert saved["quant_method"] == "hf_quant"
+    # Everything as given, plus the resolved default of modules_to_not_convert (recorded so a reload does not
+    # depend on transformers' heuristics).
+    assert saved == {**before, "modules_to_not_convert": ["lm_head"]}
+    loaded = AutoQuantizationConfig.from_dict(saved)
+    assert loaded == model.config.quantization_config
+    assert loaded == HfQuantConfig.from_dict({**before, "modules_to_not_convert": ["lm_head"]})
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quant")
+    assert reloaded.config.quantization_config == loaded
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, hf_quant.QuantLinear)
+    layer = reloaded.model.layers[0]
+    assert layer.mlp.down_proj.scheme.bits == 8
+    assert layer.mlp.up_proj.scheme.bits == 2
+    assert type(layer.self_attn.o_proj) is torch.nn.Linear
+    assert layer.self_attn.q_proj.scheme.bits == 4
+    # Saving the reloaded model writes the same quantization_config again.
+    reloaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again == saved
