@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import QuantScheme, dequantize, tensor_specs
+from ..formats import QuantScheme, decode_params, dequantize, dequantize_codes, tensor_specs, unpack_bits
+from ..formats.base import DQ_BLOCK
 from ..kernels import select_kernel
 
 
@@ -27,12 +28,25 @@ class PackedWeight(nn.Module):
         return list(tensor_specs(self.scheme, self.quantized_shape))
 
     def packed_tensors(self, index: int | None = None) -> dict[str, torch.Tensor]:
-        """The canonical tensors (of one expert when `index` is given; second-level scale metadata is global)."""
+        """The canonical tensors (of one expert when `index` is given; see `experts_sliceable`)."""
         out = {}
         for name in self.packed_names:
             t = getattr(self, name)
-            out[name] = t[index] if index is not None and not name.endswith("_dq") else t
+            if index is not None and name.endswith("_dq"):
+                if not self.experts_sliceable:
+                    raise ValueError(f"double-quant blocks of {self.quantized_shape} straddle experts")
+                rows = self.scales[0].numel() // DQ_BLOCK
+                t = t[index * rows : (index + 1) * rows]
+            elif index is not None:
+                t = t[index]
+            out[name] = t
         return out
+
+    @property
+    def experts_sliceable(self) -> bool:
+        """Whether one expert's tensors are a slice of the canonical ones. Not so when double-quant blocks (one
+        (step, offset) pair per 64 consecutive scales, counted across experts) straddle two experts."""
+        return not self.scheme.double_quant or self.scales[0].numel() % DQ_BLOCK == 0
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
         specs = tensor_specs(self.scheme, self.quantized_shape)
@@ -68,12 +82,20 @@ class PackedWeight(nn.Module):
             kernel = select_kernel(self.scheme, shape, device, dtype)
             hit = (kernel, kernel.prepare(self.scheme, self.packed_tensors(index), shape, dtype))
             self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[3] == key[3] and k[4] == key[4]}
-            self._kernel_cache[key] = hit
+            if not _packed_tensors_offloaded(self):
+                self._kernel_cache[key] = hit
         return hit
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The float weight [*lead, out, in] (one expert's [out, in] when `index` is given)."""
-        return dequantize(self.scheme, self.packed_tensors(index), self.quantized_shape[-1], dtype)
+        in_features = self.quantized_shape[-1]
+        if index is not None and not self.experts_sliceable:
+            # Decode every expert's (small) scales, then this expert's codes: the same values, exactly.
+            scale, zero = decode_params(self.scheme, self.packed_tensors())
+            codes = unpack_bits(self.qweight[index], self.scheme.bits, in_features)
+            zero = None if zero is None else zero[index]
+            return dequantize_codes(self.scheme, codes, scale[index], zero, in_features, dtype)
+        return dequantize(self.scheme, self.packed_tensors(index), in_features, dtype)
 
     def kernel_name(self, device=None, dtype=torch.float32) -> str:
         device = torch.device(device) if device is not None else self._buffers["qweight"].device
@@ -84,6 +106,14 @@ class PackedWeight(nn.Module):
         fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
         g = "channel" if s.group_size == -1 else f"g{s.group_size}"
         return f"{fmt}, {g}, {s.method}{', double_quant' if s.double_quant else ''}"
+
+
+def _packed_tensors_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloads this module's buffers (device_map "cpu"/"disk" with `offload_buffers=True`): they
+    are then brought in for each forward and dropped after it, and a cached repacked copy would keep them resident."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", [hook])  # a SequentialHook holds several
+    return any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in hooks)
 
 
 class QuantLinear(PackedWeight):
@@ -172,6 +202,8 @@ class QuantExpertWeight(PackedWeight):
 
     def linear(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x [..., in] @ W_index^T with the fused kernel (no float copy of the expert)."""
+        if not self.experts_sliceable:
+            return nn.functional.linear(x, self.dequantize_weight(x.dtype, int(index)))
         kernel, state = self._kernel_state(x.device, x.dtype, int(index))
         return kernel.linear(x.reshape(-1, self.quantized_shape[-1]), state).reshape(*x.shape[:-1], -1)
 
