@@ -39,11 +39,16 @@ def quantize_params(weight: torch.Tensor, scheme: QuantScheme) -> QuantParams:
     scale = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device)
     zero = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device) if scheme.has_zero else None
     step = max(1, _CHUNK_ELEMENTS // in_padded)
+    # A short last group is padded (by repeating its last column) only for the search: the padding must not
+    # count in the error the search minimises, or the repeated column is weighted many times over.
+    mask = None
+    if in_padded != in_features:
+        mask = (torch.arange(in_padded, device=w.device) < in_features).float().view(1, n_groups, g)
     # Scales are chosen chunk by chunk, but double quantization rounds them in blocks across chunks,
     # so rounding and final code assignment happen once all float scales are known.
     for r0 in range(0, rows, step):
         wg = _grouped(w[r0 : r0 + step].float(), g, in_padded)
-        s, z = _search(wg, scheme)
+        s, z = _search(wg, scheme, mask)
         scale[r0 : r0 + step] = s.squeeze(-1)
         if zero is not None:
             zero[r0 : r0 + step] = z.squeeze(-1)
@@ -78,9 +83,13 @@ def _assign(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Q
         zz = _sym_zero(scheme) if z is None else z
         return torch.clamp(torch.round(wg / s + zz), 0, (1 << scheme.bits) - 1).to(torch.uint8)
     table = codebook_values(scheme.format, device=wg.device)
+    ids = torch.arange(table.numel(), device=wg.device)
+    if scheme.format == "fp8":  # 0x7F / 0xFF are NaN in E4M3 (decoded as 0 here): never emit them
+        keep = (ids & 0x7F) != 0x7F
+        table, ids = table[keep], ids[keep]
     values, order = torch.sort(table)
     mids = (values[1:] + values[:-1]) / 2
-    return order[torch.bucketize(wg / s, mids)].to(torch.uint8)
+    return ids[order[torch.bucketize(wg / s, mids)]].to(torch.uint8)
 
 
 def _decode(q: torch.Tensor, s, z, scheme: QuantScheme) -> torch.Tensor:
@@ -90,17 +99,20 @@ def _decode(q: torch.Tensor, s, z, scheme: QuantScheme) -> torch.Tensor:
     return codebook_values(scheme.format, device=q.device)[q.long()] * s
 
 
-def _error(wg, q, s, z, scheme) -> torch.Tensor:
-    return (_decode(q, s, z, scheme) - wg).pow_(2).sum(-1, keepdim=True)
+def _error(wg, q, s, z, scheme, mask=None) -> torch.Tensor:
+    e = (_decode(q, s, z, scheme) - wg).pow_(2)
+    return (e if mask is None else e.mul_(mask)).sum(-1, keepdim=True)
 
 
-def _candidate_error(wg: torch.Tensor, s: torch.Tensor, z, scheme: QuantScheme) -> torch.Tensor:
-    """Squared error of each group when rounded with (s, z); in-place arithmetic keeps this at ~8 passes."""
+def _candidate_error(wg: torch.Tensor, s: torch.Tensor, z, scheme: QuantScheme, mask=None) -> torch.Tensor:
+    """Squared error of each group when rounded with (s, z); in-place arithmetic keeps this at ~8 passes.
+    `mask` (1 for real columns, 0 for the padding of a short last group) weights the columns."""
     if scheme.format != "int":
-        return _error(wg, _assign(wg, s, z, scheme), s, z, scheme)
+        return _error(wg, _assign(wg, s, z, scheme), s, z, scheme, mask)
     zz = _sym_zero(scheme) if z is None else z
     r = (wg / s).add_(zz).round_().clamp_(0, (1 << scheme.bits) - 1)
-    return r.sub_(zz).mul_(s).sub_(wg).pow_(2).sum(-1, keepdim=True)
+    e = r.sub_(zz).mul_(s).sub_(wg).pow_(2)
+    return (e if mask is None else e.mul_(mask)).sum(-1, keepdim=True)
 
 
 def _range_params(wg: torch.Tensor, ratio: float, scheme: QuantScheme, integer_zero: bool, stats=None):
@@ -122,23 +134,28 @@ def _range_params(wg: torch.Tensor, ratio: float, scheme: QuantScheme, integer_z
 
 def _range_stats(wg: torch.Tensor, scheme: QuantScheme):
     if scheme.format == "int" and not scheme.symmetric:
-        return wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        # The range always includes 0 (as in GPTQ), so the zero-point -lo/s stays within [0, 2**bits - 1]. Without
+        # it a constant group gets scale ~0 and a zero-point of -w/tiny (-inf in float16 for |w| >= 4: inf/NaN
+        # weights), and with double_quant one far-off zero-point wrecks the 8-bit codes of its whole block of 64.
+        return wg.amin(-1, keepdim=True).clamp_max(0), wg.amax(-1, keepdim=True).clamp_min(0)
     return wg.abs().amax(-1, keepdim=True)
 
 
-def _search(wg: torch.Tensor, scheme: QuantScheme):
+def _search(wg: torch.Tensor, scheme: QuantScheme, mask=None):
     if scheme.method == "rtn":
         return _range_params(wg, 1.0, scheme, integer_zero=True)
     stats = _range_stats(wg, scheme)
     best_s, best_z = _range_params(wg, 1.0, scheme, integer_zero=False, stats=stats)
-    best_err = _candidate_error(wg, best_s, best_z, scheme)
+    best_err = _candidate_error(wg, best_s, best_z, scheme, mask)
     for ratio in _GRID[1:]:
         s, z = _range_params(wg, ratio, scheme, integer_zero=False, stats=stats)
-        best_s, best_z, best_err = _keep_better(s, z, _candidate_error(wg, s, z, scheme), best_s, best_z, best_err)
+        err = _candidate_error(wg, s, z, scheme, mask)
+        best_s, best_z, best_err = _keep_better(s, z, err, best_s, best_z, best_err)
     for _ in range(_ALS_STEPS):
         q = _assign(wg, best_s, best_z, scheme)
-        s, z = _least_squares(wg, q, best_s, best_z, scheme)
-        best_s, best_z, best_err = _keep_better(s, z, _candidate_error(wg, s, z, scheme), best_s, best_z, best_err)
+        s, z = _least_squares(wg, q, best_s, best_z, scheme, mask)
+        err = _candidate_error(wg, s, z, scheme, mask)
+        best_s, best_z, best_err = _keep_better(s, z, err, best_s, best_z, best_err)
     return best_s, best_z
 
 
@@ -151,19 +168,22 @@ def _keep_better(s, z, err, best_s, best_z, best_err):
     )
 
 
-def _least_squares(wg, q, s_old, z_old, scheme: QuantScheme):
-    """Closed-form scale (and zero) minimising the group's squared error for fixed codes."""
+def _least_squares(wg, q, s_old, z_old, scheme: QuantScheme, mask=None):
+    """Closed-form scale (and zero) minimising the group's squared error (over the `mask`ed columns) for fixed codes."""
     tiny = torch.finfo(torch.float16).tiny
+    m = torch.ones_like(wg[..., :1]) if mask is None else mask
     if scheme.format == "int" and not scheme.symmetric:
         qf = q.float()
-        qm, wm = qf.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
-        var = (qf - qm).pow(2).sum(-1, keepdim=True)
-        cov = ((qf - qm) * (wg - wm)).sum(-1, keepdim=True)
+        n = m.sum(-1, keepdim=True)
+        qm, wm = (qf * m).sum(-1, keepdim=True) / n, (wg * m).sum(-1, keepdim=True) / n
+        var = ((qf - qm).pow(2) * m).sum(-1, keepdim=True)
+        cov = ((qf - qm) * (wg - wm) * m).sum(-1, keepdim=True)
         ok = (var > 0) & (cov > 0)
         s = torch.where(ok, cov / var.clamp_min(1e-12), s_old).clamp_min(tiny)
-        z = torch.where(ok, qm - wm / s, z_old)  # w = s * (q - z)  =>  z = mean(q) - mean(w) / s
+        # w = s * (q - z)  =>  z = mean(q) - mean(w) / s, kept within the code range like the min/max zero-points
+        z = torch.where(ok, (qm - wm / s).clamp(0, (1 << scheme.bits) - 1), z_old)
         return s, z
     c = _decode(q, 1.0, None, scheme)  # unit-scale code values (symmetric int: q - 2**(b-1))
-    num, den = (c * wg).sum(-1, keepdim=True), c.pow(2).sum(-1, keepdim=True)
+    num, den = (c * wg * m).sum(-1, keepdim=True), (c.pow(2) * m).sum(-1, keepdim=True)
     ok = (den > 0) & (num > 0)
     return torch.where(ok, num / den.clamp_min(1e-12), s_old).clamp_min(tiny), None

@@ -48,8 +48,14 @@ class CpuInt4PackKernel(Kernel):
             codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
             scale = torch.nn.functional.pad(scale, (0, 0, 0, pad))
             zero = torch.nn.functional.pad(zero, (0, 0, 0, pad))
+        # Shift each group's codes (they stay within [0, 15]) so that q + shift - 8 is q - zero up to a fraction:
+        # the offset m = (8 - shift - zero) * s is then below one step, and its rounding to a 16-bit compute dtype
+        # costs little. Unshifted 2-/3-bit codes make m several steps, and bfloat16 rounding of it costs ~3% error.
+        maxq = (1 << scheme.bits) - 1
+        shift = 8.0 - torch.clamp(torch.round(zero), maxq - 7, 8)
+        codes = codes + shift.to(torch.int32).repeat_interleave(g, -1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        scale_zeros = torch.stack((scale, (8.0 - zero) * scale), -1).transpose(0, 1).contiguous().to(dtype)
+        scale_zeros = torch.stack((scale, (8.0 - shift - zero) * scale), -1).transpose(0, 1).contiguous().to(dtype)
         return {
             "packed": packed,
             "scale_zeros": scale_zeros,
@@ -91,12 +97,19 @@ class CpuInt8PackKernel(Kernel):
         out, in_features = shape
         codes = unpack_bits(tensors["qweight"], 8, in_features)
         scale, zero = float_params(scheme, tensors)
-        weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        weight = (codes.to(torch.int16) - 128).to(torch.int8)
+        # aten._weight_int8pack_mm returns garbage (and can crash) for bfloat16 inputs with few rows when
+        # in_features % 16 != 0 (torch 2.13, AVX512): zero-pad the reduction dimension to a multiple of 16.
+        in_padded = -(-in_features // 16) * 16
+        weight = torch.nn.functional.pad(weight, (0, in_padded - in_features)).contiguous()
         zero_term = None if not scheme.has_zero else ((128.0 - zero[:, 0]) * scale[:, 0]).to(dtype)
-        return {"weight": weight, "scale": scale[:, 0].to(dtype).contiguous(), "zero_term": zero_term}
+        return {"weight": weight, "scale": scale[:, 0].to(dtype).contiguous(), "zero_term": zero_term,
+                "in_padded": in_padded}
 
     @classmethod
     def linear(cls, x, state):
+        if x.shape[1] != state["in_padded"]:
+            x = torch.nn.functional.pad(x, (0, state["in_padded"] - x.shape[1]))
         scale, zt = state["scale"], state["zero_term"]
         if scale.dtype != x.dtype:
             scale = scale.to(x.dtype)

@@ -49,7 +49,8 @@ def int4pack_linear(
 ) -> torch.Tensor:
     """x [M, K] @ W^T with W in torch's CPU int4 tile layout; output columns past `out_features` (padding) dropped."""
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
-    return y[:, :out_features] if y.shape[1] != out_features else y
+    # contiguous: the fake implementation (and callers) expect a dense [M, out_features] result, not a strided slice
+    return y[:, :out_features].contiguous() if y.shape[1] != out_features else y
 
 
 @int4pack_linear.register_fake

@@ -74,14 +74,15 @@ class PackedWeight(nn.Module):
         return self
 
     def _kernel_state(self, device: torch.device, dtype: torch.dtype, index: int | None = None):
-        qweight = self._buffers["qweight"]
-        key = (device, dtype, index, qweight.data_ptr(), qweight._version)
+        # Any reassignment or in-place edit of a packed tensor changes its (data_ptr, _version).
+        stamp = tuple((t.data_ptr(), t._version) for t in (self._buffers[n] for n in self.packed_names))
+        key = (device, dtype, index, stamp)
         hit = self._kernel_cache.get(key)
         if hit is None:
             shape = self.quantized_shape[-2:]
             kernel = select_kernel(self.scheme, shape, device, dtype)
             hit = (kernel, kernel.prepare(self.scheme, self.packed_tensors(index), shape, dtype))
-            self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[3] == key[3] and k[4] == key[4]}
+            self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[3] == stamp}
             if not _packed_tensors_offloaded(self):
                 self._kernel_cache[key] = hit
         return hit
