@@ -219,6 +219,7 @@ def test_expert_slices_with_double_quant(shape, fmt):
     when the 64-scale double-quant blocks straddle two experts."""
     from hf_quant.algorithms import quantize_weight
     from hf_quant.formats import QuantScheme
+    from hf_quant.kernels import select_kernel
 
     scheme = QuantScheme(format=fmt, bits=4, group_size=32, double_quant=True)
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -227,9 +228,16 @@ def test_expert_slices_with_double_quant(shape, fmt):
     assert packed.experts_sliceable == (shape[1] * 2 % 64 == 0)
     full = packed.to_float(torch.float32)
     x = torch.randn(3, shape[2], generator=torch.Generator().manual_seed(1))
+    # A sliceable expert runs the selected fused kernel, at its declared precision (the CPU int4 kernel computes
+    # float32 inputs in bfloat16: measured 0.0028-0.0034 here); otherwise F.linear on the dequantized slice, float32.
+    compute = torch.float32
+    if packed.experts_sliceable:
+        compute = select_kernel(scheme, shape[1:], torch.device("cpu"), torch.float32).compute_dtype(torch.float32)
+    bound = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[compute]
     for e in range(shape[0]):
         assert torch.equal(packed[e], full[e])
-        torch.testing.assert_close(packed.linear(x, e), x @ full[e].t(), rtol=1e-4, atol=1e-4)
+        err = rel_err(x @ full[e].t(), packed.linear(x, e))
+        assert err < bound, e
     assert rel_err(weight, full) < 0.15
 
 
@@ -264,10 +272,15 @@ def test_save_reload_bit_identical(case, tmp_path):
     assert_bit_identical_reload(reloaded, tmp_path / "again", case.ids, case.arch)
 
 
-def test_dequantize(case):
+def test_dequantize(case, monkeypatch):
     model = load(case.arch, case.quant_dir)
     out = output(model, case.ids)
     assert torch.equal(out, case.q_out)
+    # The fused CPU kernels compute with bfloat16 activations (declared precision); the float32 reference kernel
+    # is what the dequantized model must reproduce exactly.
+    monkeypatch.setenv("HF_QUANT_KERNEL", "reference")
+    out = output(load(case.arch, case.quant_dir), case.ids)
+    monkeypatch.delenv("HF_QUANT_KERNEL")
     model = model.dequantize()
     assert not any(isinstance(m, PackedWeight) for m in model.modules())
     assert linear_names(model) == linear_names(case.float_model)
@@ -294,7 +307,7 @@ def llama(tmp_path_factory):
     return SimpleNamespace(arch=arch, model=model, path=path, ids=ids, ref=output(model, ids))
 
 
-def test_three_bit(llama, tmp_path):
+def test_three_bit(llama, tmp_path, monkeypatch):
     q = load(llama.arch, llama.path, quantization_config=HfQuantConfig(bits=3, group_size=32))
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14
@@ -305,7 +318,15 @@ def test_three_bit(llama, tmp_path):
     print(f"llama 3-bit relative output error {err3:.4f}")  # 0.20
     assert 0.12 < err3 < 0.3  # between 4-bit (0.085) and 2-bit (0.36)
     reloaded = assert_bit_identical_reload(q, tmp_path, llama.ids, llama.arch)
-    assert rel_err(output(reloaded, llama.ids), output(reloaded.dequantize(), llama.ids)) < 1e-5
+    # The fused CPU int4 kernel computes float32 inputs in bfloat16 (declared precision): against the dequantized
+    # model it agrees to that precision (measured 0.0029) ...
+    dequantized = output(reloaded.dequantize(), llama.ids)
+    fused_err = rel_err(output(load(llama.arch, tmp_path), llama.ids), dequantized)
+    print(f"llama 3-bit fused kernel vs dequantized {fused_err:.4f}")
+    assert fused_err < 1e-2
+    # ... and with float32 math throughout (the reference kernel) it reproduces the dequantized model exactly.
+    monkeypatch.setenv("HF_QUANT_KERNEL", "reference")
+    assert rel_err(output(load(llama.arch, tmp_path), llama.ids), dequantized) < 1e-5
 
 
 NF4_DQ_ERR = {"llama": 0.15, "qwen3_moe": 0.18}  # measured: 0.097, 0.112

@@ -214,6 +214,8 @@ RTN_BOUNDS = {
     ("fp4", 4, False): (0.121, 0.13),
     ("fp8", 8, False): (0.029, 0.031),
 }
+# Upper bounds of the int2 mse-method error (small groups, large groups), by symmetric: measured + ~15%.
+MSE_INT2_BOUNDS = {False: (0.48, 0.58), True: (0.52, 0.61)}
 SHAPES = ((48, 200), (3, 40, 96))  # in_features not divisible by most group sizes; 3-D = fused experts
 
 
@@ -335,9 +337,14 @@ def test_quantize_scheme(kind, group_size, double_quant):
         assert errs["rtn"] < bound, errs
         # The data-free error-minimising search must never be worse than round-to-nearest ...
         assert errs["mse"] <= errs["rtn"] * (1 + 1e-6), errs
-        # ... and at 2 bits it must clearly help (measured ratio <= 0.78).
+        # ... and at 2 bits it must clearly help. With integer zero-points and no weight's error above its
+        # unclipped-range error (the L-inf guard), the measured mse/rtn ratio is 0.892-0.920 asymmetric and
+        # 0.873-0.937 symmetric, i.e. >= 6.3% better; the bound asks for >= 5.5% (15% margin on the gain). The
+        # int2 mse errors themselves measure <= 0.412 / 0.498 (asymmetric, small / large groups) and
+        # <= 0.451 / 0.531 (symmetric), bounded with ~15% margin.
         if kind[1] == 2:
-            assert errs["mse"] < 0.85 * errs["rtn"], errs
+            assert errs["mse"] < 0.945 * errs["rtn"], errs
+            assert errs["mse"] < MSE_INT2_BOUNDS[kind[2]][group_size not in (32, 64)], errs
 
 
 def test_quantize_weight_is_pack_of_params():

@@ -16,10 +16,16 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class CpuInt4PackKernel(Kernel):
     """`aten._weight_int4pack_mm_for_cpu`: w = (q - 8) * s + m per group. Every affine int format of <= 4 bits
     maps onto it exactly (q stays q, m = (8 - zero) * s), so 2-, 3- and 4-bit weights all run here; in memory
-    they take 4 bits per weight (the on-disk layout keeps exactly b bits)."""
+    they take 4 bits per weight (the on-disk layout keeps exactly b bits).
+
+    Declared precision: torch's kernel is vectorised for bfloat16 only (float32 inputs run a scalar loop, ~10x
+    slower than a dense float32 matmul), so float32 activations are rounded to bfloat16 for the product and the
+    result returned in float32; scales and offsets are held in bfloat16 too. That adds ~0.3% relative error
+    (tests bound it); `HF_QUANT_KERNEL=reference` computes in float32 throughout."""
 
     name = "cpu_int4pack"
     priority = 100
+    compute_dtypes = {torch.float32: torch.bfloat16}
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
@@ -55,7 +61,8 @@ class CpuInt4PackKernel(Kernel):
         shift = 8.0 - torch.clamp(torch.round(zero), maxq - 7, 8)
         codes = codes + shift.to(torch.int32).repeat_interleave(g, -1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        scale_zeros = torch.stack((scale, (8.0 - shift - zero) * scale), -1).transpose(0, 1).contiguous().to(dtype)
+        scale_zeros = torch.stack((scale, (8.0 - shift - zero) * scale), -1).transpose(0, 1).contiguous()
+        scale_zeros = scale_zeros.to(cls.compute_dtype(dtype))
         return {
             "packed": packed,
             "scale_zeros": scale_zeros,
@@ -70,17 +77,22 @@ class CpuInt4PackKernel(Kernel):
         if x.shape[1] != state["in_padded"]:
             x = torch.nn.functional.pad(x, (0, state["in_padded"] - x.shape[1]))
         sz = state["scale_zeros"]
-        if sz.dtype != x.dtype:
-            sz = sz.to(x.dtype)
-        return int4pack_linear(x.contiguous(), state["packed"], sz, state["group_size"], state["out_features"])
+        compute = cls.compute_dtype(x.dtype)
+        if sz.dtype != compute:
+            sz = sz.to(compute)
+        y = int4pack_linear(x.to(compute).contiguous(), state["packed"], sz, state["group_size"], state["out_features"])
+        return y.to(x.dtype)
 
 
 @register_kernel
 class CpuInt8PackKernel(Kernel):
-    """`aten._weight_int8pack_mm` for 8-bit per-channel weights; an asymmetric zero-point becomes a rank-1 term."""
+    """`aten._weight_int8pack_mm` for 8-bit per-channel weights; an asymmetric zero-point becomes a rank-1 term.
+    Like `cpu_int4pack`, torch's kernel is only vectorised for 16-bit activations: float32 inputs are computed in
+    bfloat16 (declared precision; `HF_QUANT_KERNEL=reference` for float32 math)."""
 
     name = "cpu_int8pack"
     priority = 90
+    compute_dtypes = {torch.float32: torch.bfloat16}
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
@@ -102,8 +114,9 @@ class CpuInt8PackKernel(Kernel):
         # in_features % 16 != 0 (torch 2.13, AVX512): zero-pad the reduction dimension to a multiple of 16.
         in_padded = -(-in_features // 16) * 16
         weight = torch.nn.functional.pad(weight, (0, in_padded - in_features)).contiguous()
-        zero_term = None if not scheme.has_zero else ((128.0 - zero[:, 0]) * scale[:, 0]).to(dtype)
-        return {"weight": weight, "scale": scale[:, 0].to(dtype).contiguous(), "zero_term": zero_term,
+        compute = cls.compute_dtype(dtype)
+        zero_term = None if not scheme.has_zero else ((128.0 - zero[:, 0]) * scale[:, 0]).to(compute)
+        return {"weight": weight, "scale": scale[:, 0].to(compute).contiguous(), "zero_term": zero_term,
                 "in_padded": in_padded}
 
     @classmethod
@@ -111,7 +124,8 @@ class CpuInt8PackKernel(Kernel):
         if x.shape[1] != state["in_padded"]:
             x = torch.nn.functional.pad(x, (0, state["in_padded"] - x.shape[1]))
         scale, zt = state["scale"], state["zero_term"]
-        if scale.dtype != x.dtype:
-            scale = scale.to(x.dtype)
-            zt = None if zt is None else zt.to(x.dtype)
-        return int8pack_linear(x.contiguous(), state["weight"], scale, zt)
+        compute = cls.compute_dtype(x.dtype)
+        if scale.dtype != compute:
+            scale = scale.to(compute)
+            zt = None if zt is None else zt.to(compute)
+        return int8pack_linear(x.to(compute).contiguous(), state["weight"], scale, zt).to(x.dtype)

@@ -18,6 +18,12 @@ from ..formats.scheme import QuantScheme
 class Kernel:
     name: ClassVar[str]
     priority: ClassVar[int]  # higher is preferred among eligible kernels
+    # Input dtype -> dtype the kernel computes in, where they differ (declared precision; see each kernel).
+    compute_dtypes: ClassVar[dict] = {}
+
+    @classmethod
+    def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
+        return cls.compute_dtypes.get(dtype, dtype)
 
     @classmethod
     def unsupported_reason(
