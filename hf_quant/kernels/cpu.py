@@ -12,6 +12,14 @@ from .registry import Kernel, register_kernel
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _cpu_float_reason(device, dtype) -> str | None:
+    if torch.device(device).type != "cpu":
+        return "CPU only"
+    if dtype not in _FLOAT_DTYPES:
+        return f"dtype {dtype} not supported"
+    return None
+
+
 @register_kernel
 class CpuInt4PackKernel(Kernel):
     """`aten._weight_int4pack_mm_for_cpu`: w = (q - 8) * s + m per group. Every affine int format of <= 4 bits
@@ -29,15 +37,13 @@ class CpuInt4PackKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        if torch.device(device).type != "cpu":
-            return "CPU only"
+        if (reason := _cpu_float_reason(device, dtype)) is not None:
+            return reason
         if scheme.format != "int" or scheme.bits > 4:
             return "affine int formats of at most 4 bits only"
         g, _, _ = scheme.group_layout(shape[1])
         if g not in (32, 64, 128, 256):
             return f"group size {g} is not one of 32, 64, 128, 256"
-        if dtype not in _FLOAT_DTYPES:
-            return f"dtype {dtype} not supported"
         return None
 
     @classmethod
@@ -96,12 +102,10 @@ class CpuInt8PackKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        if torch.device(device).type != "cpu":
-            return "CPU only"
+        if (reason := _cpu_float_reason(device, dtype)) is not None:
+            return reason
         if scheme.format != "int" or scheme.bits != 8 or scheme.group_size != -1:
             return "8-bit affine int with one scale per output channel only"
-        if dtype not in _FLOAT_DTYPES:
-            return f"dtype {dtype} not supported"
         return None
 
     @classmethod
