@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -7,3 +8,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "real_model: uses real models/text fetched from PyPI by hf_quant.assets "
         "(slow on a cold cache; deselect with -m 'not real_model')",
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy machine their hand-offs cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,13 +36,7 @@ OFFLOAD_MAP = {  # layer 0 and the rest in RAM, layer 1 on disk
 DEVICE_MAPS = {"none": None, "cpu": "cpu", "auto": "auto", "cpu+disk": OFFLOAD_MAP}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine their hand-offs cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config() -> HfQuantConfig:

@@ -428,3 +428,15 @@ def test_torch_compile_matches_eager(scheme):
         assert out.shape == eager.shape
         assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_quant_linear_forward_under_inference_mode():
+    """Modules built and run under torch.inference_mode (no version counters) still cache and compute."""
+    with torch.inference_mode():
+        lin = torch.nn.Linear(128, 48)
+        q = QuantLinear.from_float(lin, QuantScheme(bits=4, group_size=64))
+        x = torch.randn(2, 128)
+        y = q(x)
+        ref = F.linear(x.double(), q.dequantize_weight().double(), q.bias.double())
+        assert rel_err(y, ref) < compute_bound(q.scheme, torch.float32)
+        assert torch.equal(q(x), y)

@@ -75,7 +75,10 @@ class PackedWeight(nn.Module):
 
     def _kernel_state(self, device: torch.device, dtype: torch.dtype, index: int | None = None):
         # Any reassignment or in-place edit of a packed tensor changes its (data_ptr, _version).
-        stamp = tuple((t.data_ptr(), t._version) for t in (self._buffers[n] for n in self.packed_names))
+        # (Tensors made under torch.inference_mode have no version counter; reassignment still shows in data_ptr.)
+        stamp = tuple(
+            (t.data_ptr(), 0 if t.is_inference() else t._version) for t in (self._buffers[n] for n in self.packed_names)
+        )
         key = (device, dtype, index, stamp)
         hit = self._kernel_cache.get(key)
         if hit is None:
