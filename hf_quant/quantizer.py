@@ -23,7 +23,6 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 
 from .algorithms import quantize_weight
 from .config import FORMAT_VERSION, HfQuantConfig
-from .formats import tensor_specs
 from .integrations.checkpoint import check_checkpoint_files, check_model_packed_values
 from .nn import PackedWeight, QuantExpertWeight, QuantLinear
 
@@ -323,5 +322,4 @@ __all__ = [
     "dequantize_model",
     "install_quantized_modules",
     "packed_modules",
-    "tensor_specs",
 ]

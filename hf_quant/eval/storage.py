@@ -126,6 +126,6 @@ def checkpoint_storage(folder: str | os.PathLike) -> StorageReport:
 
 
 def _dtype(st_dtype: str) -> torch.dtype:
-    from ..integrations.checkpoint import _ST_DTYPES
+    from ..integrations.checkpoint import SAFETENSORS_DTYPES
 
-    return _ST_DTYPES[st_dtype]
+    return SAFETENSORS_DTYPES[st_dtype]

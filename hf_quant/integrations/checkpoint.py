@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import SUPPORTED_FORMAT_VERSIONS
 
 METADATA_VERSION_KEY = "hf_quant_format_version"
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -67,7 +67,7 @@ def read_headers(checkpoint_files: list[str]) -> dict[str, tuple[str, torch.dtyp
                             f"tensor {key!r} is stored twice, in {found[key][0]} and {path}; the shards do not "
                             f"belong together: {_RESAVE}"
                         )
-                    found[key] = (path, _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+                    found[key] = (path, SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
         except SafetensorError as e:
             size = os.path.getsize(path) if os.path.exists(path) else "missing"
             raise CheckpointError(

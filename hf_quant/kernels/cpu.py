@@ -6,7 +6,7 @@ import torch
 
 from ..formats.packing import unpack_bits
 from .ops import int4pack_linear, int8pack_linear
-from .reference import float_params
+from ..formats.base import decode_params
 from .registry import Kernel, register_kernel
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,7 +53,7 @@ class CpuInt4PackKernel(Kernel):
         codes = unpack_bits(tensors["qweight"], scheme.bits, in_features).to(torch.int32)
         # x is zero-padded to in_padded at call time, so padded codes contribute nothing.
         codes = torch.nn.functional.pad(codes, (0, in_padded - in_features))
-        scale, zero = float_params(scheme, tensors)
+        scale, zero = decode_params(scheme, tensors)
         out_padded = -(-out // 16) * 16  # the CPU tile layout needs N % 16 == 0
         pad = out_padded - out
         if pad:
@@ -112,7 +112,7 @@ class CpuInt8PackKernel(Kernel):
     def prepare(cls, scheme, tensors, shape, dtype):
         out, in_features = shape
         codes = unpack_bits(tensors["qweight"], 8, in_features)
-        scale, zero = float_params(scheme, tensors)
+        scale, zero = decode_params(scheme, tensors)
         weight = (codes.to(torch.int16) - 128).to(torch.int8)
         # aten._weight_int8pack_mm returns garbage (and can crash) for bfloat16 inputs with few rows when
         # in_features % 16 != 0 (torch 2.13, AVX512): zero-pad the reduction dimension to a multiple of 16.

@@ -9,11 +9,6 @@ from .ops import dequantize
 from .registry import Kernel, register_kernel
 
 
-def float_params(scheme, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float32 scale and zero (2**(bits-1) for symmetric int, None for codebooks) on the tensors' device."""
-    return decode_params(scheme, tensors)
-
-
 @register_kernel
 class ReferenceKernel(Kernel):
     name = "reference"
@@ -25,7 +20,7 @@ class ReferenceKernel(Kernel):
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
-        scale, zero = float_params(scheme, tensors)
+        scale, zero = decode_params(scheme, tensors)
         return {"scheme": scheme, "qweight": tensors["qweight"], "scale": scale, "zero": zero, "in_features": shape[1]}
 
     @classmethod
