@@ -1,5 +1,5 @@
 """`hf-quant` command line: quantize a model (and report size, bits per weight, time, quality), inspect a
-saved checkpoint."""
+saved checkpoint, push it to the Hugging Face Hub with a generated model card."""
 
 from __future__ import annotations
 
@@ -150,9 +150,31 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-quant", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="checkpoint folder written by save_pretrained (e.g. by `hf-quant quantize --out`)")
+    p.add_argument("repo_id", help="Hub repository, e.g. your-name/SmolLM2-135M-int4 (created if missing)")
+    p.add_argument("--base-model", help="Hub id of the model that was quantized (model card `base_model`)")
+    p.add_argument("--eval-json", help="record from `hf-quant eval --json` to show measured quality in the card")
+    p.add_argument("--license", help="license for the card (default: the base model's, when it can be read)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.add_argument("--commit-message", help="default: 'Upload hf_quant checkpoint'")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+
+
+def cmd_push(args) -> int:
+    from .integrations.hub import push_folder
+
+    info = push_folder(
+        args.folder, args.repo_id, base_model=args.base_model, eval_record=args.eval_json, license=args.license,
+        private=args.private or None, revision=args.revision, commit_message=args.commit_message, token=args.token,
+    )
+    print(f"pushed {args.folder} to {info.repo_url} (commit {info.oid})")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Adds the subcommands to `sub`; `hf-quant` and `optimum-cli hf-quant` share them. Each sets `func`."""
     q = sub.add_parser("quantize", help="quantize a model, save it and print a report")
     _add_quantize_args(q)
     q.set_defaults(func=cmd_quantize)
@@ -160,11 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--json", dest="json_out", help="also write the per-module table as JSON")
     i.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("push", help="upload a saved checkpoint with a generated model card to the Hugging Face Hub")
+    _add_push_args(p)
+    p.set_defaults(func=cmd_push)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-quant", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed subcommand; bad input becomes a one-line message and exit status 2."""
     try:
         return args.func(args)
     except ValueError as e:  # invalid settings or checkpoint: a message, not a traceback
