@@ -7,6 +7,7 @@
 
 from .config import FORMAT_VERSION, HfQuantConfig
 from .formats import QuantScheme
+from .integrations.peft import register as _register_peft
 from .integrations.transformers import register as _register
 from .nn import QuantExpertWeight, QuantLinear
 from .quantizer import HfQuantQuantizer, dequantize_model, packed_modules
@@ -14,6 +15,7 @@ from .quantizer import HfQuantQuantizer, dequantize_model, packed_modules
 __version__ = "0.1.0"
 
 _register()
+_register_peft()  # LoRA layers for hf_quant modules in every peft LoraConfig
 
 __all__ = [
     "FORMAT_VERSION",

@@ -90,6 +90,13 @@ class PackedWeight(nn.Module):
                 self._kernel_cache[key] = hit
         return hit
 
+    def packed_linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x [M, in] @ W^T (of expert `index` when given) with the selected kernel; differentiable in x."""
+        kernel, state = self._kernel_state(x.device, x.dtype, index)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinearInputGrad.apply(x, self, index, kernel, state)
+        return kernel.linear(x, state)
+
     def dequantize_weight(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The float weight [*lead, out, in] (one expert's [out, in] when `index` is given)."""
         in_features = self.quantized_shape[-1]
@@ -110,6 +117,23 @@ class PackedWeight(nn.Module):
         fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
         g = "channel" if s.group_size == -1 else f"g{s.group_size}"
         return f"{fmt}, {g}, {s.method}{', double_quant' if s.double_quant else ''}"
+
+
+class _PackedLinearInputGrad(torch.autograd.Function):
+    """Training through a frozen packed weight (e.g. LoRA): the forward runs the selected kernel; the backward
+    dequantizes W from the canonical tensors on the fly for grad_x = grad_y @ W, so no float copy of W is kept
+    between forward and backward. Packed weights get no gradient. (The fused CPU kernels' tile layouts cannot be
+    multiplied by W^T, hence the module-level function rather than autograd on each kernel op.)"""
+
+    @staticmethod
+    def forward(ctx, x, owner, index, kernel, state):
+        ctx.owner, ctx.index = owner, index
+        return kernel.linear(x, state)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = ctx.owner.dequantize_weight(grad.dtype, ctx.index)
+        return grad @ weight, None, None, None, None
 
 
 def _packed_tensors_offloaded(module: nn.Module) -> bool:
@@ -148,8 +172,7 @@ class QuantLinear(PackedWeight):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, state = self._kernel_state(x.device, x.dtype)
-        y = kernel.linear(x.reshape(-1, self.in_features), state).reshape(*x.shape[:-1], self.out_features)
+        y = self.packed_linear(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -208,8 +231,7 @@ class QuantExpertWeight(PackedWeight):
         """x [..., in] @ W_index^T with the fused kernel (no float copy of the expert)."""
         if not self.experts_sliceable:
             return nn.functional.linear(x, self.dequantize_weight(x.dtype, int(index)))
-        kernel, state = self._kernel_state(x.device, x.dtype, int(index))
-        return kernel.linear(x.reshape(-1, self.quantized_shape[-1]), state).reshape(*x.shape[:-1], -1)
+        return self.packed_linear(x.reshape(-1, self.quantized_shape[-1]), int(index)).reshape(*x.shape[:-1], -1)
 
     def to_float(self, dtype: torch.dtype) -> nn.Parameter:
         w = self.dequantize_weight(dtype)
