@@ -20,7 +20,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 _SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
 FIELDS = (
     "bits", "format", "group_size", "symmetric", "method", "double_quant", "modules_to_not_convert", "overrides",
-    "quantize_experts", "format_version",
+    "quantize_experts", "format_version", "target_bits", "allocation_candidates",
 )
 DEFAULT_INT_BITS = 4
 
@@ -100,6 +100,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         quantize_experts: also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).
         format_version: the on-disk layout version; set by hf_quant, checked when loading. A saved config must
             carry it (`from_dict` rejects a config without it).
+        target_bits: mixed precision under a budget (hf_quant.algorithms.allocation): when quantizing, choose one
+            scheme per linear layer from `allocation_candidates` so that the average true bits per quantized weight
+            (everything stored) is at most this, minimising the summed weight reconstruction error (exact knapsack).
+            The choice is written into `overrides` (one anchored regex per layer, after the user's own, which keep
+            their layers fixed), so the saved checkpoint reloads like any other. None: one scheme for all.
+        allocation_candidates: list of settings dicts (as in `overrides`) the allocator may choose from; None: the
+            default ladder `allocation.DEFAULT_CANDIDATES` (int 2-8 bits, double-quantized scales).
     """
 
     def __init__(
@@ -114,6 +121,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         overrides: dict[str, dict[str, Any] | None] | None = None,
         quantize_experts: bool = True,
         format_version: int = FORMAT_VERSION,
+        target_bits: float | None = None,
+        allocation_candidates: list[dict[str, Any]] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -137,6 +146,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.overrides = {} if overrides is None else overrides
         self.quantize_experts = quantize_experts
         self.format_version = format_version
+        self.target_bits = target_bits
+        self.allocation_candidates = allocation_candidates
         self.post_init()
 
     def post_init(self) -> None:
@@ -203,7 +214,33 @@ class HfQuantConfig(QuantizationConfigMixin):
             overrides[pattern] = dict(settings)
         self.overrides = overrides
         self._override_patterns = patterns
+        self._check_allocation_fields()
         self._validated = self._snapshot()
+
+    def _check_allocation_fields(self) -> None:
+        tb = self.target_bits
+        if tb is not None and (isinstance(tb, bool) or not isinstance(tb, (int, float)) or not 1 <= tb <= 16):
+            raise ValueError(f"target_bits must be None or a number of bits per weight in [1, 16], e.g. 2.5, got {tb!r}")
+        cands = self.allocation_candidates
+        if cands is None:
+            return
+        if not isinstance(cands, (list, tuple)) or not cands or not all(isinstance(c, Mapping) for c in cands):
+            raise ValueError(
+                "allocation_candidates must be None or a non-empty list of settings dicts, e.g. "
+                f"[{{'bits': 2}}, {{'bits': 4}}], got {cands!r}"
+            )
+        for i, c in enumerate(cands):
+            unknown = set(c) - set(_SCHEME_FIELDS)
+            if unknown:
+                raise ValueError(f"allocation_candidates[{i}] has unknown setting(s) {sorted(unknown)}; allowed: "
+                                 f"{list(_SCHEME_FIELDS)}")
+            try:
+                _check_scheme_settings(c)
+                self._scheme(c)
+            except ValueError as e:
+                raise ValueError(f"allocation_candidates[{i}]: {e}") from None
+        self.allocation_candidates = [dict(c) for c in cands]
+
 
     def _scheme(self, settings: Mapping[str, Any]) -> QuantScheme:
         values = {f: getattr(self, f) for f in _SCHEME_FIELDS}
@@ -220,6 +257,12 @@ class HfQuantConfig(QuantizationConfigMixin):
     def _ensure_valid(self) -> None:
         if getattr(self, "_validated", None) != self._snapshot():
             self.post_init()
+
+    def scheme_with(self, settings: Mapping[str, Any]) -> QuantScheme:
+        """The scheme an override with these `settings` gives (the config's other fields inherited)."""
+        self._ensure_valid()
+        _check_scheme_settings(settings)
+        return self._scheme(settings)
 
     def scheme_for(self, module_name: str) -> QuantScheme | None:
         """The scheme of the module `module_name`, or None when an override keeps it in float."""
@@ -262,6 +305,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             # transformers writes config.json with sorted keys.
             "overrides": [[pattern, copy.deepcopy(settings)] for pattern, settings in self.overrides.items()],
             "quantize_experts": self.quantize_experts,
+            "target_bits": self.target_bits,
+            "allocation_candidates": copy.deepcopy(self.allocation_candidates),
         }
 
     def to_diff_dict(self) -> dict[str, Any]:

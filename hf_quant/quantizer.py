@@ -73,6 +73,13 @@ class HfQuantQuantizer(HfQuantizer):
             # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
             config.modules_to_not_convert = sorted(self.get_modules_to_not_convert(model, None, None))
         self.modules_to_not_convert = list(config.modules_to_not_convert) + list(model._keep_in_fp32_modules or [])
+        if config.target_bits is not None and not self.pre_quantized:
+            # Mixed precision: the per-layer choice becomes overrides, so the saved config describes the checkpoint.
+            from .algorithms.allocation import allocate_from_checkpoint, config_with_allocation
+
+            allocation = allocate_from_checkpoint(model, config, checkpoint_files, self.modules_to_not_convert)
+            logger.info(allocation.summary())
+            config.update(overrides=config_with_allocation(config, allocation).overrides)
         compute_dtype = dtype or torch.float32
         replaced = install_quantized_modules(
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts

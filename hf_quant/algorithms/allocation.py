@@ -1,0 +1,463 @@
+"""Mixed precision under a bit budget: one scheme per layer, chosen by an exact multiple-choice knapsack.
+
+For every layer j and candidate scheme s we know
+  cost[j, s]   the true stored bits of layer j under s (codes, scales, zero-points, second-level metadata and any
+               extra tensor the format declares: exactly what `tensor_specs` stores), and
+  error[j, s]  a sensitivity-weighted reconstruction error of layer j quantized with s:
+                 "weight"      sum (W - Q(W))^2                       data-free
+                 "activation"  sum_j E[x_j^2] * sum_i (W - Q(W))_ij^2  diagonal of the layer Hessian X^T X
+                 "fisher"      sum F_ij (W - Q(W))_ij^2               empirical Fisher (squared loss gradients)
+and pick s_j minimising sum_j error[j, s_j] subject to sum_j cost[j, s_j] <= target_bits * n_weights.
+
+The dynamic programme runs over the budget in units of the greatest common divisor of all costs, so it is exact
+(not a Lagrangian approximation): the chosen allocation never exceeds the budget and no other allocation within
+it has a lower total error. Only when the budget spans more than `MAX_CELLS` units are costs rounded up to a
+coarser unit (still never over budget; `AllocationResult.exact` says which).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..formats import QuantScheme, dequantize, tensor_specs
+
+SENSITIVITIES = ("weight", "activation", "fisher")
+_PLAIN_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
+MAX_CELLS = 1 << 22
+# Default candidate settings (merged into the config's own settings): double-quantized scales keep the overhead
+# low, and group 64 variants give the allocator steps between whole bit widths.
+DEFAULT_CANDIDATES: tuple[dict, ...] = (
+    {"bits": 2, "group_size": 128, "double_quant": True},
+    {"bits": 2, "group_size": 64, "double_quant": True},
+    {"bits": 3, "group_size": 128, "double_quant": True},
+    {"bits": 3, "group_size": 64, "double_quant": True},
+    {"bits": 4, "group_size": 128, "double_quant": True},
+    {"bits": 5, "group_size": 128, "double_quant": True},
+    {"bits": 6, "group_size": 128, "double_quant": True},
+    {"bits": 8, "group_size": 128, "double_quant": True},
+)
+
+
+def stored_bits(scheme: QuantScheme, shape: Sequence[int]) -> int:
+    """Every stored bit of a weight of logical `shape` in `scheme` (the exact integer the budget counts)."""
+    total = 0
+    for shp, dtype in tensor_specs(scheme, tuple(shape)).values():
+        total += math.prod(shp) * torch.empty(0, dtype=dtype).element_size() * 8
+    return total
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    shape: tuple[int, ...]
+    settings: dict | None  # the chosen candidate (None: fixed by the user's config, not allocated)
+    scheme: QuantScheme
+    bits: int
+    error: float
+
+
+@dataclass
+class AllocationResult:
+    target_bits: float
+    sensitivity: str
+    candidates: list[dict]
+    layers: list[LayerChoice] = field(default_factory=list)
+    exact: bool = True
+
+    @property
+    def n_weights(self) -> int:
+        return sum(math.prod(layer.shape) for layer in self.layers)
+
+    @property
+    def total_bits(self) -> int:
+        return sum(layer.bits for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / max(self.n_weights, 1)
+
+    @property
+    def total_error(self) -> float:
+        return sum(layer.error for layer in self.layers)
+
+    def overrides(self) -> dict[str, dict]:
+        """One anchored regex per allocated layer -> its settings, for `HfQuantConfig(overrides=...)`."""
+        # The full scheme, not just the candidate's settings: the override then means the same whatever the
+        # config's other fields are.
+        return {f"^{re.escape(c.name)}$": c.scheme.to_dict() for c in self.layers if c.settings is not None}
+
+    def summary(self) -> str:
+        """The allocation as text: the budget, then how many layers (and weights) took each candidate, by layer
+        type."""
+        lines = [
+            f"bit allocation ({self.sensitivity} sensitivity{'' if self.exact else ', coarse DP units'}): "
+            f"target {self.target_bits:.4g} bits/weight, achieved {self.bits_per_weight:.4f} "
+            f"({self.total_bits:,} bits for {self.n_weights:,} weights)"
+        ]
+        by_kind: dict[str, Counter] = {}
+        for c in self.layers:
+            kind = c.name.rsplit(".", 1)[-1]
+            by_kind.setdefault(kind, Counter())[scheme_label(c.scheme)] += 1
+        for kind, counts in sorted(by_kind.items()):
+            lines.append(f"  {kind:<12} " + ", ".join(f"{lab} x{n}" for lab, n in sorted(counts.items())))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "target_bits": self.target_bits,
+            "bits_per_weight": self.bits_per_weight,
+            "sensitivity": self.sensitivity,
+            "exact": self.exact,
+            "layers": [
+                {"name": c.name, "scheme": scheme_label(c.scheme), "bits_per_weight": c.bits / math.prod(c.shape),
+                 "error": c.error, "allocated": c.settings is not None}
+                for c in self.layers
+            ],
+        }
+
+
+def scheme_label(s: QuantScheme) -> str:
+    fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
+    extra = "".join(f" {k}={v}" for k, v in s.to_dict().items() if k not in _PLAIN_FIELDS)
+    group = "ch" if s.group_size == -1 else f"g{s.group_size}"
+    return f"{fmt} {group}{' dq' if s.double_quant else ''}{extra}"
+
+
+# --- the knapsack -----------------------------------------------------------------------------------------------
+
+
+def solve_budget(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], budget: int) -> tuple[list[int], bool]:
+    """Exact multiple-choice knapsack: one option per item, total cost <= budget, minimum total error.
+
+    Returns (chosen option per item, exact). Raises ValueError when even the cheapest options exceed the budget.
+    """
+    n = len(costs)
+    if n == 0:
+        return [], True
+    cheapest = sum(min(c) for c in costs)
+    if cheapest > budget:
+        raise ValueError(f"budget of {budget} bits is below the cheapest allocation ({cheapest} bits)")
+    unit = 0
+    for row in costs:
+        for c in row:
+            unit = math.gcd(unit, int(c))
+    unit = max(unit, 1)
+    exact = budget // unit <= MAX_CELLS
+    if not exact:  # round costs up to a coarser unit: never over budget, possibly not optimal
+        unit = -(-budget // MAX_CELLS)
+    cap = budget // unit
+    units = [[-(-int(c) // unit) for c in row] for row in costs]
+    dp = np.zeros(cap + 1)  # minimum error of the items so far within a capacity of c units
+    choice = np.zeros((n, cap + 1), dtype=np.int16)
+    for j in range(n):
+        new = np.full(cap + 1, np.inf)
+        for s, (u, e) in enumerate(zip(units[j], errors[j])):
+            if u > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[u:] = dp[: cap + 1 - u] + float(e)
+            better = cand < new
+            new[better] = cand[better]
+            choice[j, better] = s
+        dp = new
+    if not np.isfinite(dp[cap]):  # only possible after rounding costs up
+        raise ValueError(f"budget of {budget} bits is too tight for the coarse DP unit ({unit} bits)")
+    picks, c = [0] * n, cap
+    for j in range(n - 1, -1, -1):
+        s = int(choice[j, c])
+        picks[j] = s
+        c -= units[j][s]
+    return picks, exact
+
+
+# --- sensitivity-weighted errors --------------------------------------------------------------------------------
+
+
+def weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, importance: torch.Tensor | None) -> float:
+    """sum importance * (W - Q(W))^2; `importance` broadcasts to [out, in] ([in]: input second moments)."""
+    diff2 = (weight.float() - dequantized.float()).pow(2)
+    if importance is not None:
+        diff2 = diff2 * importance.float()
+    return float(diff2.sum(dtype=torch.float64))
+
+
+def allocate(
+    layers: Mapping[str, torch.Tensor] | Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    target_bits: float,
+    config=None,
+    candidates: Sequence[Mapping] | None = None,
+    importance: Mapping[str, torch.Tensor] | None = None,
+    sensitivity: str = "weight",
+    fixed: Mapping[str, tuple[QuantScheme, tuple[int, ...]]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> AllocationResult:
+    """Choose a candidate scheme per layer so the average true bits per weight is at most `target_bits`.
+
+    layers: name -> float weight [out, in] (or a callable yielding (name, weight) pairs, so weights can be read
+        one at a time from disk).
+    config: the HfQuantConfig whose fields every candidate inherits, as an override would (default HfQuantConfig()).
+    candidates: settings dicts, each a valid override (default: the config's `allocation_candidates`, else
+        `DEFAULT_CANDIDATES`).
+    importance: name -> per-weight importance ([in] or [out, in]) for "activation"/"fisher"; None: data-free.
+    fixed: layers quantized with a scheme not up to the allocator (name -> (scheme, shape)); their bits count.
+    """
+    from ..config import HfQuantConfig
+    from . import quantize_weight
+
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sensitivity!r}")
+    if sensitivity != "weight" and importance is None:
+        raise ValueError(f"sensitivity={sensitivity!r} needs calibration statistics (importance=...)")
+    config = HfQuantConfig() if config is None else config
+    if candidates is None:
+        candidates = config.allocation_candidates or DEFAULT_CANDIDATES
+    candidates = [dict(c) for c in candidates]
+    if not candidates:
+        raise ValueError("candidates must list at least one scheme")
+    schemes = [config.scheme_with(c) for c in candidates]
+    names, shapes, costs, errors = [], [], [], []
+    items = layers.items() if isinstance(layers, Mapping) else layers()
+    for name, weight in items:
+        if weight.dim() != 2:
+            raise ValueError(f"allocation handles 2-D weights; {name} has shape {tuple(weight.shape)}")
+        imp = None if importance is None else importance[name]
+        row_cost, row_err = [], []
+        for scheme in schemes:
+            row_cost.append(stored_bits(scheme, weight.shape))
+            deq = dequantize(scheme, quantize_weight(weight, scheme), weight.shape[1])
+            row_err.append(weighted_error(weight, deq, imp))
+        names.append(name)
+        shapes.append(tuple(weight.shape))
+        costs.append(row_cost)
+        errors.append(row_err)
+        if progress is not None:
+            progress(name)
+    fixed = dict(fixed or {})
+    fixed_bits = sum(stored_bits(s, shp) for s, shp in fixed.values())
+    n_weights = sum(math.prod(s) for s in shapes) + sum(math.prod(shp) for _, shp in fixed.values())
+    # The budget in whole bits, computed in exact arithmetic (2.5 means 5/2, not the nearest double) and floored.
+    budget = math.floor(Fraction(str(target_bits)) * n_weights) - fixed_bits
+    try:
+        picks, exact = solve_budget(costs, errors, budget)
+    except ValueError as e:
+        cheapest = (sum(min(c) for c in costs) + fixed_bits) / max(n_weights, 1)
+        raise ValueError(
+            f"target_bits={target_bits} is below what the candidates can reach ({cheapest:.4f} bits per weight at "
+            f"the cheapest): raise target_bits or add cheaper candidates ({e})"
+        ) from None
+    result = AllocationResult(float(target_bits), sensitivity, candidates, exact=exact)
+    for j, name in enumerate(names):
+        s = picks[j]
+        result.layers.append(LayerChoice(name, shapes[j], candidates[s], schemes[s], costs[j][s], errors[j][s]))
+    for name, (scheme, shp) in fixed.items():
+        result.layers.append(LayerChoice(name, tuple(shp), None, scheme, stored_bits(scheme, shp), float("nan")))
+    return result
+
+
+
+# --- calibration statistics (data-aware sensitivities) ----------------------------------------------------------
+
+
+def calibration_batches(tokenizer, text: str, n_sequences: int = 8, seq_len: int = 512, skip_tokens: int = 0):
+    """`n_sequences` consecutive token windows of `text` after its first `skip_tokens` tokens (keep evaluation
+    text out of calibration by skipping it), each a [1, seq_len] LongTensor."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][skip_tokens:]
+    if ids.numel() < n_sequences * seq_len:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens after skipping {skip_tokens}; need n_sequences * seq_len = "
+            f"{n_sequences * seq_len}: use a longer text or fewer/shorter sequences"
+        )
+    return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(n_sequences)]
+
+
+@torch.no_grad()
+def activation_importance(model: torch.nn.Module, batches, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """E[x_j^2] over calibration tokens for the input of each named linear layer (the diagonal of X^T X / n)."""
+    names = set(names)
+    sums: dict[str, torch.Tensor] = {}
+    counts: Counter = Counter()
+    hooks = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] += x.shape[0]
+        return fn
+
+    for name, module in model.named_modules():
+        if name in names:
+            hooks.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def fisher_importance(model: torch.nn.Module, batches, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Empirical Fisher diagonal: the mean over calibration sequences of the squared gradient of the language-model
+    loss with respect to each named layer's weight (one backward pass per sequence)."""
+    modules = dict(model.named_modules())
+    params = {name: modules[name].weight for name in names}
+    was = {name: p.requires_grad for name, p in params.items()}
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        for ids in batches:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            for name, p in params.items():
+                fisher[name] += p.grad.float().pow(2)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for name, p in params.items():
+            p.requires_grad_(was[name])
+    n = max(len(batches), 1)
+    return {name: f / n for name, f in fisher.items()}
+
+
+# --- models and configs -----------------------------------------------------------------------------------------
+
+
+def plan_layers(model: torch.nn.Module, config, modules_to_not_convert: Sequence[str]):
+    """(names the allocator chooses for, {name: (scheme, shape)} of layers fixed by the config) for a model whose
+    quantizable modules are still float (possibly on the meta device). A layer matched by one of the config's
+    overrides is fixed: the user chose its scheme (or kept it in float, then it is neither)."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from ..quantizer import expert_params, is_fused_experts
+
+    free, fixed = [], {}
+    for name, module in model.named_modules():
+        if not name or not should_convert_module(name, list(modules_to_not_convert)):
+            continue
+        if type(module) is torch.nn.Linear or isinstance(module, Conv1D):
+            scheme = config.scheme_for(name)
+            if scheme is None:
+                continue
+            w = module.weight
+            shape = tuple(w.shape[::-1]) if isinstance(module, Conv1D) else tuple(w.shape)
+            if any(re.search(pattern, name) for pattern in config.overrides):
+                fixed[name] = (scheme, shape)
+            else:
+                free.append(name)
+        elif is_fused_experts(module) and config.quantize_experts:
+            for pname in expert_params(module):
+                scheme = config.scheme_for(f"{name}.{pname}")
+                if scheme is not None:
+                    shape = tuple(getattr(module, pname).shape)
+                    if bool(getattr(module, "is_transposed", False)):
+                        shape = (shape[0], shape[2], shape[1])
+                    fixed[f"{name}.{pname}"] = (scheme, shape)
+    return free, fixed
+
+
+def config_with_allocation(config, result: AllocationResult):
+    """A copy of `config` whose overrides hold the allocation after the user's own (which keep precedence)."""
+    from ..config import HfQuantConfig
+
+    fields = config.to_dict()
+    fields.pop("quant_method")
+    overrides = [list(pair) for pair in fields["overrides"]]
+    overrides += [[pattern, settings] for pattern, settings in result.overrides().items()]
+    fields["overrides"] = overrides
+    fields["target_bits"] = result.target_bits
+    return HfQuantConfig(**fields)
+
+
+def allocate_model(
+    model: torch.nn.Module,
+    config,
+    target_bits: float,
+    sensitivity: str = "weight",
+    batches=None,
+    candidates: Sequence[Mapping] | None = None,
+    modules_to_not_convert: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> AllocationResult:
+    """Allocate over the linear layers of a float `model` (data-aware sensitivities use `batches`, e.g. from
+    `calibration_batches`). Layers the config fixes (overrides) or keeps in float are respected."""
+    skip = list(config.modules_to_not_convert or ["lm_head"]) if modules_to_not_convert is None else modules_to_not_convert
+    free, fixed = plan_layers(model, config, skip)
+    importance = None
+    if sensitivity != "weight":
+        if batches is None:
+            raise ValueError(f"sensitivity={sensitivity!r} needs calibration batches (see calibration_batches)")
+        collect = activation_importance if sensitivity == "activation" else fisher_importance
+        importance = collect(model, batches, free)
+    from ..nn.quantized import float_weight_of
+
+    modules = dict(model.named_modules())
+    weights = {name: float_weight_of(modules[name]) for name in free}
+    return allocate(weights, target_bits, config, candidates, importance, sensitivity, fixed, progress)
+
+
+def allocate_from_checkpoint(model: torch.nn.Module, config, checkpoint_files: Sequence[str],
+                             modules_to_not_convert: Sequence[str]) -> AllocationResult:
+    """Data-free allocation for quantize-on-load: weights are read one at a time from the float checkpoint's
+    safetensors files (the model itself is still on the meta device)."""
+    from safetensors import safe_open
+    from transformers.pytorch_utils import Conv1D
+
+    from ..integrations.checkpoint import _key_candidates
+
+    if not checkpoint_files:
+        raise ValueError("target_bits needs the float checkpoint's safetensors files to measure each layer")
+    free, fixed = plan_layers(model, config, modules_to_not_convert)
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    where: dict[str, str] = {}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"target_bits reads weights from safetensors checkpoints only; got {path}")
+        with safe_open(path, framework="pt") as f:
+            where.update({key: path for key in f.keys()})
+
+    keys = {name: next((k for k in _key_candidates(f"{name}.weight", prefix) if k in where), None) for name in free}
+    for name in [n for n, k in keys.items() if k is None]:
+        # No tensor of its own (e.g. an lm_head tied to the embedding): quantized later with the config's scheme,
+        # so its bits count as fixed.
+        free.remove(name)
+        fixed[name] = (config.scheme_for(name), tuple(modules[name].weight.shape))
+
+    def weights():
+        for name in free:
+            key = keys[name]
+            with safe_open(where[key], framework="pt") as f:
+                w = f.get_tensor(key).float()
+            yield name, (w.t() if isinstance(modules[name], Conv1D) else w)
+
+    with torch.device("cpu"):  # transformers builds the model under a meta-device context
+        return allocate(weights, config.target_bits, config, None, None, "weight", fixed)
+
+
+__all__ = [
+    "AllocationResult",
+    "activation_importance",
+    "allocate_from_checkpoint",
+    "allocate_model",
+    "calibration_batches",
+    "config_with_allocation",
+    "fisher_importance",
+    "plan_layers",
+    "DEFAULT_CANDIDATES",
+    "LayerChoice",
+    "SENSITIVITIES",
+    "allocate",
+    "solve_budget",
+    "stored_bits",
+    "weighted_error",
+]

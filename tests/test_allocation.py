@@ -1,0 +1,146 @@
+"""Mixed precision under a bit budget (hf_quant.algorithms.allocation): exact knapsack, sensitivity ordering,
+the budget met with true stored bits, and the allocation saved/reloaded as config overrides."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_quant import HfQuantConfig
+from hf_quant.algorithms.allocation import allocate, solve_budget, stored_bits
+from hf_quant.eval.storage import checkpoint_storage, model_storage
+from hf_quant.formats import QuantScheme, bits_per_weight
+
+CANDIDATES = [{"bits": 2, "group_size": 32}, {"bits": 3, "group_size": 32}, {"bits": 4, "group_size": 32},
+              {"bits": 8, "group_size": -1}]
+
+
+def tiny_llama(layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_solve_budget_is_exact_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n, k = 4, 3
+        costs = torch.randint(1, 40, (n, k), generator=gen).mul(7).tolist()  # a common unit of 7: exact DP
+        errors = torch.rand(n, k, generator=gen, dtype=torch.float64).tolist()
+        budget = int(torch.randint(sum(min(c) for c in costs), sum(max(c) for c in costs) + 1, (1,), generator=gen))
+        picks, exact = solve_budget(costs, errors, budget)
+        assert exact
+        assert sum(costs[j][s] for j, s in enumerate(picks)) <= budget
+        best = min(
+            sum(errors[j][s] for j, s in enumerate(combo))
+            for combo in itertools.product(range(k), repeat=n)
+            if sum(costs[j][s] for j, s in enumerate(combo)) <= budget
+        )
+        assert sum(errors[j][s] for j, s in enumerate(picks)) == pytest.approx(best, rel=1e-12), trial
+
+
+def test_solve_budget_rejects_an_impossible_budget():
+    with pytest.raises(ValueError, match="below the cheapest"):
+        solve_budget([[10, 20], [10, 30]], [[1.0, 0.0], [1.0, 0.0]], 19)
+
+
+def test_stored_bits_counts_every_tensor():
+    s = QuantScheme(bits=3, group_size=64, double_quant=True)
+    assert stored_bits(s, (96, 200)) == pytest.approx(bits_per_weight(s, (96, 200)) * 96 * 200)
+
+
+def test_more_sensitive_layer_gets_more_bits(one_thread):
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(32, 64), "b": torch.randn(32, 64)}
+    target = (stored_bits(QuantScheme(bits=2, group_size=32), (32, 64))
+              + stored_bits(QuantScheme(bits=4, group_size=32), (32, 64))) / (2 * 32 * 64)
+    for hot, cold in (("a", "b"), ("b", "a")):
+        importance = {hot: torch.full((64,), 100.0), cold: torch.ones(64)}
+        result = allocate(weights, target, candidates=CANDIDATES[:3], importance=importance, sensitivity="activation")
+        chosen = {c.name: c.scheme.bits for c in result.layers}
+        assert chosen[hot] > chosen[cold], chosen
+        assert result.bits_per_weight <= target
+
+
+def test_allocation_beats_every_uniform_choice_within_budget(one_thread):
+    torch.manual_seed(1)
+    # Layers of different scales: a uniform width wastes bits on the easy ones.
+    weights = {f"l{i}": torch.randn(48, 64) * (0.1 + i) for i in range(4)}
+    result = allocate(weights, 3.0, candidates=CANDIDATES)
+    assert result.bits_per_weight <= 3.0
+    for cand in CANDIDATES:
+        uniform = allocate(weights, 16, candidates=[cand])
+        if uniform.bits_per_weight <= 3.0:
+            assert result.total_error <= uniform.total_error
+
+
+def test_infeasible_target_names_the_field(one_thread):
+    with pytest.raises(ValueError, match="target_bits=1.5 is below"):
+        allocate({"w": torch.randn(16, 64)}, 1.5, candidates=CANDIDATES[:1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_bits": 0.5}, "target_bits"),
+        ({"target_bits": "2.5"}, "target_bits"),
+        ({"target_bits": True}, "target_bits"),
+        ({"allocation_candidates": []}, "allocation_candidates"),
+        ({"allocation_candidates": [{"bits": 7}]}, r"allocation_candidates\[0\]"),
+        ({"allocation_candidates": [{"bitz": 2}]}, "unknown setting"),
+    ],
+)
+def test_config_validates_allocation_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HfQuantConfig(**kwargs)
+
+
+def test_config_round_trips_allocation_fields():
+    config = HfQuantConfig(target_bits=2.5, allocation_candidates=CANDIDATES)
+    again = HfQuantConfig.from_dict(json.loads(config.to_json_string()))
+    assert again == config and again.target_bits == 2.5
+
+
+def test_quantize_on_load_meets_budget_and_reloads(tmp_path, one_thread):
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama()).save_pretrained(tmp_path / "float")
+    # A user override keeps its layers fixed (and counted); the rest are allocated.
+    config = HfQuantConfig(target_bits=4.0, group_size=32, allocation_candidates=CANDIDATES,
+                           overrides={r"layers\.0\.mlp\.down_proj": {"bits": 8, "group_size": -1}})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    storage = model_storage(model)
+    assert storage.bits_per_weight <= 4.0
+    assert storage.bits_per_weight > 3.9  # the budget is used, not left on the table
+    saved = model.config.quantization_config
+    assert len(saved.overrides) == 1 + 13  # the user's, then one per allocated layer
+    assert next(iter(saved.overrides)) == r"layers\.0\.mlp\.down_proj"
+    assert model.model.layers[0].mlp.down_proj.scheme.bits == 8
+    assert len({m.scheme for m in storage_modules(model)}) > 1  # really mixed
+
+    model.save_pretrained(tmp_path / "quant")
+    assert checkpoint_storage(tmp_path / "quant").bits_per_weight == pytest.approx(storage.bits_per_weight)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quant")
+    ids = torch.randint(0, 128, (1, 9))
+    assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    out = reloaded.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+def storage_modules(model):
+    from hf_quant.nn import PackedWeight
+
+    return [m for m in model.modules() if isinstance(m, PackedWeight)]
+
+
+def test_allocation_is_within_one_layer_of_the_target(one_thread):
+    torch.manual_seed(2)
+    weights = {f"l{i}": torch.randn(64, 128) for i in range(6)}
+    for target in (3.25, 4.1, 5.0):
+        result = allocate(weights, target, candidates=CANDIDATES)
+        assert result.bits_per_weight <= target
+        # The unused budget is less than one step between the candidates of a single layer.
+        costs = sorted({stored_bits(QuantScheme(**{"bits": 4, **c}), (64, 128)) for c in CANDIDATES})
+        step = max(b - a for a, b in zip(costs, costs[1:]))
+        assert (target * result.n_weights - result.total_bits) < step + math.ulp(1.0)
