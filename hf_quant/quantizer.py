@@ -50,6 +50,7 @@ class HfQuantQuantizer(HfQuantizer):
         self.modules_to_not_convert: list[str] = []
         self.pending_experts: dict[str, tuple] = {}  # param name -> (scheme, transposed), quantize-on-load
         self.load_errors: dict[str, str] = {}  # weight name -> why it could not be quantized (quantize-on-load)
+        self.tied_to_quantize: dict[str, object] = {}  # tied linear (e.g. lm_head) -> scheme, quantized after load
 
     # --- loading hooks ----------------------------------------------------------------------------
 
@@ -81,6 +82,11 @@ class HfQuantQuantizer(HfQuantizer):
             logger.info(allocation.summary())
             config.update(overrides=config_with_allocation(config, allocation).overrides)
         compute_dtype = dtype or torch.float32
+        if not self.pre_quantized:
+            # A tied lm_head has no tensor of its own in the checkpoint: it is quantized from the tied embedding
+            # after loading (and untied), so it is left out of the load-time conversion.
+            self.tied_to_quantize = tied_linears_to_quantize(model, config, self.modules_to_not_convert)
+            self.modules_to_not_convert += list(self.tied_to_quantize)
         replaced = install_quantized_modules(
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
         )
@@ -97,6 +103,8 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.__dict__.pop("initialize_weights", None)
+        if self.tied_to_quantize:
+            quantize_tied_linears(model, self.tied_to_quantize)
         if self.load_errors:
             errors = sorted(self.load_errors.items())
             listed = "; ".join(f"{name}: {why}" for name, why in errors[:10])
@@ -291,6 +299,45 @@ def install_quantized_modules(
                     pending_experts[f"{name}.{pname}"] = (scheme, transposed, compute_dtype)
                 replaced += 1
     return replaced
+
+
+def tied_linears_to_quantize(model: nn.Module, config: HfQuantConfig, modules_to_not_convert: list[str]) -> dict:
+    """Linear layers to quantize whose weight is tied to another parameter (lm_head tied to the input embedding):
+    name -> scheme. The checkpoint stores only the tied source, so these cannot be quantized as they load."""
+    tied_targets = getattr(model, "all_tied_weights_keys", None) or {}
+    found = {}
+    for target in tied_targets:
+        name, _, pname = target.rpartition(".")
+        if pname != "weight" or not name or not should_convert_module(name, modules_to_not_convert):
+            continue
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear and (scheme := config.scheme_for(name)) is not None:
+            found[name] = scheme
+    return found
+
+
+@torch.no_grad()
+def quantize_tied_linears(model: nn.Module, schemes: dict) -> None:
+    """Quantize each tied linear from its (loaded, tied) float weight and untie it: the quantized layer has its own
+    packed tensors, and the config says `tie_word_embeddings=False` so a saved checkpoint reloads them as they are
+    (the embedding it was tied to stays float)."""
+    for name, scheme in schemes.items():
+        module = model.get_submodule(name)
+        if module.weight.device.type == "meta":
+            raise ValueError(
+                f"hf_quant cannot quantize the tied layer {name!r} when device_map offloads it to disk; place "
+                f"{name!r} on a device or the CPU, or keep it in float with modules_to_not_convert=[{name!r}, ...]"
+            )
+        q = QuantLinear.from_float(module, scheme).requires_grad_(False)
+        if (hook := getattr(module, "_hf_hook", None)) is not None:  # accelerate's device placement (device_map)
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(q, hook)
+        model.set_submodule(name, q)
+        model.all_tied_weights_keys.pop(f"{name}.weight", None)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

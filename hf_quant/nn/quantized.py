@@ -19,13 +19,15 @@ class PackedWeight(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.quantized_shape = tuple(shape)  # logical [*lead, out, in]
-        for name, (shp, dtype) in tensor_specs(scheme, self.quantized_shape).items():
+        specs = tensor_specs(scheme, self.quantized_shape)
+        for name, (shp, dtype) in specs.items():
             self.register_buffer(name, torch.empty(shp, dtype=dtype, device=device))
+        self._packed_names = tuple(specs)  # fixed by (scheme, shape); read on every forward
         self._kernel_cache: dict = {}
 
     @property
     def packed_names(self) -> list[str]:
-        return list(tensor_specs(self.scheme, self.quantized_shape))
+        return list(self._packed_names)
 
     def packed_tensors(self, index: int | None = None) -> dict[str, torch.Tensor]:
         """The canonical tensors (of one expert when `index` is given; see `experts_sliceable`)."""
@@ -76,8 +78,9 @@ class PackedWeight(nn.Module):
     def _kernel_state(self, device: torch.device, dtype: torch.dtype, index: int | None = None):
         # Any reassignment or in-place edit of a packed tensor changes its (data_ptr, _version).
         # (Tensors made under torch.inference_mode have no version counter; reassignment still shows in data_ptr.)
+        buffers = self._buffers
         stamp = tuple(
-            (t.data_ptr(), 0 if t.is_inference() else t._version) for t in (self._buffers[n] for n in self.packed_names)
+            (t.data_ptr(), 0 if t.is_inference() else t._version) for t in [buffers[n] for n in self._packed_names]
         )
         key = (device, dtype, index, stamp)
         hit = self._kernel_cache.get(key)
