@@ -1,0 +1,270 @@
+"""Fused dequantize-matmul GPU kernels in Triton, for every format: affine int 2/3/4/5/6/8 bits (grouped or per
+channel, symmetric or not, double-quantized scales), NF4 / FP4 codebooks and FP8 (E4M3), plus fused MoE experts.
+
+Triton is optional (`pip install hf-quant[triton]`): this module imports without it, and the kernel declares itself
+unsupported until triton imports and the device is CUDA. The Triton code (`jit.py`) is imported on first use, so
+`TRITON_INTERPRET=1` set before that runs it on the CPU (how CI checks it against the reference).
+
+Autotuning picks a block configuration per (token bucket, shape, format, dtype, GPU) on first use; triton keeps the
+choice and the compiled kernels in its on-disk cache (TRITON_CACHE_DIR, default ~/.triton/cache). Nothing is
+compiled at install time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from ...formats.base import codebook_values, decode_params
+from ...formats.packing import unpack_bits
+from ..registry import Kernel, register_kernel
+
+# Bit planes a code width is split into: every plane width divides 32, so words hold whole codes and b-bit codes
+# take exactly b bits in memory (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2).
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MOE_BLOCK_M = 16  # rows per expert block in fused MoE (each expert's tokens are padded to a multiple of it)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _jit():
+    from . import jit
+
+    return jit
+
+
+def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 codes [*lead, N, K] (K a multiple of 32) -> words [*lead, K * width // 32, N]; code k of a row sits in
+    word k // (32 // width) at bit (k % (32 // width)) * width."""
+    per_word = 32 // width
+    *lead, n, k = codes.shape
+    c = codes.view(*lead, n, k // per_word, per_word)
+    word = torch.zeros(c.shape[:-1], dtype=torch.int32, device=codes.device)
+    for i in range(per_word):  # int32 shifts wrap into the sign bit, which is what the kernel reads back
+        word |= c[..., i] << (i * width)
+    return word.transpose(-1, -2).contiguous()
+
+
+def prepare_weight(scheme, tensors: dict[str, torch.Tensor], in_features: int) -> dict:
+    """Canonical tensors of a [*lead, out, in] weight -> the Triton layout (see jit.py): bit-plane words [*lead,
+    K_words, out], scales and zero-points [*lead, groups, out] (float16 as stored; float32 when double-quantized,
+    whose decoded values need not fit float16)."""
+    jit = _jit()
+    if scheme.format == "int" and scheme.bits not in PLANES:
+        raise ValueError(f"{scheme.bits}-bit codes are not supported by the triton kernel (supported: {sorted(PLANES)})")
+    bits = scheme.bits
+    widths = PLANES[bits] if scheme.format == "int" else (bits,)
+    g, _, _ = scheme.group_layout(in_features)
+    codes = unpack_bits(tensors["qweight"], bits, in_features).to(torch.int32)
+    k_padded = -(-in_features // 32) * 32
+    codes = torch.nn.functional.pad(codes, (0, k_padded - in_features))
+    planes, low = [], 0
+    for width in widths:
+        planes.append(_pack_plane((codes >> low) & ((1 << width) - 1), width))
+        low += width
+    scale, zero = decode_params(scheme, tensors)
+    param_dtype = torch.float32 if scheme.double_quant else torch.float16
+    state = {
+        "planes": planes,
+        "widths": widths,
+        "scale": scale.transpose(-1, -2).to(param_dtype).contiguous(),
+        "zero": None,
+        "table": None,
+        "sym_zero": 0.0,
+        "group_size": g,
+        "in_features": in_features,
+        "out_features": scale.shape[-2],
+    }
+    if scheme.format != "int":
+        state["mode"] = jit.CODEBOOK
+        state["table"] = codebook_values(scheme.format, device=codes.device)
+    elif scheme.symmetric:
+        state["mode"] = jit.AFFINE_SYMMETRIC
+        state["sym_zero"] = float(1 << (bits - 1))
+    else:
+        state["mode"] = jit.AFFINE
+        state["zero"] = zero.transpose(-1, -2).to(param_dtype).contiguous()
+    return state
+
+
+def _token_bucket(m: int) -> int:
+    """Autotuning bucket of a token count: 1, 16 (2-16 tokens) or the next power of two up to 1024."""
+    if m <= 1:
+        return 1
+    if m <= 16:
+        return 16
+    return min(1024, 1 << (m - 1).bit_length())
+
+
+def _auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split the reduction for few tokens when the output columns alone give too few programs to fill the GPU."""
+    if m > 16 or k < 1024:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = -(-n // 128)
+    return max(1, min(2 * sms // programs, k // 512, 16))
+
+
+def _launch(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, split_k,
+            rows=None, experts=None, m_entries=None, top_k=1):
+    jit = _jit()
+    m, k = x.shape[0] if rows is None else m_entries, x.shape[1]
+    n = out_features
+    p0 = planes[0]
+    p1 = planes[1] if len(planes) > 1 else p0
+    dummy = scale  # pointer arguments the selected MODE never reads
+    moe = rows is not None
+    if moe:
+        split_k = 1
+    elif split_k <= 0:
+        split_k = _auto_split_k(m, n, k, x.device)
+    k_chunk = triton_cdiv(triton_cdiv(k, split_k), 32) * 32  # slices start on a word boundary of every plane
+    split_k = -(-k // k_chunk)
+    if split_k == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        m_blocks = rows.shape[0] // MOE_BLOCK_M if moe else triton_cdiv(m, meta["BLOCK_M"])
+        return (m_blocks, triton_cdiv(n, meta["BLOCK_N"]), split_k)
+
+    lead = (lambda t: t.stride(0)) if moe else (lambda t: 0)
+    jit.qmm[grid](
+        x, p0, p1, scale, dummy if zero is None else zero, dummy if table is None else table, y,
+        x if rows is None else rows, x if experts is None else experts,
+        m, n, k, group_size, k_chunk, x.stride(0), m * n,
+        lead(p0), lead(p1), lead(scale), _token_bucket(m),
+        W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, MODE=mode, SYM_ZERO=sym_zero,
+        MOE=moe, TOP_K=top_k, F32_DOT=jit.f32_dot(x.dtype),
+        **({"BLOCK_M": MOE_BLOCK_M} if moe else {}),
+    )
+    return y if split_k == 1 else y.sum(0).to(x.dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("hf_quant::triton_linear", mutates_args=())
+def triton_linear(
+    x: torch.Tensor,
+    planes: list[torch.Tensor],
+    widths: list[int],
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None,
+    mode: int,
+    sym_zero: float,
+    group_size: int,
+    out_features: int,
+    split_k: int = 0,
+) -> torch.Tensor:
+    """x [M, K] @ W^T with W decoded on the fly from the Triton layout (`prepare_weight`); split_k 0 = automatic."""
+    return _launch(x.contiguous(), planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features,
+                   split_k)
+
+
+@triton_linear.register_fake
+def _(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, split_k=0):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("hf_quant::triton_moe_linear", mutates_args=())
+def triton_moe_linear(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    planes: list[torch.Tensor],
+    widths: list[int],
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None,
+    mode: int,
+    sym_zero: float,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """Fused MoE experts: x [T, K], expert_ids [T, top_k] -> y [T, top_k, out] with y[t, j] = x[t] @ W[e]^T for
+    e = expert_ids[t, j], grouped over experts in one launch (each expert's weights read once per row block)."""
+    tokens, top_k = expert_ids.shape
+    n_experts = planes[0].shape[0]
+    flat = expert_ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_experts):
+        raise ValueError(f"expert_ids must lie in [0, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    padded = (counts + MOE_BLOCK_M - 1) // MOE_BLOCK_M * MOE_BLOCK_M
+    sorted_first = torch.cumsum(counts, 0) - counts
+    padded_first = torch.cumsum(padded, 0) - padded
+    expert_of_sorted = flat[order]
+    position = padded_first[expert_of_sorted] + torch.arange(flat.numel(), device=x.device) - sorted_first[expert_of_sorted]
+    entries = flat.numel()
+    rows = torch.full((int(padded.sum()),), entries, dtype=torch.int32, device=x.device)
+    rows[position] = order.to(torch.int32)
+    block_expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device, dtype=torch.int32),
+                                           padded // MOE_BLOCK_M)
+    y = _launch(x.contiguous(), planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, 1,
+                rows=rows, experts=block_expert, m_entries=entries, top_k=top_k)
+    return y.view(tokens, top_k, out_features)
+
+
+@triton_moe_linear.register_fake
+def _(x, expert_ids, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features):
+    return x.new_empty((expert_ids.shape[0], expert_ids.shape[1], out_features))
+
+
+def _op_args(state: dict) -> tuple:
+    return (state["planes"], list(state["widths"]), state["scale"], state["zero"], state["table"], state["mode"],
+            state["sym_zero"], state["group_size"], state["out_features"])
+
+
+@register_kernel
+class TritonKernel(Kernel):
+    """Fused dequantize + matmul on CUDA GPUs in Triton (GEMV for one token, split-K skinny GEMM up to 16, tiled
+    tensor-core GEMM for prefill), for every format and bit width except 1 and 7 bits (not offered by QuantScheme).
+    Float32 inputs are multiplied in float32 (IEEE, not TF32); 16-bit inputs multiply 16-bit weights with float32
+    accumulation, as the reference does after rounding the weight to the input dtype."""
+
+    name = "triton"
+    priority = 200
+
+    @classmethod
+    def unsupported_reason(cls, scheme, shape, device, dtype):
+        if not triton_available():
+            return "triton is not installed (pip install 'hf-quant[triton]')"
+        device = torch.device(device)
+        if device.type != "cuda":
+            return "CUDA only"
+        if dtype not in _FLOAT_DTYPES:
+            return f"dtype {dtype} not supported"
+        if not torch.cuda.is_available():
+            return "no CUDA device available"
+        # tensor-core dot of 16-bit inputs needs Volta (float16) / Ampere (bfloat16) or newer
+        needed = (8, 0) if dtype == torch.bfloat16 else (7, 0)
+        if torch.cuda.get_device_capability(device) < needed:
+            return f"{dtype} needs compute capability >= {needed[0]}.{needed[1]}"
+        if scheme.format == "int" and scheme.bits not in PLANES:
+            return f"{scheme.bits}-bit codes not supported"
+        return None
+
+    @classmethod
+    def prepare(cls, scheme, tensors, shape, dtype):
+        return prepare_weight(scheme, tensors, shape[1])
+
+    @classmethod
+    def linear(cls, x, state, split_k: int = 0):
+        return triton_linear(x, *_op_args(state), split_k)
+
+    @classmethod
+    def moe_linear(cls, x: torch.Tensor, expert_ids: torch.Tensor, state: dict) -> torch.Tensor:
+        """Fused experts from a state prepared over all experts (`prepare` of [experts, out, in] tensors)."""
+        return triton_moe_linear(x, expert_ids, *_op_args(state))
+
+
+__all__ = ["TritonKernel", "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]

@@ -1,0 +1,149 @@
+"""Triton code of the fused dequantize-matmul (imported lazily: only where triton is installed).
+
+One kernel serves decode, prefill and fused MoE experts:
+- y[m, n] = sum_k x[m, k] * w[n, k], where w is decoded tile by tile from packed codes in registers, never written
+  out. Each program reads its [BLOCK_K, BLOCK_N] slice of codes and scales once per K step.
+- BLOCK_M == 1 (one token): a multiply-and-reduce on the CUDA cores (a GEMV; tensor cores need >= 16 rows).
+  BLOCK_M >= 16: `tl.dot` on tensor cores (skinny GEMM for 2-16 tokens, tiled GEMM for prefill).
+- Split-K: program axis 2 takes one slice of the reduction; slices write float32 partial sums that the caller
+  adds (deterministic, unlike atomics). Used for few tokens, where N alone gives too few programs.
+- MoE: rows of x are gathered through `rows_ptr` (tokens sorted by expert, each expert's run padded to BLOCK_M)
+  and each row block reads the weights of expert `expert_ptr[pid_m]`.
+
+Weight layout (see `prepare` in __init__.py): codes split into at most two bit planes of widths W0, W1 (e.g. 3 = 2 + 1
+bits, so 3-bit weights take exactly 3 bits in memory), each plane packed 32 // width codes per int32 word along K,
+stored [K_words, N] so that consecutive programs' loads along N coalesce. Scales (and zero-points) are [groups, N].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+INTERPRETED = bool(knobs.runtime.interpret)
+
+
+def f32_dot(dtype) -> bool:
+    """Whether `tl.dot` runs on float32 operands (IEEE): for float32 inputs (not TF32), and for bfloat16 inputs in
+    the interpreter, whose bfloat16 `tl.dot` multiplies raw bit patterns (triton-lang/triton#11584). Products of
+    bfloat16 values are exact in float32, so the interpreter computes what the GPU's bfloat16 dot does."""
+    return dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16)
+
+AFFINE, AFFINE_SYMMETRIC, CODEBOOK = 0, 1, 2
+
+
+@triton.jit
+def _plane(ptr, offs_k, offs_n, mask, N, WIDTH: tl.constexpr):
+    """Codes of one bit plane at [offs_k, offs_n] (int32)."""
+    per_word: tl.constexpr = 32 // WIDTH
+    word = tl.load(ptr + (offs_k // per_word)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    shift = ((offs_k % per_word) * WIDTH)[:, None]
+    # arithmetic shift of a signed word: the mask drops the sign-extended bits
+    return (word >> shift) & ((1 << WIDTH) - 1)
+
+
+@triton.jit
+def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, offs_k, offs_n, mask, N, group_size,
+                     W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr):
+    """Float32 weights w[k, n] of a [BLOCK_K, BLOCK_N] tile (zero where `mask` is false)."""
+    code = _plane(p0_ptr, offs_k, offs_n, mask, N, W0)
+    if W1 > 0:
+        code = code | (_plane(p1_ptr, offs_k, offs_n, mask, N, W1) << W0)
+    param = (offs_k // group_size)[:, None] * N + offs_n[None, :]
+    scale = tl.load(s_ptr + param, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 0:  # affine, stored zero-point
+        zero = tl.load(z_ptr + param, mask=mask, other=0.0).to(tl.float32)
+        w = (code.to(tl.float32) - zero) * scale
+    elif MODE == 1:  # affine symmetric: the zero-point is 2**(bits-1)
+        w = (code.to(tl.float32) - SYM_ZERO) * scale
+    else:  # codebook: NF4 / FP4 / FP8 value table
+        w = tl.load(table_ptr + code, mask=mask, other=0.0) * scale
+    return w
+
+
+@triton.jit
+def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, expert_ptr,
+               M, N, K, group_size, k_chunk, stride_xm, stride_ysplit,
+               expert_stride_p0, expert_stride_p1, expert_stride_param, tune_key,
+               W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr,
+               MOE: tl.constexpr, TOP_K: tl.constexpr, F32_DOT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if MOE:
+        # M counts sorted (token, slot) entries; padding entries hold M and are masked out
+        entry = tl.load(rows_ptr + offs_m)
+        m_ok = entry < M
+        x_rows = entry // TOP_K
+        y_rows = entry
+        expert = tl.load(expert_ptr + pid_m).to(tl.int64)
+        p0_ptr += expert * expert_stride_p0
+        p1_ptr += expert * expert_stride_p1
+        s_ptr += expert * expert_stride_param
+        z_ptr += expert * expert_stride_param
+    else:
+        m_ok = offs_m < M
+        x_rows = offs_m
+        y_rows = offs_m
+    k_start = pid_k * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, offs_k, offs_n, k_ok[:, None] & n_ok[None, :],
+                             N, group_size, W0, W1, MODE, SYM_ZERO)
+        if BLOCK_M == 1:
+            acc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_K, 1)) * w, axis=0, keep_dims=True)
+        elif F32_DOT:  # float32 inputs, or bfloat16 ones in the interpreter (see `f32_dot`)
+            acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    y = y_ptr + pid_k * stride_ysplit + y_rows[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _configs(block_m, shapes):
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for n, k, w, s in shapes]
+
+
+# Small candidate sets per token regime: autotuning compiles and times each once per (shape bucket, dtype, GPU);
+# triton caches the winners on disk (`cache_results`, under TRITON_CACHE_DIR, default ~/.triton/cache).
+_GEMV = _configs(1, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 2, 4), (128, 64, 4, 4)])
+_SKINNY = _configs(16, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4), (32, 128, 2, 4)])
+_PREFILL = [
+    *_configs(64, [(128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]),
+    *_configs(128, [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)]),
+]
+# The interpreter (CPU correctness checks) runs one small config: several programs per axis, several K steps.
+INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
+
+
+def _select_configs(configs, named_args, **kwargs):
+    block_m = kwargs.get("BLOCK_M") or named_args.get("BLOCK_M")
+    bucket = named_args["tune_key"]
+    if block_m is None:  # dense: the token regime decides
+        block_m = 1 if bucket == 1 else 16 if bucket <= 16 else None
+    picked = [c for c in configs if block_m is None or c.kwargs["BLOCK_M"] == block_m]
+    if block_m is None:
+        picked = [c for c in configs if c.kwargs["BLOCK_M"] in (64, 128)]
+    if INTERPRETED:
+        picked = [triton.Config({**picked[0].kwargs, **INTERPRETER_BLOCKS}, num_warps=1)]
+    if kwargs.get("BLOCK_M") is not None:  # given by the caller: not a tuned parameter
+        picked = [triton.Config({k: v for k, v in c.kwargs.items() if k != "BLOCK_M"}, num_warps=c.num_warps,
+                                num_stages=c.num_stages) for c in picked]
+    return picked
+
+
+_KEY = ["tune_key", "N", "K", "W0", "W1", "MODE", "MOE"]
+qmm = triton.autotune(configs=_GEMV + _SKINNY + _PREFILL, key=_KEY, cache_results=True,
+                      prune_configs_by={"early_config_prune": _select_configs})(qmm_kernel)

@@ -1,0 +1,106 @@
+"""The Triton GPU kernels (hf_quant/kernels/triton) without a GPU: their kernel cases run in triton's CPU interpreter in
+a child pytest (tests/triton_interpreter_cases.py: TRITON_INTERPRET=1 has to be set before triton is first
+imported, and torch imports it in this process already); here, registration, the package without triton, and
+torch.compile of a quantized model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_quant.formats import QuantScheme
+from hf_quant.kernels import available_kernels, select_kernel
+from hf_quant.kernels.triton import TritonKernel, triton_available
+
+CASES = Path(__file__).with_name("triton_interpreter_cases.py")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_kernels_in_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", str(CASES)],
+        capture_output=True, text=True, timeout=1200, env=env, cwd=CASES.parent.parent,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_registry_declares_cuda_only():
+    scheme, shape = QuantScheme(bits=4, group_size=128), (64, 256)
+    assert available_kernels()["triton"] is TritonKernel
+    assert TritonKernel.unsupported_reason(scheme, shape, torch.device("cpu"), torch.float32) == "CUDA only"
+    assert select_kernel(scheme, shape, torch.device("cpu"), torch.float32).name != "triton"
+    reason = TritonKernel.unsupported_reason(scheme, shape, torch.device("cuda"), torch.int8)
+    assert reason is not None and "dtype" in reason
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in TritonKernel.unsupported_reason(scheme, shape, torch.device("cuda"), torch.float16)
+    # preferred over every other kernel wherever it is eligible
+    assert TritonKernel.priority > max(k.priority for k in available_kernels().values() if k is not TritonKernel)
+    with pytest.raises(ValueError, match="triton"):  # forcing it on the CPU is an error, not a fallback
+        select_kernel(scheme, shape, torch.device("cpu"), torch.float32, prefer="triton")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PackedWeight._kernel_state (hf_quant/nn/quantized.py) reads tensor.is_inference()/data_ptr() to "
+    "validate its cache, which dynamo cannot trace; see the Triton kernels report for the fix",
+)
+def test_quantized_llama_compiles_fullgraph():
+    """torch.compile(model, fullgraph=True) of a tiny quantized Llama (4-bit, NF4 and 8-bit layers) gives eager's
+    logits. Backend aot_eager: inductor builds on this machine too but takes ~25 s for this model."""
+    import transformers as tf
+
+    from hf_quant import HfQuantConfig
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with tempfile.TemporaryDirectory() as folder:
+        tf.LlamaForCausalLM(config).save_pretrained(folder)
+        quant = HfQuantConfig(bits=4, group_size=32, method="rtn",
+                              overrides={"down_proj": {"format": "nf4"}, "o_proj": {"bits": 8, "group_size": -1}})
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    assert rel_err(compiled, eager) < 1e-6
+
+
+def test_package_works_without_triton():
+    """With triton unimportable, hf_quant imports, quantizes and runs on the CPU, and the Triton kernel says why it
+    is unavailable (a fresh interpreter: this one has triton loaded)."""
+    code = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` fail
+import torch
+from hf_quant import QuantLinear
+from hf_quant.formats import QuantScheme
+from hf_quant.kernels import available_kernels
+layer = torch.nn.Linear(64, 16)
+q = QuantLinear.from_float(layer, QuantScheme(bits=4, group_size=32))
+x = torch.randn(3, 64)
+err = ((q(x) - layer(x)).norm() / layer(x).norm()).item()
+assert err < 0.2, err
+reason = available_kernels()["triton"].unsupported_reason(q.scheme, (16, 64), torch.device("cuda"), torch.float16)
+assert "pip install" in reason, reason
+assert "triton" not in sys.modules or sys.modules["triton"] is None
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
