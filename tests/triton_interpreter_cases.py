@@ -16,7 +16,7 @@ import torch
 
 from hf_quant.algorithms import quantize_weight
 from hf_quant.formats import QuantScheme, dequantize
-from hf_quant.kernels.triton import MOE_BLOCK_M, PLANES, TritonKernel, prepare_weight, jit
+from hf_quant.kernels.triton import MOE_BLOCK_M, PLANES, TritonKernel, jit, op_args, prepare_weight
 
 # Fail loudly rather than test compiled GPU kernels that cannot run here.
 assert jit.INTERPRETED and type(jit.qmm.fn).__name__ == "InterpretedFunction", "set TRITON_INTERPRET=1 first"
@@ -49,14 +49,15 @@ def quantized(scheme: QuantScheme, shape: tuple[int, ...], seed: int = 0):
 # Every int width the kernel takes (and so every bit-plane split), symmetric and not, grouped and per channel,
 # double-quantized scales; every codebook. in 96 = 3 groups of 32; in 100 = a short last group (or one 100-wide
 # group per row), not a multiple of the 32-code words.
+VARIANTS = ((False, 32, False), (True, -1, False), (False, -1, True), (True, 32, True))  # (symmetric, group, dq)
 SCHEMES = [
     QuantScheme(bits=b, symmetric=sym, group_size=g, double_quant=dq, method="rtn")
     for b in sorted(PLANES)
-    for sym, g, dq in ((False, 32, False), (True, -1, False), (False, -1, True), (True, 32, True))
+    for sym, g, dq in (VARIANTS if b <= 4 else VARIANTS[::3])
 ] + [
     QuantScheme(format=f, bits=8 if f == "fp8" else 4, group_size=g, double_quant=dq, method="rtn")
     for f in ("nf4", "fp4", "fp8")
-    for g, dq in ((32, False), (-1, False), (32, True))
+    for g, dq in ((32, False), (-1, True))
 ]
 
 
@@ -157,15 +158,13 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementation and dispatch of both ops agree (torch.library.opcheck)."""
     scheme = QuantScheme(bits=3, group_size=32, method="rtn")
     state = TritonKernel.prepare(scheme, quantized(scheme, (2, 40, 64))[0], (40, 64), torch.float32)
-    args = (state["planes"], list(state["widths"]), state["scale"], state["zero"], state["table"], state["mode"],
-            state["sym_zero"], state["group_size"], state["out_features"])
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.hf_quant.triton_moe_linear.default,
-                          (torch.randn(3, 64), torch.tensor([[0, 1], [1, 0], [1, 1]]), *args), test_utils=tests)
+                          (torch.randn(3, 64), torch.tensor([[0, 1], [1, 0], [1, 1]]), *op_args(state)),
+                          test_utils=tests)
     single = prepare_weight(scheme, quantized(scheme, (40, 64))[0], 64)
-    args = (single["planes"], list(single["widths"]), single["scale"], single["zero"], single["table"],
-            single["mode"], single["sym_zero"], single["group_size"], single["out_features"])
-    torch.library.opcheck(torch.ops.hf_quant.triton_linear.default, (torch.randn(5, 64), *args), test_utils=tests)
+    torch.library.opcheck(torch.ops.hf_quant.triton_linear.default, (torch.randn(5, 64), *op_args(single)),
+                          test_utils=tests)
 
 
 def test_compiles_fullgraph():

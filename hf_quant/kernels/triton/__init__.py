@@ -102,11 +102,17 @@ def _token_bucket(m: int) -> int:
     return min(1024, 1 << (m - 1).bit_length())
 
 
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split the reduction for few tokens when the output columns alone give too few programs to fill the GPU."""
     if m > 16 or k < 1024:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
     programs = -(-n // 128)
     return max(1, min(2 * sms // programs, k // 512, 16))
 
@@ -152,74 +158,80 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@torch.library.custom_op("hf_quant::triton_linear", mutates_args=())
-def triton_linear(
-    x: torch.Tensor,
-    planes: list[torch.Tensor],
-    widths: list[int],
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    table: torch.Tensor | None,
-    mode: int,
-    sym_zero: float,
-    group_size: int,
-    out_features: int,
-    split_k: int = 0,
-) -> torch.Tensor:
+# Library-defined ops (not `custom_op`): they run once per layer per decoded token, and a Library op dispatches in
+# a few microseconds where custom_op's Python wrapper takes 10-15 us (see ops.py). CPU runs them in the interpreter.
+_LIB = torch.library.Library("hf_quant", "FRAGMENT")
+_WEIGHT_ARGS = "Tensor[] planes, int[] widths, Tensor scale, Tensor? zero, Tensor? table, int mode, float sym_zero, " \
+    "int group_size, int out_features"
+
+
+def _define_op(schema: str, impl, fake):
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    for device in ("CUDA", "CPU"):
+        _LIB.impl(name, impl, device)
+    torch.library.register_fake(f"hf_quant::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.hf_quant, name).default
+
+
+def _linear(x, planes, widths, scale, zero, table, mode: int, sym_zero: float, group_size: int, out_features: int,
+            split_k: int = 0):
     """x [M, K] @ W^T with W decoded on the fly from the Triton layout (`prepare_weight`); split_k 0 = automatic."""
     return _launch(x.contiguous(), planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features,
                    split_k)
 
 
-@triton_linear.register_fake
-def _(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, split_k=0):
-    return x.new_empty((x.shape[0], out_features))
+def _route(expert_ids: torch.Tensor, n_experts: int):
+    """Sort (token, slot) entries by expert, each expert's run padded to MOE_BLOCK_M rows (padding = `entries`).
+    Sizes are the worst case so nothing waits for the GPU: blocks past the used ones hold only padding, and the
+    kernel skips them. Returns (rows, expert of each row block)."""
+    flat = expert_ids.reshape(-1).long()
+    entries = flat.numel()
+    if flat.device.type != "cuda" and entries and (int(flat.min()) < 0 or int(flat.max()) >= n_experts):
+        # (on CUDA an out-of-range id fails the indexing below with a device-side assert instead of syncing here)
+        raise ValueError(f"expert_ids must lie in [0, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + MOE_BLOCK_M - 1) // MOE_BLOCK_M
+    first_block = torch.cumsum(blocks, 0) - blocks
+    first_entry = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]
+    rank = torch.arange(entries, device=flat.device) - first_entry[expert]
+    max_blocks = triton_cdiv(entries, MOE_BLOCK_M) + n_experts
+    rows = torch.full((max_blocks * MOE_BLOCK_M,), entries, dtype=torch.int32, device=flat.device)
+    rows[first_block[expert] * MOE_BLOCK_M + rank] = order.to(torch.int32)
+    block_ids = torch.arange(max_blocks, device=flat.device)
+    block_expert = torch.searchsorted(torch.cumsum(blocks, 0), block_ids, right=True).clamp_(max=n_experts - 1)
+    return rows, block_expert.to(torch.int32)
 
 
-@torch.library.custom_op("hf_quant::triton_moe_linear", mutates_args=())
-def triton_moe_linear(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    planes: list[torch.Tensor],
-    widths: list[int],
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    table: torch.Tensor | None,
-    mode: int,
-    sym_zero: float,
-    group_size: int,
-    out_features: int,
-) -> torch.Tensor:
+def _moe_linear(x, expert_ids, planes, widths, scale, zero, table, mode: int, sym_zero: float, group_size: int,
+                out_features: int):
     """Fused MoE experts: x [T, K], expert_ids [T, top_k] -> y [T, top_k, out] with y[t, j] = x[t] @ W[e]^T for
     e = expert_ids[t, j], grouped over experts in one launch (each expert's weights read once per row block)."""
     tokens, top_k = expert_ids.shape
-    n_experts = planes[0].shape[0]
-    flat = expert_ids.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_experts):
-        raise ValueError(f"expert_ids must lie in [0, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
-    padded = (counts + MOE_BLOCK_M - 1) // MOE_BLOCK_M * MOE_BLOCK_M
-    sorted_first = torch.cumsum(counts, 0) - counts
-    padded_first = torch.cumsum(padded, 0) - padded
-    expert_of_sorted = flat[order]
-    position = padded_first[expert_of_sorted] + torch.arange(flat.numel(), device=x.device) - sorted_first[expert_of_sorted]
-    entries = flat.numel()
-    rows = torch.full((int(padded.sum()),), entries, dtype=torch.int32, device=x.device)
-    rows[position] = order.to(torch.int32)
-    block_expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device, dtype=torch.int32),
-                                           padded // MOE_BLOCK_M)
+    rows, block_expert = _route(expert_ids, planes[0].shape[0])
     y = _launch(x.contiguous(), planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, 1,
-                rows=rows, experts=block_expert, m_entries=entries, top_k=top_k)
+                rows=rows, experts=block_expert, m_entries=tokens * top_k, top_k=top_k)
     return y.view(tokens, top_k, out_features)
 
 
-@triton_moe_linear.register_fake
-def _(x, expert_ids, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features):
-    return x.new_empty((expert_ids.shape[0], expert_ids.shape[1], out_features))
+triton_linear = _define_op(
+    f"triton_linear(Tensor x, {_WEIGHT_ARGS}, int split_k=0) -> Tensor",
+    _linear,
+    lambda x, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, split_k=0: x.new_empty(
+        (x.shape[0], out_features)),
+)
+triton_moe_linear = _define_op(
+    f"triton_moe_linear(Tensor x, Tensor expert_ids, {_WEIGHT_ARGS}) -> Tensor",
+    _moe_linear,
+    lambda x, expert_ids, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features: x.new_empty(
+        (expert_ids.shape[0], expert_ids.shape[1], out_features)),
+)
 
 
-def _op_args(state: dict) -> tuple:
+def op_args(state: dict) -> tuple:
+    """The weight arguments of both ops from a prepared state."""
     return (state["planes"], list(state["widths"]), state["scale"], state["zero"], state["table"], state["mode"],
             state["sym_zero"], state["group_size"], state["out_features"])
 
@@ -259,12 +271,12 @@ class TritonKernel(Kernel):
 
     @classmethod
     def linear(cls, x, state, split_k: int = 0):
-        return triton_linear(x, *_op_args(state), split_k)
+        return triton_linear(x, *op_args(state), split_k)
 
     @classmethod
     def moe_linear(cls, x: torch.Tensor, expert_ids: torch.Tensor, state: dict) -> torch.Tensor:
         """Fused experts from a state prepared over all experts (`prepare` of [experts, out, in] tensors)."""
-        return triton_moe_linear(x, expert_ids, *_op_args(state))
+        return triton_moe_linear(x, expert_ids, *op_args(state))
 
 
-__all__ = ["TritonKernel", "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]
+__all__ = ["TritonKernel", "op_args", "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]

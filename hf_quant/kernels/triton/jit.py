@@ -80,6 +80,7 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
         # M counts sorted (token, slot) entries; padding entries hold M and are masked out
         entry = tl.load(rows_ptr + offs_m)
         m_ok = entry < M
+        block_used = tl.load(rows_ptr + pid_m * BLOCK_M) < M  # a used block starts with a real entry
         x_rows = entry // TOP_K
         y_rows = entry
         expert = tl.load(expert_ptr + pid_m).to(tl.int64)
@@ -93,6 +94,8 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
         y_rows = offs_m
     k_start = pid_k * k_chunk
     k_end = tl.minimum(k_start + k_chunk, K)
+    if MOE:
+        k_end = tl.where(block_used, k_end, k_start)  # an unused block reads no weights
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
