@@ -7,6 +7,7 @@
 
 from .config import FORMAT_VERSION, HfQuantConfig
 from .formats import QuantScheme
+from .integrations.hub import push_to_hub
 from .integrations.peft import register as _register_peft
 from .integrations.transformers import register as _register
 from .nn import QuantExpertWeight, QuantLinear
@@ -26,4 +27,5 @@ __all__ = [
     "QuantScheme",
     "dequantize_model",
     "packed_modules",
+    "push_to_hub",
 ]
