@@ -19,7 +19,7 @@ from hf_quant.formats import QuantScheme, dequantize
 from hf_quant.kernels.triton import MOE_BLOCK_M, PLANES, TritonKernel, jit, op_args, prepare_weight
 
 # Fail loudly rather than test compiled GPU kernels that cannot run here.
-assert jit.INTERPRETED and type(jit.qmm.fn).__name__ == "InterpretedFunction", "set TRITON_INTERPRET=1 first"
+assert jit.INTERPRETED and type(jit.qmm_kernel).__name__ == "InterpretedFunction", "set TRITON_INTERPRET=1 first"
 
 OUT = 48
 # Relative error of the output against float64 x @ W_ref^T. 16-bit inputs multiply weights rounded to the input

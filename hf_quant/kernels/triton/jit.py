@@ -45,16 +45,24 @@ def _plane(ptr, offs_k, offs_n, mask, N, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, offs_k, offs_n, mask, N, group_size,
-                     W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr):
-    """Float32 weights w[k, n] of a [BLOCK_K, BLOCK_N] tile (zero where `mask` is false)."""
+def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, group_size,
+                     W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr,
+                     TILE_IN_GROUP: tl.constexpr):
+    """Float32 weights w[k, n] of a [BLOCK_K, BLOCK_N] tile starting at k0; finite everywhere and zero outside
+    n_ok (callers zero x where k_ok is false)."""
+    mask = k_ok[:, None] & n_ok[None, :]
     code = _plane(p0_ptr, offs_k, offs_n, mask, N, W0)
     if W1 > 0:
         code = code | (_plane(p1_ptr, offs_k, offs_n, mask, N, W1) << W0)
-    param = (offs_k // group_size)[:, None] * N + offs_n[None, :]
-    scale = tl.load(s_ptr + param, mask=mask, other=0.0).to(tl.float32)
+    if TILE_IN_GROUP:  # the whole tile lies in one group: one row of scales, broadcast over k
+        param = (k0 // group_size) * N + offs_n[None, :]
+        param_mask = n_ok[None, :]
+    else:
+        param = (offs_k // group_size)[:, None] * N + offs_n[None, :]
+        param_mask = mask
+    scale = tl.load(s_ptr + param, mask=param_mask, other=0.0).to(tl.float32)
     if MODE == 0:  # affine, stored zero-point
-        zero = tl.load(z_ptr + param, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + param, mask=param_mask, other=0.0).to(tl.float32)
         w = (code.to(tl.float32) - zero) * scale
     elif MODE == 1:  # affine symmetric: the zero-point is 2**(bits-1)
         w = (code.to(tl.float32) - SYM_ZERO) * scale
@@ -69,7 +77,7 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
                expert_stride_p0, expert_stride_p1, expert_stride_param, tune_key,
                W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr,
                MOE: tl.constexpr, TOP_K: tl.constexpr, F32_DOT: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -102,8 +110,8 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
         k_ok = offs_k < k_end
         x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, offs_k, offs_n, k_ok[:, None] & n_ok[None, :],
-                             N, group_size, W0, W1, MODE, SYM_ZERO)
+        w = _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, group_size,
+                             W0, W1, MODE, SYM_ZERO, TILE_IN_GROUP)
         if BLOCK_M == 1:
             acc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_K, 1)) * w, axis=0, keep_dims=True)
         elif F32_DOT:  # float32 inputs, or bfloat16 ones in the interpreter (see `f32_dot`)
@@ -132,21 +140,25 @@ INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
 
 
 def _select_configs(configs, named_args, **kwargs):
-    block_m = kwargs.get("BLOCK_M") or named_args.get("BLOCK_M")
+    """The candidates of the token regime (BLOCK_M 1 for one token, 16 up to 16 tokens, 64/128 beyond); MoE fixes
+    BLOCK_M itself (rows are padded per expert to it), so its candidates drop that key."""
+    given = kwargs.get("BLOCK_M")
     bucket = named_args["tune_key"]
-    if block_m is None:  # dense: the token regime decides
-        block_m = 1 if bucket == 1 else 16 if bucket <= 16 else None
-    picked = [c for c in configs if block_m is None or c.kwargs["BLOCK_M"] == block_m]
-    if block_m is None:
-        picked = [c for c in configs if c.kwargs["BLOCK_M"] in (64, 128)]
+    wanted = (given,) if given else (1,) if bucket == 1 else (16,) if bucket <= 16 else (64, 128)
+    picked = [c for c in configs if c.kwargs["BLOCK_M"] in wanted]
     if INTERPRETED:
         picked = [triton.Config({**picked[0].kwargs, **INTERPRETER_BLOCKS}, num_warps=1)]
-    if kwargs.get("BLOCK_M") is not None:  # given by the caller: not a tuned parameter
+    if given:
         picked = [triton.Config({k: v for k, v in c.kwargs.items() if k != "BLOCK_M"}, num_warps=c.num_warps,
                                 num_stages=c.num_stages) for c in picked]
     return picked
 
 
 _KEY = ["tune_key", "N", "K", "W0", "W1", "MODE", "MOE"]
+# Tiles start at multiples of BLOCK_K within a split-K slice; when slices and groups both align to BLOCK_K, no tile
+# straddles two groups and each loads a single row of scales instead of one per k.
+_tile_in_group = triton.heuristics(
+    {"TILE_IN_GROUP": lambda a: a["group_size"] % a["BLOCK_K"] == 0 and a["k_chunk"] % a["BLOCK_K"] == 0}
+)
 qmm = triton.autotune(configs=_GEMV + _SKINNY + _PREFILL, key=_KEY, cache_results=True,
-                      prune_configs_by={"early_config_prune": _select_configs})(qmm_kernel)
+                      prune_configs_by={"early_config_prune": _select_configs})(_tile_in_group(qmm_kernel))
