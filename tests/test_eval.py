@@ -258,3 +258,206 @@ def test_minilm_cosine_drops_for_a_perturbed_copy(minilm):
                 module.weight.add_(torch.randn_like(module.weight) * 0.1 * module.weight.std())
     cosine = embedding_cosine(model, noisy, tokenizer, sentences)
     assert 0.5 < cosine < 0.9999  # measured 0.951
+
+
+# --------------------------------------------------------------------------- storage accounting
+
+
+def _toy_model(scheme):
+    """An embedding (float) and one quantized 48x100 linear with a bias (float)."""
+    from hf_quant import QuantLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 100)
+    model.proj = QuantLinear.from_float(torch.nn.Linear(100, 48), scheme)
+    return model
+
+
+def test_storage_matches_hand_count():
+    from hf_quant import QuantScheme
+    from hf_quant.eval import model_storage
+
+    report = model_storage(_toy_model(QuantScheme(bits=3, group_size=32)))
+    # 3-bit codes: rows padded to 104 codes -> 13 * 3 = 39 bytes; 4 groups per row (32+32+32+4),
+    # each with a float16 scale and zero-point.
+    codes, scales, zeros = 48 * 39, 48 * 4 * 2, 48 * 4 * 2
+    (module,) = report.modules
+    assert module.name == "proj" and module.format == "int3 g32" and module.weights == 4800
+    assert module.tensors == {"qweight": codes, "scales": scales, "zeros": zeros}
+    assert module.bits_per_weight == pytest.approx(8 * (codes + scales + zeros) / 4800, rel=1e-12)
+    float_bytes = 10 * 100 * 4 + 48 * 4  # embedding and bias stay float32
+    assert report.float_bytes == float_bytes
+    record = report.to_dict()
+    assert record["bytes_after"] == codes + scales + zeros + float_bytes
+    assert record["bytes_before"] == 4800 * 4 + float_bytes
+    assert record["bits_per_weight"] == pytest.approx(8 * record["bytes_after"] / (4800 + 1000 + 48), rel=1e-12)
+    assert record["quantized_bits_per_weight"] == pytest.approx(module.bits_per_weight, rel=1e-12)
+    assert record["modules"]["proj"]["bits_per_weight"] == module.bits_per_weight
+
+
+def test_storage_counts_second_level_and_any_extra_tensor():
+    from hf_quant import QuantScheme
+    from hf_quant.eval import model_storage
+
+    model = _toy_model(QuantScheme(bits=4, group_size=32, double_quant=True))
+    # 4-bit codes: rows padded to 104 codes -> 52 bytes. 4 groups per row: scales and zero-points as 8-bit
+    # codes, plus a float16 (step, offset) per 64 of them.
+    n_params = 48 * 4
+    dq = 48 * 52 + 2 * (n_params + 2 * 2 * -(-n_params // 64))
+    assert model_storage(model).modules[0].stored_bytes == dq
+    # A tensor a future format declares (outliers, low-rank factors) is counted without any change to the code.
+    model.proj.register_buffer("outliers", torch.zeros(7, dtype=torch.float16))
+    module = model_storage(model).modules[0]
+    assert module.tensors["outliers"] == 14
+    assert module.stored_bytes == dq + 14
+
+
+def test_storage_counts_tied_weights_once_and_float_model_is_32_bits():
+    from hf_quant.eval import model_storage
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = model_storage(model)
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+    assert report.modules == [] and report.float_weights == n
+    assert report.to_dict()["bits_per_weight"] == pytest.approx(32.0)
+    assert report.to_dict()["bytes_after"] == report.to_dict()["bytes_before"] == 4 * n
+
+
+def test_stored_tensors_flattens_tensor_subclasses():
+    from hf_quant.eval.storage import stored_tensors
+
+    class Packed:  # the flatten protocol torchao's and quanto's tensors follow
+        def __init__(self):
+            self.qdata = torch.zeros(8, 4, dtype=torch.int8)
+            self.scale = torch.zeros(8, 1)
+
+        def __tensor_flatten__(self):
+            return ["qdata", "scale"], None
+
+    flat = stored_tensors(Packed(), "w")
+    assert set(flat) == {"w.qdata", "w.scale"}
+    plain = torch.zeros(3)
+    assert stored_tensors(plain, "b") == {"b": plain}
+
+
+def test_checkpoint_storage_matches_loaded_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_quant import HfQuantConfig
+    from hf_quant.eval import checkpoint_storage, model_storage
+
+    tiny_llama().save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=HfQuantConfig(bits=3, group_size=64))
+    model.save_pretrained(tmp_path / "q")
+    loaded, saved = model_storage(model).to_dict(), checkpoint_storage(tmp_path / "q").to_dict()
+    assert len(loaded["modules"]) == 14
+    assert saved == loaded
+
+
+# --------------------------------------------------------------------------- record and CLI
+
+
+def _record():
+    from hf_quant import HfQuantConfig, QuantScheme
+    from hf_quant.eval import QualityResult, make_record, model_storage
+
+    storage = model_storage(_toy_model(QuantScheme(bits=4, group_size=32)))
+    quality = [QualityResult("perplexity", "botchan", 512, 30.0, 31.5)]
+    return make_record("toy", HfQuantConfig(bits=4, group_size=32).to_dict(), storage, quality)
+
+
+def test_record_json_round_trip(tmp_path):
+    from hf_quant.eval import format_table, read_record, write_record
+
+    record = _record()
+    assert set(record) == {"hf_quant_version", "model", "quantization_config", "storage", "quality"}
+    assert set(record["storage"]) == {"bits_per_weight", "quantized_bits_per_weight", "bytes_before", "bytes_after",
+                                      "modules"}
+    assert set(record["quality"][0]) == {"metric", "dataset", "tokens", "float", "quantized"}
+    write_record(record, tmp_path / "r.json")
+    assert read_record(tmp_path / "r.json") == record
+    table = format_table(record, per_module=True)
+    assert "proj" in table and "+5.00%" in table
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.pop("model"), r"record lacks field\(s\) \['model'\]"),
+        (lambda r: r["storage"].update(bytes_after="big"), r"record.storage.bytes_after must be int"),
+        (lambda r: r["quality"][0].update(metric="bleu"), r"record.quality\[0\].metric must be one of"),
+        (lambda r: r["quality"][0].update(extra=1), r"unknown field\(s\) \['extra'\]"),
+        (lambda r: r["storage"]["modules"]["proj"].pop("format"), r"modules\['proj'\] lacks field\(s\) \['format'\]"),
+    ],
+)
+def test_record_validation_names_the_field(edit, message):
+    from hf_quant.eval import validate_record
+
+    record = _record()
+    edit(record)
+    with pytest.raises(ValueError, match=message):
+        validate_record(record)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A tiny float Llama with the SmolLM2 tokenizer (real vocabulary), and its hf_quant checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from hf_quant import HfQuantConfig
+    from hf_quant.assets import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    root = tmp_path_factory.mktemp("eval_cli")
+    LlamaForCausalLM(config).save_pretrained(root / "float")
+    tokenizer.save_pretrained(root / "float")
+    quantized = AutoModelForCausalLM.from_pretrained(root / "float", quantization_config=HfQuantConfig(bits=4, group_size=32))
+    quantized.save_pretrained(root / "q")
+    return root / "float", root / "q"
+
+
+def test_cli_eval_on_saved_checkpoint(saved_tiny, tmp_path, capsys):
+    from hf_quant.cli import main as cli_main
+    from hf_quant.eval import read_record
+
+    float_dir, quant_dir = saved_tiny
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval", str(quant_dir), "--float-model", str(float_dir), "--tokens", "128", "--window", "64",
+                     "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = read_record(out)
+    assert record["quantization_config"]["bits"] == 4 and record["quantization_config"]["quant_method"] == "hf_quant"
+    (quality,) = record["quality"]
+    assert quality["metric"] == "perplexity" and quality["tokens"] == 128
+    # A random model over a ~49k vocabulary: perplexity in the tens of thousands for both, and close to each other.
+    assert 1e3 < quality["float"] < 1e6 and abs(quality["quantized"] / quality["float"] - 1) < 0.2
+    storage = record["storage"]
+    assert len(storage["modules"]) == 7
+    assert storage["quantized_bits_per_weight"] == pytest.approx(4 + 32 / 32)  # codes + fp16 scale and zero per 32
+    assert storage["bytes_after"] < storage["bytes_before"]
+    assert "perplexity" in printed and "bits per weight" in printed
+
+
+def test_cli_eval_quantizes_a_float_model_and_checks_its_arguments(saved_tiny, tmp_path, capsys):
+    from hf_quant.cli import main as cli_main
+    from hf_quant.eval import read_record
+
+    float_dir, quant_dir = saved_tiny
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval", str(float_dir), "--bits", "8", "--group-size", "-1", "--tokens", "64", "--window", "64",
+                     "--json", str(out)]) == 0
+    record = read_record(out)
+    assert record["quantization_config"]["bits"] == 8
+    assert record["quality"][0]["quantized"] == pytest.approx(record["quality"][0]["float"], rel=0.01)
+    capsys.readouterr()
+    assert cli_main(["eval", str(quant_dir), "--tokens", "64"]) == 2
+    assert "--float-model" in capsys.readouterr().err
+    assert cli_main(["eval", str(quant_dir), "--float-model", str(float_dir), "--bits", "3"]) == 2
+    assert "drop --bits" in capsys.readouterr().err

@@ -1,5 +1,33 @@
-"""Evaluation helpers: the same quality metrics for every quantization method."""
+"""Evaluation helpers: the same quality metrics and storage accounting for every quantization method."""
 
 from hf_quant.eval.quality import botchan_sentences, embedding_cosine, perplexity, sentence_embeddings
+from hf_quant.eval.report import (
+    QualityResult,
+    evaluate_causal_lm,
+    evaluate_encoder,
+    format_table,
+    make_record,
+    read_record,
+    validate_record,
+    write_record,
+)
+from hf_quant.eval.storage import QuantizedModule, StorageReport, checkpoint_storage, model_storage
 
-__all__ = ["botchan_sentences", "embedding_cosine", "perplexity", "sentence_embeddings"]
+__all__ = [
+    "QualityResult",
+    "QuantizedModule",
+    "StorageReport",
+    "botchan_sentences",
+    "checkpoint_storage",
+    "embedding_cosine",
+    "evaluate_causal_lm",
+    "evaluate_encoder",
+    "format_table",
+    "make_record",
+    "model_storage",
+    "perplexity",
+    "read_record",
+    "sentence_embeddings",
+    "validate_record",
+    "write_record",
+]

@@ -1,37 +1,97 @@
-"""True storage accounting: bits per weight counting every stored tensor (codes, scales, zero-points,
-second-level scale metadata), per module and for the whole model or checkpoint."""
+"""True storage accounting: bytes and bits per weight counting every stored tensor, per module and for the whole
+model or checkpoint.
+
+Nothing is computed from a format's nominal bit width: every tensor the model would save (its state dict, with
+tensor subclasses such as torchao's flattened into their inner tensors) is counted at its real size. A quantized
+module owns every tensor under its name except its bias (codes, scales, zero-points, second-level scale metadata,
+and whatever else a format declares: codebooks, outliers, low-rank factors), so a new format needs no change here.
+The same code measures other libraries' quantized modules (see ``benchmarks/peers.py``): pass
+``quantized={name: QuantizedModule(...)}`` for the modules they replaced.
+
+Whole-model bits per weight = every stored bit / every logical weight of the float model (a float32 model is 32).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from ..formats import QuantScheme, tensor_specs
+
+__all__ = [
+    "ModuleStorage",
+    "QuantizedModule",
+    "StorageReport",
+    "checkpoint_storage",
+    "model_storage",
+    "scheme_label",
+    "stored_tensors",
+]
+
+
+def scheme_label(scheme: QuantScheme | Mapping) -> str:
+    """Short name of a stored format, e.g. 'int4 g128', 'int8-sym ch', 'nf4 g64 dq'."""
+    s = scheme if isinstance(scheme, QuantScheme) else QuantScheme(**scheme)
+    fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
+    group = "ch" if s.group_size == -1 else f"g{s.group_size}"
+    return f"{fmt} {group}{' dq' if s.double_quant else ''}"
+
+
+@dataclass(frozen=True)
+class QuantizedModule:
+    """What storage accounting must know about a quantized module beyond its tensors."""
+
+    format: str  # a label, e.g. "int4 g128" or "bnb nf4 b64"
+    shape: tuple[int, ...]  # logical weight shape [*lead, out, in]
+    kind: str = ""  # class name
 
 
 @dataclass
 class ModuleStorage:
     name: str
     kind: str
+    format: str
     shape: list[int]  # logical [*lead, out, in]
-    scheme: dict
     weights: int  # logical weight count
-    stored_bits: int  # every stored bit of this module's packed tensors
+    tensors: dict[str, int]  # stored bytes of every tensor of this module (bias excluded: it stays float)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.tensors.values())
+
+    @property
+    def stored_bits(self) -> int:
+        return 8 * self.stored_bytes
 
     @property
     def bits_per_weight(self) -> float:
         return self.stored_bits / self.weights
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "bits_per_weight": self.bits_per_weight,
+            "kind": self.kind,
+            "shape": self.shape,
+            "weights": self.weights,
+            "bytes": self.stored_bytes,
+            "tensors": dict(self.tensors),
+        }
 
 
 @dataclass
 class StorageReport:
     modules: list[ModuleStorage] = field(default_factory=list)
     float_bytes: int = 0  # tensors kept in float (embeddings, norms, lm_head, biases, ...)
+    float_weights: int = 0  # their element count
+    float_itemsize: int = 4  # bytes per weight of the float model the quantized one came from
 
     @property
     def quantized_weights(self) -> int:
@@ -43,21 +103,36 @@ class StorageReport:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average over quantized weights only."""
+        """Average over the quantized modules' weights only (every tensor they store)."""
         return self.quantized_bits / max(self.quantized_weights, 1)
 
     @property
+    def total_weights(self) -> int:
+        return self.quantized_weights + self.float_weights
+
+    @property
     def total_bytes(self) -> int:
-        return self.quantized_bits // 8 + self.float_bytes
+        """Every stored byte (quantized modules and float tensors)."""
+        return sum(m.stored_bytes for m in self.modules) + self.float_bytes
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        """Every stored bit of the model over every logical weight."""
+        return 8 * self.total_bytes / max(self.total_weights, 1)
+
+    @property
+    def bytes_before(self) -> int:
+        """The same model all in float: quantized weights at the float item size, float tensors as they are."""
+        return self.quantized_weights * self.float_itemsize + self.float_bytes
 
     def to_dict(self) -> dict:
+        """The ``storage`` record of ``hf_quant.eval.report`` (model-card schema)."""
         return {
-            "bits_per_weight": self.bits_per_weight,
-            "quantized_weights": self.quantized_weights,
-            "quantized_bytes": self.quantized_bits // 8,
-            "float_bytes": self.float_bytes,
-            "total_bytes": self.total_bytes,
-            "modules": [asdict(m) | {"bits_per_weight": m.bits_per_weight} for m in self.modules],
+            "bits_per_weight": self.model_bits_per_weight,
+            "quantized_bits_per_weight": self.bits_per_weight,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.total_bytes,
+            "modules": {m.name: m.to_dict() for m in self.modules},
         }
 
 
@@ -68,30 +143,93 @@ def _numel(shape) -> int:
     return n
 
 
-def _module_storage(name: str, kind: str, shape: list[int], scheme: QuantScheme) -> ModuleStorage:
-    bits = 0
-    for shp, dtype in tensor_specs(scheme, tuple(shape)).values():
-        bits += _numel(shp) * torch.empty(0, dtype=dtype).element_size() * 8
-    return ModuleStorage(name, kind, list(shape), scheme.to_dict(), _numel(shape), bits)
+def stored_tensors(tensor: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
+    """The plain tensors actually stored for `tensor`: itself, or the inner tensors of a tensor subclass
+    (``__tensor_flatten__``, as torchao and torch.compile use), recursively, keyed ``name.inner``."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return {name: tensor}
+    inner_names, _ = tensor.__tensor_flatten__()
+    out: dict[str, torch.Tensor] = {}
+    for inner in inner_names:
+        out.update(stored_tensors(getattr(tensor, inner), f"{name}.{inner}" if name else inner))
+    return out
 
 
-def model_storage(model: torch.nn.Module) -> StorageReport:
-    """Storage of a loaded model (tied tensors counted once)."""
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _owner(key: str, module_names: list[str]) -> str | None:
+    """The quantized module a state-dict key belongs to (its bias excluded), or None for a float tensor."""
+    for name in module_names:  # longest first
+        if key.startswith(name + ".") and key[len(name) + 1 :] != "bias":
+            return name
+    return None
+
+
+def _assign(
+    sizes: Mapping[str, tuple[int, int]], quantized: Mapping[str, QuantizedModule], float_itemsize: int
+) -> StorageReport:
+    """Split stored tensors {key: (bytes, element count)} into quantized modules and float tensors."""
+    names = sorted(quantized, key=len, reverse=True)
+    per_module: dict[str, dict[str, int]] = {n: {} for n in quantized}
+    report = StorageReport(float_itemsize=float_itemsize)
+    for key, (nbytes, numel) in sizes.items():
+        owner = _owner(key, names)
+        if owner is None:
+            report.float_bytes += nbytes
+            report.float_weights += numel
+        else:
+            per_module[owner][key[len(owner) + 1 :]] = nbytes
+    for name in sorted(quantized):
+        q = quantized[name]
+        if not per_module[name]:
+            raise ValueError(f"quantized module {name!r} stores no tensors; is the module name right?")
+        report.modules.append(
+            ModuleStorage(name, q.kind, q.format, [int(d) for d in q.shape], _numel(q.shape), per_module[name])
+        )
+    return report
+
+
+def _ours(model: nn.Module) -> dict[str, QuantizedModule]:
     from ..nn import PackedWeight
 
-    report = StorageReport()
-    packed_ids = set()
-    for name, m in model.named_modules():
-        if isinstance(m, PackedWeight):
-            report.modules.append(_module_storage(name, type(m).__name__, list(m.quantized_shape), m.scheme))
-            packed_ids.update(id(getattr(m, n)) for n in m.packed_names)
+    return {
+        name: QuantizedModule(scheme_label(m.scheme), tuple(m.quantized_shape), type(m).__name__)
+        for name, m in model.named_modules()
+        if isinstance(m, PackedWeight)
+    }
+
+
+def model_storage(
+    model: nn.Module,
+    quantized: Mapping[str, QuantizedModule] | None = None,
+    float_dtype: torch.dtype | None = None,
+) -> StorageReport:
+    """Storage of a loaded model, from its state dict (what ``save_pretrained`` would write; tied tensors once).
+
+    quantized: the quantized modules by name (default: hf_quant's ``PackedWeight`` modules).
+    float_dtype: dtype of the float model, for ``bytes_before`` (default: the model's ``dtype``, else float32).
+    """
+    if quantized is None:
+        quantized = _ours(model)
+    sizes: dict[str, tuple[int, int]] = {}
     seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in packed_ids or id(t) in seen:
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
             continue
-        seen.add(id(t))
-        report.float_bytes += t.numel() * t.element_size()
-    return report
+        for inner_key, t in stored_tensors(value, key).items():
+            # Tied tensors (e.g. embeddings and lm_head) share storage: count them once.
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+            if ident is not None and ident in seen:
+                continue
+            seen.add(ident)
+            sizes[inner_key] = (_nbytes(t), t.numel())
+    if float_dtype is None:
+        float_dtype = getattr(model, "dtype", None)
+    if not isinstance(float_dtype, torch.dtype) or not float_dtype.is_floating_point:
+        float_dtype = torch.float32
+    return _assign(sizes, quantized, torch.empty(0, dtype=float_dtype).element_size())
 
 
 def checkpoint_storage(folder: str | os.PathLike) -> StorageReport:
@@ -102,9 +240,8 @@ def checkpoint_storage(folder: str | os.PathLike) -> StorageReport:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} has no .safetensors files; is it a checkpoint saved by save_pretrained?")
-    report = StorageReport()
     modules: dict[str, dict] = {}
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -112,17 +249,29 @@ def checkpoint_storage(folder: str | os.PathLike) -> StorageReport:
                 modules.update(json.loads(meta[METADATA_MODULES_KEY]))
             for key in f.keys():
                 sl = f.get_slice(key)
-                itemsize = torch.empty(0, dtype=_dtype(sl.get_dtype())).element_size()
-                sizes[key] = _numel(sl.get_shape()) * itemsize
+                numel = _numel(sl.get_shape())
+                sizes[key] = (numel * torch.empty(0, dtype=_dtype(sl.get_dtype())).element_size(), numel)
     if not modules:
         raise ValueError(f"{folder}: the safetensors metadata has no {METADATA_MODULES_KEY!r}; not an hf_quant checkpoint")
-    packed_keys = set()
-    for name, info in sorted(modules.items()):
+    quantized = {}
+    for name, info in modules.items():
         scheme = QuantScheme(**info["scheme"])
-        report.modules.append(_module_storage(name, info["kind"], info["shape"], scheme))
-        packed_keys.update(f"{name}.{t}" for t in tensor_specs(scheme, tuple(info["shape"])))
-    report.float_bytes = sum(size for key, size in sizes.items() if key not in packed_keys)
-    return report
+        missing = [t for t in tensor_specs(scheme, tuple(info["shape"])) if f"{name}.{t}" not in sizes]
+        if missing:
+            raise ValueError(f"{folder}: module {name!r} lacks stored tensor(s) {missing}; the checkpoint is incomplete")
+        quantized[name] = QuantizedModule(scheme_label(scheme), tuple(info["shape"]), info["kind"])
+    return _assign(sizes, quantized, _float_itemsize(folder))
+
+
+def _float_itemsize(folder: Path) -> int:
+    """Item size of the float model a checkpoint was quantized from (its config's dtype; float32 if unknown)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 4
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), torch.float32)
+    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
 
 
 def _dtype(st_dtype: str) -> torch.dtype:
