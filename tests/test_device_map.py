@@ -67,7 +67,7 @@ def assert_no_float_copy(model) -> None:
         assert "weight" not in module.__dict__, name
         assert module._buffers["qweight"].dtype == torch.uint8
         assert all(not t.is_floating_point() or t.dtype == torch.float16 for t in module._buffers.values())
-        for _, state in module._kernel_cache.values():
+        for *_, state in module._kernel_cache.values():
             floats = [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
             assert all(t.numel() < module.in_features * module.out_features for t in floats), name
 

@@ -76,22 +76,21 @@ class PackedWeight(nn.Module):
         return self
 
     def _kernel_state(self, device: torch.device, dtype: torch.dtype, index: int | None = None):
-        # Any reassignment or in-place edit of a packed tensor changes its (data_ptr, _version).
-        # (Tensors made under torch.inference_mode have no version counter; reassignment still shows in data_ptr.)
-        buffers = self._buffers
-        stamp = tuple(
-            (t.data_ptr(), 0 if t.is_inference() else t._version) for t in [buffers[n] for n in self._packed_names]
-        )
-        key = (device, dtype, index, stamp)
+        # A cached layout stays valid while each packed tensor is the same object (accelerate's offload hooks swap
+        # buffer objects in and out) and unedited (in-place edits, e.g. load_state_dict, bump `_version`; tensors
+        # made under inference mode have no counter). Checked on every forward, so kept to identity and versions.
+        tensors = [self._buffers[n] for n in self._packed_names]
+        key = (device, dtype, index)
         hit = self._kernel_cache.get(key)
-        if hit is None:
-            shape = self.quantized_shape[-2:]
-            kernel = select_kernel(self.scheme, shape, device, dtype)
-            hit = (kernel, kernel.prepare(self.scheme, self.packed_tensors(index), shape, dtype))
-            self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[3] == stamp}
-            if not _packed_tensors_offloaded(self):
-                self._kernel_cache[key] = hit
-        return hit
+        if hit is not None and _same_tensors(hit[0], tensors) and hit[1] == _versions(hit[0]):
+            return hit[2], hit[3]
+        shape = self.quantized_shape[-2:]
+        kernel = select_kernel(self.scheme, shape, device, dtype)
+        state = kernel.prepare(self.scheme, self.packed_tensors(index), shape, dtype)
+        self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if _same_tensors(v[0], tensors)}
+        if not _packed_tensors_offloaded(self):
+            self._kernel_cache[key] = (tensors, _versions(tensors), kernel, state)
+        return kernel, state
 
     def packed_linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x [M, in] @ W^T (of expert `index` when given) with the selected kernel; differentiable in x."""
@@ -137,6 +136,17 @@ class _PackedLinearInputGrad(torch.autograd.Function):
     def backward(ctx, grad):
         weight = ctx.owner.dequantize_weight(grad.dtype, ctx.index)
         return grad @ weight, None, None, None, None
+
+
+def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    for x, y in zip(a, b):
+        if x is not y:
+            return False
+    return True
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(0 if t.is_inference() else t._version for t in tensors)
 
 
 def _packed_tensors_offloaded(module: nn.Module) -> bool:
