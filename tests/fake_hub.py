@@ -7,8 +7,8 @@ every commit keeps its own snapshot, so the client's de-duplication (unchanged f
 objects already stored not re-sent) behaves as against the Hub. Xet is not served: clients must run with
 HF_HUB_DISABLE_XET=1 (huggingface_hub then uses the LFS protocol, which the Hub still accepts).
 
-Writes need `Authorization: Bearer <token>` with a token in `tokens`; a request with any other token, or a
-write without one, is answered 401 as the Hub does. Every request is logged in `requests` as (method, path).
+Writes need `Authorization: Bearer <token>` with a token in `tokens`; as on the Hub, a request with an unknown
+token or a write without one is answered 401, a write with a token in `read_tokens` 403. Every request is logged in `requests` as (method, path).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ class Repo:
 
 
 class FakeHub:
-    def __init__(self, tokens: tuple[str, ...] = ("hf_fake_write_token",)):
+    def __init__(self, tokens: tuple[str, ...] = ("hf_fake_write_token",), read_tokens: tuple[str, ...] = ()):
         self.tokens = set(tokens)
+        self.read_tokens = set(read_tokens)  # valid, but without write access (the Hub answers writes with 403)
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content
         self.requests: list[tuple[str, str]] = []
@@ -140,11 +141,13 @@ def _handler(hub: FakeHub):
             self._send(status, {"error": message}, headers, head=head)
 
         def _authorized(self) -> bool:
-            """Writes need a token (a wrong one was refused already)."""
-            if self.headers.get("Authorization"):
-                return True
-            self._error(401, "You must be authenticated to access this resource")
-            return False
+            """Writes need a token with write access (a wrong one was refused already)."""
+            auth = self.headers.get("Authorization")
+            if auth is None:
+                self._error(401, "You must be authenticated to access this resource")
+            elif auth.removeprefix("Bearer ") in hub.read_tokens:
+                self._error(403, "You don't have the rights to create a model under this namespace")
+            return auth is not None and auth.removeprefix("Bearer ") in hub.tokens
 
         def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
             repo = hub.repos.get(repo_id)
@@ -152,6 +155,9 @@ def _handler(hub: FakeHub):
                 self._error(404 if repo is None else 401, "Repository not found", "RepoNotFound", head=head)
                 return None
             return repo
+
+        def _writable_repo(self, repo_id: str) -> Repo | None:
+            return self._repo(repo_id) if self._authorized() else None
 
         def _snapshot(self, repo: Repo, revision: str, head: bool = False):
             sha = repo.branches.get(revision, revision if revision in repo.commits else None)
@@ -179,7 +185,7 @@ def _handler(hub: FakeHub):
             hub.requests.append((method, path))
             body = self._body() if method in ("POST", "PUT") else b""
             auth = self.headers.get("Authorization")
-            if auth is not None and auth.removeprefix("Bearer ") not in hub.tokens:
+            if auth is not None and auth.removeprefix("Bearer ") not in hub.tokens | hub.read_tokens:
                 # As on the Hub, a wrong token is refused everywhere, reads of public repos included.
                 return self._error(401, "Invalid credentials in Authorization header")
             with hub.lock:
@@ -233,9 +239,7 @@ def _handler(hub: FakeHub):
             self._send(200, entries)
 
         def preupload(self, method, body, query, repo_id, revision) -> None:
-            if not self._authorized():
-                return
-            repo = self._repo(repo_id)
+            repo = self._writable_repo(repo_id)
             if repo is None:
                 return
             snapshot = repo.commits[repo.branches[revision]] if revision in repo.branches else {}
@@ -271,9 +275,7 @@ def _handler(hub: FakeHub):
             self._send(200 if oid in hub.lfs_objects else 404, {"oid": oid})
 
         def commit(self, method, body, query, repo_id, revision) -> None:
-            if not self._authorized():
-                return
-            repo = self._repo(repo_id)
+            repo = self._writable_repo(repo_id)
             if repo is None:
                 return
             added, deleted, lfs = {}, [], {}

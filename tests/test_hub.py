@@ -19,18 +19,19 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
+from fake_hub import FakeHub
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fake_hub import FakeHub
 from hf_quant import HfQuantConfig
 from hf_quant.cli import main as cli_main
 from hf_quant.eval.report import QualityResult, make_record
-from hf_quant.eval.storage import checkpoint_storage
+from hf_quant.eval.storage import checkpoint_storage, model_storage
 from hf_quant.integrations.hub import EVAL_RECORD_FILENAME, HubPushError, push_folder, render_model_card
 
 TOKEN = "hf_fake_write_token"
+READ_TOKEN = "hf_fake_read_token"
 BASE = "base-org/tiny-llama"  # served by the fake Hub with a card that has a license to copy
 BASE_CARD = "---\nlicense: mit\npipeline_tag: text-generation\n---\n# tiny llama\n"
 REPO = "hf-quant-tests/tiny-llama-int4"
@@ -51,7 +52,8 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """(quantized checkpoint dir with tokenizer, its logits on IDS)."""
+    """(quantized checkpoint dir with tokenizer, its logits on IDS, storage of the loaded model as `hf-quant eval`
+    measures it)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -62,19 +64,22 @@ def checkpoint(tmp_path_factory):
     _tokenizer().save_pretrained(root / "quant")
     with torch.no_grad():
         logits = model(IDS).logits
-    return root / "quant", logits
+    return root / "quant", logits, model_storage(model)
 
 
-def _record(folder: Path, **quality) -> dict:
+def _record(checkpoint, **quality) -> dict:
+    """An `hf-quant eval` record of the checkpoint (its storage measured on the loaded model, as `hf-quant eval`
+    does), with a made-up perplexity."""
+    folder, _, storage = checkpoint
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     result = QualityResult(**{"metric": "perplexity", "dataset": "botchan", "tokens": 256, "float": 131.2468,
                               "quantized": 133.9753, **quality})
-    return make_record(BASE, qc, checkpoint_storage(folder), [result])
+    return make_record(BASE, qc, storage, [result])
 
 
 @pytest.fixture(scope="module")
 def hub():
-    with FakeHub(tokens=(TOKEN,)) as server:
+    with FakeHub(tokens=(TOKEN,), read_tokens=(READ_TOKEN,)) as server:
         server.add_repo(BASE, {"README.md": BASE_CARD.encode()})
         yield server
 
@@ -101,8 +106,8 @@ def _listing(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def pushed(checkpoint, hub, tmp_path_factory):
     """The first push of the checkpoint with an eval record: (record, CommitInfo, request count before, listing)."""
-    quant_dir, _ = checkpoint
-    record = _record(quant_dir)
+    quant_dir = checkpoint[0]
+    record = _record(checkpoint)
     record_path = tmp_path_factory.mktemp("record") / "eval.json"
     record_path.write_text(json.dumps(record))
     before = _listing(quant_dir)
@@ -113,7 +118,7 @@ def pushed(checkpoint, hub, tmp_path_factory):
 
 
 def test_push_uploads_checkpoint_tokenizer_card_and_record(checkpoint, hub, pushed):
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     record, info, before = pushed
     remote = hub.files(REPO)
     local = {p.name: p.read_bytes() for p in quant_dir.iterdir()}
@@ -131,7 +136,7 @@ def test_push_uploads_checkpoint_tokenizer_card_and_record(checkpoint, hub, push
 
 
 def test_repush_uploads_nothing_and_a_changed_card_only_itself(checkpoint, hub, pushed):
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     record, info, _ = pushed
     record_path = quant_dir.parent / "same.json"
     record_path.write_text(json.dumps(record))
@@ -140,7 +145,7 @@ def test_repush_uploads_nothing_and_a_changed_card_only_itself(checkpoint, hub, 
     assert again.oid == info.oid
     assert hub.count("POST", r"/commit/") == 1 and hub.count("PUT", r"^/lfs-upload/") == 1, hub.requests[n:]
 
-    changed = _record(quant_dir, quantized=140.0)
+    changed = _record(checkpoint, quantized=140.0)
     after = push_folder(quant_dir, REPO, base_model=BASE, eval_record=changed, token=TOKEN, endpoint=hub.url)
     assert after.oid != info.oid
     assert hub.count("PUT", r"^/lfs-upload/") == 1  # the weights were not sent again
@@ -150,7 +155,7 @@ def test_repush_uploads_nothing_and_a_changed_card_only_itself(checkpoint, hub, 
 
 
 def test_pushed_repo_loads_offline_from_the_hub_cache_with_same_logits(checkpoint, hub, pushed, tmp_path):
-    _, reference = checkpoint
+    reference = checkpoint[1]
     cache = tmp_path / "cache"
     snapshot_download(REPO, endpoint=hub.url, cache_dir=cache)
     code = f"""
@@ -171,7 +176,7 @@ with torch.no_grad():
 
 
 def _front_matter(card: str) -> dict:
-    match = re.match(r"---\n(.*?)\n---\n", card, re.S)
+    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
     assert match, card[:300]
     return yaml.safe_load(match.group(1))
 
@@ -204,7 +209,7 @@ def test_card_metadata_and_figures_match_the_eval_record(hub, pushed):
 
 
 def test_card_without_record_uses_the_checkpoint_and_a_local_base_model(checkpoint, tmp_path):
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     # A base model given as a Hub cache snapshot folder: its repo id comes from the path, its license from its card.
     snapshot = tmp_path / "models--base-org--tiny-llama" / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
@@ -225,13 +230,13 @@ def test_card_without_record_uses_the_checkpoint_and_a_local_base_model(checkpoi
 
 
 def test_eval_record_of_another_checkpoint_is_refused(checkpoint, hub):
-    quant_dir, _ = checkpoint
-    record = _record(quant_dir)
+    quant_dir = checkpoint[0]
+    record = _record(checkpoint)
     record["quantization_config"]["group_size"] = 128
     n = len(hub.requests)
     with pytest.raises(HubPushError, match=r"another quantization \(group_size differ"):
         push_folder(quant_dir, REPO, eval_record=record, token=TOKEN, endpoint=hub.url)
-    record = _record(quant_dir)
+    record = _record(checkpoint)
     record["storage"]["bytes_after"] += 1
     with pytest.raises(HubPushError, match="run `hf-quant eval` on this checkpoint"):
         push_folder(quant_dir, REPO, eval_record=record, token=TOKEN, endpoint=hub.url)
@@ -240,7 +245,7 @@ def test_eval_record_of_another_checkpoint_is_refused(checkpoint, hub):
 
 @pytest.mark.parametrize("repo_id", ["org/name/extra", "org/has space", "org/-name", "org/name.", "org/a--b"])
 def test_bad_repo_ids_are_refused_before_any_work(checkpoint, hub, repo_id, capsys):
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     n = len(hub.requests)
     with pytest.raises(HubPushError, match="invalid repo id .* Use 'your-name/model-name'"):
         push_folder(quant_dir, repo_id, token=TOKEN, endpoint=hub.url)
@@ -250,7 +255,7 @@ def test_bad_repo_ids_are_refused_before_any_work(checkpoint, hub, repo_id, caps
 
 
 def test_auth_failures_name_the_fix_and_leave_nothing_behind(checkpoint, hub):
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     before = _listing(quant_dir)
     commits = hub.count("POST", r"/commit/")
     for repo_id in (REPO, "hf-quant-tests/new-repo"):  # existing and new repository
@@ -258,6 +263,11 @@ def test_auth_failures_name_the_fix_and_leave_nothing_behind(checkpoint, hub):
             push_folder(quant_dir, repo_id, token="hf_wrong", endpoint=hub.url)
         with pytest.raises(HubPushError, match="no Hugging Face token found .* `hf auth login`, or set HF_TOKEN"):
             push_folder(quant_dir, repo_id, endpoint=hub.url)
+    with pytest.raises(HubPushError, match=r"refused writing .* \(HTTP 403\): use a token with write access to "
+                                           "'hf-quant-tests', or push to a repo id in your own namespace"):
+        push_folder(quant_dir, "hf-quant-tests/new-repo", token=READ_TOKEN, endpoint=hub.url)
+    with pytest.raises(HubPushError, match="cannot reach http://127.0.0.1:9 .* check the network or HF_ENDPOINT"):
+        push_folder(quant_dir, "hf-quant-tests/new-repo", token=TOKEN, endpoint="http://127.0.0.1:9")
     assert "hf-quant-tests/new-repo" not in hub.repos
     assert hub.count("POST", r"/commit/") == commits
     assert _listing(quant_dir) == before
@@ -279,7 +289,7 @@ def _env(hub: FakeHub, tmp_path: Path) -> dict:
 def test_transformers_push_to_hub_and_hf_quant_push_to_hub(checkpoint, hub, tmp_path):
     """transformers' own `model.push_to_hub` uploads the packed checkpoint; `hf_quant.push_to_hub` adds the card, and
     a later `model.push_to_hub` to that repository keeps it and re-sends no weights."""
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     code = f"""
 import hf_quant
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -307,7 +317,7 @@ model.push_to_hub("hf-quant-tests/via-hf-quant")
 
 
 def test_optimum_cli_help_and_push(checkpoint, hub, tmp_path):
-    quant_dir, _ = checkpoint
+    quant_dir = checkpoint[0]
     env = _env(hub, tmp_path)
     script = Path(sys.executable).with_name("optimum-cli")  # the console script `pip install optimum` creates
     cli = [str(script) if script.exists() else "optimum-cli", "hf-quant"]

@@ -128,8 +128,6 @@ def render_model_card(
     storage = eval_record["storage"] if eval_record is not None else checkpoint_storage(folder).to_dict()
     quality = [dict(q, change_percent=100 * (q["quantized"] - q["float"]) / q["float"])
                for q in (eval_record or {}).get("quality", [])]
-    if base_model is None and eval_record is not None:
-        base_model = eval_record["model"]
     base_id, base_card = _base_model_card(base_model, endpoint=endpoint, token=token)
     model_class, pipeline_tag = _model_kind(config)
     groups = _module_groups(storage["modules"])
