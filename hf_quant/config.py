@@ -17,10 +17,10 @@ QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (formats/base.py). Bump on any change a reader must know about.
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-_SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
+_SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant", "lowrank_rank")
 FIELDS = (
     "bits", "format", "group_size", "symmetric", "method", "double_quant", "modules_to_not_convert", "overrides",
-    "quantize_experts", "format_version", "target_bits", "allocation_candidates",
+    "quantize_experts", "format_version", "target_bits", "allocation_candidates", "lowrank_rank",
 )
 DEFAULT_INT_BITS = 4
 
@@ -107,6 +107,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             their layers fixed), so the saved checkpoint reloads like any other. None: one scheme for all.
         allocation_candidates: list of settings dicts (as in `overrides`) the allocator may choose from; None: the
             default ladder `allocation.DEFAULT_CANDIDATES` (int 2-8 bits, double-quantized scales).
+        lowrank_rank: > 0 stores a rank-r correction W ~ Q(W) + U V beside the codes (float16 factors, SVD of the
+            quantization residual; hf_quant.algorithms.lowrank), added in the forward. Costs 16 r (out + in) bits
+            per layer. 0 (default): none.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         target_bits: float | None = None,
         allocation_candidates: list[dict[str, Any]] | None = None,
+        lowrank_rank: int = 0,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -148,6 +152,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.target_bits = target_bits
         self.allocation_candidates = allocation_candidates
+        self.lowrank_rank = lowrank_rank
         self.post_init()
 
     def post_init(self) -> None:
@@ -307,6 +312,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             "quantize_experts": self.quantize_experts,
             "target_bits": self.target_bits,
             "allocation_candidates": copy.deepcopy(self.allocation_candidates),
+            "lowrank_rank": self.lowrank_rank,
         }
 
     def to_diff_dict(self) -> dict[str, Any]:

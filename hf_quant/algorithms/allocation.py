@@ -189,6 +189,100 @@ def weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, importance: 
     return float(diff2.sum(dtype=torch.float64))
 
 
+@dataclass
+class LayerTable:
+    """Cost and error of every candidate for every layer, measured once and solvable for any target."""
+
+    candidates: list[dict]
+    schemes: list[QuantScheme]
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    costs: list[list[int]]
+    errors: dict[str, list[list[float]]]  # sensitivity -> [layer][candidate]
+    fixed: dict[str, tuple[QuantScheme, tuple[int, ...]]]
+
+    def choose(self, target_bits: float, sensitivity: str = "weight") -> AllocationResult:
+        """The exact minimum-error allocation with at most `target_bits` true bits per weight on average."""
+        if sensitivity not in self.errors:
+            raise ValueError(f"sensitivity {sensitivity!r} was not measured; measured: {sorted(self.errors)}")
+        errors = self.errors[sensitivity]
+        fixed_bits = sum(stored_bits(sc, shp) for sc, shp in self.fixed.values())
+        n_weights = sum(math.prod(sh) for sh in self.shapes) + sum(math.prod(shp) for _, shp in self.fixed.values())
+        # The budget in whole bits, in exact arithmetic (2.5 means 5/2, not the nearest double), floored.
+        budget = math.floor(Fraction(str(target_bits)) * n_weights) - fixed_bits
+        try:
+            picks, exact = solve_budget(self.costs, errors, budget)
+        except ValueError as e:
+            cheapest = (sum(min(c) for c in self.costs) + fixed_bits) / max(n_weights, 1)
+            raise ValueError(
+                f"target_bits={target_bits} is below what the candidates can reach ({cheapest:.4f} bits per weight "
+                f"at the cheapest): raise target_bits or add cheaper candidates ({e})"
+            ) from None
+        result = AllocationResult(float(target_bits), sensitivity, self.candidates, exact=exact)
+        for j, name in enumerate(self.names):
+            k = picks[j]
+            result.layers.append(LayerChoice(name, self.shapes[j], self.candidates[k], self.schemes[k],
+                                             self.costs[j][k], errors[j][k]))
+        for name, (scheme, shp) in self.fixed.items():
+            result.layers.append(LayerChoice(name, tuple(shp), None, scheme, stored_bits(scheme, shp), float("nan")))
+        return result
+
+
+def measure_layers(
+    layers: Mapping[str, torch.Tensor] | Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    config=None,
+    candidates: Sequence[Mapping] | None = None,
+    importances: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+    fixed: Mapping[str, tuple[QuantScheme, tuple[int, ...]]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LayerTable:
+    """Quantize every layer with every candidate once; record true stored bits and sensitivity-weighted errors.
+
+    layers: name -> float weight [out, in] (or a callable yielding (name, weight) pairs, so weights can be read
+        one at a time from disk).
+    config: the HfQuantConfig whose fields every candidate inherits, as an override would (default HfQuantConfig()).
+    candidates: settings dicts, each a valid override (default: the config's `allocation_candidates`, else
+        `DEFAULT_CANDIDATES`).
+    importances: sensitivity name -> (layer name -> per-weight importance, [in] or [out, in]; None for "weight").
+        Default {"weight": None} (data-free).
+    fixed: layers quantized with a scheme not up to the allocator (name -> (scheme, shape)); their bits count.
+    """
+    from ..config import HfQuantConfig
+    from . import quantize_weight
+
+    importances = {"weight": None} if importances is None else dict(importances)
+    for sens, imp in importances.items():
+        if sens not in SENSITIVITIES:
+            raise ValueError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sens!r}")
+        if sens != "weight" and imp is None:
+            raise ValueError(f"sensitivity={sens!r} needs calibration statistics (per-layer importance)")
+    config = HfQuantConfig() if config is None else config
+    if candidates is None:
+        candidates = config.allocation_candidates or DEFAULT_CANDIDATES
+    candidates = [dict(c) for c in candidates]
+    if not candidates:
+        raise ValueError("candidates must list at least one scheme")
+    schemes = [config.scheme_with(c) for c in candidates]
+    table = LayerTable(candidates, schemes, [], [], [], {sens: [] for sens in importances}, dict(fixed or {}))
+    items = layers.items() if isinstance(layers, Mapping) else layers()
+    for name, weight in items:
+        if weight.dim() != 2:
+            raise ValueError(f"allocation handles 2-D weights; {name} has shape {tuple(weight.shape)}")
+        rows = {sens: [] for sens in importances}
+        for scheme in schemes:
+            deq = dequantize(scheme, quantize_weight(weight, scheme), weight.shape[1])
+            for sens, imp in importances.items():
+                rows[sens].append(weighted_error(weight, deq, None if imp is None else imp[name]))
+        table.names.append(name)
+        table.shapes.append(tuple(weight.shape))
+        table.costs.append([stored_bits(scheme, weight.shape) for scheme in schemes])
+        for sens, row in rows.items():
+            table.errors[sens].append(row)
+        if progress is not None:
+            progress(name)
+    return table
+
+
 def allocate(
     layers: Mapping[str, torch.Tensor] | Callable[[], Iterable[tuple[str, torch.Tensor]]],
     target_bits: float,
@@ -199,68 +293,10 @@ def allocate(
     fixed: Mapping[str, tuple[QuantScheme, tuple[int, ...]]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AllocationResult:
-    """Choose a candidate scheme per layer so the average true bits per weight is at most `target_bits`.
-
-    layers: name -> float weight [out, in] (or a callable yielding (name, weight) pairs, so weights can be read
-        one at a time from disk).
-    config: the HfQuantConfig whose fields every candidate inherits, as an override would (default HfQuantConfig()).
-    candidates: settings dicts, each a valid override (default: the config's `allocation_candidates`, else
-        `DEFAULT_CANDIDATES`).
-    importance: name -> per-weight importance ([in] or [out, in]) for "activation"/"fisher"; None: data-free.
-    fixed: layers quantized with a scheme not up to the allocator (name -> (scheme, shape)); their bits count.
-    """
-    from ..config import HfQuantConfig
-    from . import quantize_weight
-
-    if sensitivity not in SENSITIVITIES:
-        raise ValueError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sensitivity!r}")
-    if sensitivity != "weight" and importance is None:
-        raise ValueError(f"sensitivity={sensitivity!r} needs calibration statistics (importance=...)")
-    config = HfQuantConfig() if config is None else config
-    if candidates is None:
-        candidates = config.allocation_candidates or DEFAULT_CANDIDATES
-    candidates = [dict(c) for c in candidates]
-    if not candidates:
-        raise ValueError("candidates must list at least one scheme")
-    schemes = [config.scheme_with(c) for c in candidates]
-    names, shapes, costs, errors = [], [], [], []
-    items = layers.items() if isinstance(layers, Mapping) else layers()
-    for name, weight in items:
-        if weight.dim() != 2:
-            raise ValueError(f"allocation handles 2-D weights; {name} has shape {tuple(weight.shape)}")
-        imp = None if importance is None else importance[name]
-        row_cost, row_err = [], []
-        for scheme in schemes:
-            row_cost.append(stored_bits(scheme, weight.shape))
-            deq = dequantize(scheme, quantize_weight(weight, scheme), weight.shape[1])
-            row_err.append(weighted_error(weight, deq, imp))
-        names.append(name)
-        shapes.append(tuple(weight.shape))
-        costs.append(row_cost)
-        errors.append(row_err)
-        if progress is not None:
-            progress(name)
-    fixed = dict(fixed or {})
-    fixed_bits = sum(stored_bits(s, shp) for s, shp in fixed.values())
-    n_weights = sum(math.prod(s) for s in shapes) + sum(math.prod(shp) for _, shp in fixed.values())
-    # The budget in whole bits, computed in exact arithmetic (2.5 means 5/2, not the nearest double) and floored.
-    budget = math.floor(Fraction(str(target_bits)) * n_weights) - fixed_bits
-    try:
-        picks, exact = solve_budget(costs, errors, budget)
-    except ValueError as e:
-        cheapest = (sum(min(c) for c in costs) + fixed_bits) / max(n_weights, 1)
-        raise ValueError(
-            f"target_bits={target_bits} is below what the candidates can reach ({cheapest:.4f} bits per weight at "
-            f"the cheapest): raise target_bits or add cheaper candidates ({e})"
-        ) from None
-    result = AllocationResult(float(target_bits), sensitivity, candidates, exact=exact)
-    for j, name in enumerate(names):
-        s = picks[j]
-        result.layers.append(LayerChoice(name, shapes[j], candidates[s], schemes[s], costs[j][s], errors[j][s]))
-    for name, (scheme, shp) in fixed.items():
-        result.layers.append(LayerChoice(name, tuple(shp), None, scheme, stored_bits(scheme, shp), float("nan")))
-    return result
-
+    """Choose a candidate scheme per layer so the average true bits per weight is at most `target_bits`
+    (`measure_layers` then `LayerTable.choose`; `importance` is the one for `sensitivity`)."""
+    table = measure_layers(layers, config, candidates, {sensitivity: importance}, fixed, progress)
+    return table.choose(target_bits, sensitivity)
 
 
 # --- calibration statistics (data-aware sensitivities) ----------------------------------------------------------
@@ -378,31 +414,40 @@ def config_with_allocation(config, result: AllocationResult):
     return HfQuantConfig(**fields)
 
 
-def allocate_model(
+def measure_model(
     model: torch.nn.Module,
     config,
-    target_bits: float,
-    sensitivity: str = "weight",
+    sensitivities: Sequence[str] = ("weight",),
     batches=None,
     candidates: Sequence[Mapping] | None = None,
     modules_to_not_convert: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
-) -> AllocationResult:
-    """Allocate over the linear layers of a float `model` (data-aware sensitivities use `batches`, e.g. from
-    `calibration_batches`). Layers the config fixes (overrides) or keeps in float are respected."""
-    skip = list(config.modules_to_not_convert or ["lm_head"]) if modules_to_not_convert is None else modules_to_not_convert
-    free, fixed = plan_layers(model, config, skip)
-    importance = None
-    if sensitivity != "weight":
-        if batches is None:
-            raise ValueError(f"sensitivity={sensitivity!r} needs calibration batches (see calibration_batches)")
-        collect = activation_importance if sensitivity == "activation" else fisher_importance
-        importance = collect(model, batches, free)
+) -> LayerTable:
+    """`measure_layers` over the linear layers of a float `model` (data-aware sensitivities use `batches`, e.g.
+    from `calibration_batches`). Layers the config fixes (overrides) or keeps in float are respected."""
     from ..nn.quantized import float_weight_of
 
+    skip = list(config.modules_to_not_convert or ["lm_head"]) if modules_to_not_convert is None else modules_to_not_convert
+    free, fixed = plan_layers(model, config, skip)
+    importances = {}
+    for sens in sensitivities:
+        if sens not in SENSITIVITIES:
+            raise ValueError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sens!r}")
+        if sens != "weight" and batches is None:
+            raise ValueError(f"sensitivity={sens!r} needs calibration batches (see calibration_batches)")
+        collect = {"weight": None, "activation": activation_importance, "fisher": fisher_importance}[sens]
+        importances[sens] = None if collect is None else collect(model, batches, free)
     modules = dict(model.named_modules())
     weights = {name: float_weight_of(modules[name]) for name in free}
-    return allocate(weights, target_bits, config, candidates, importance, sensitivity, fixed, progress)
+    return measure_layers(weights, config, candidates, importances, fixed, progress)
+
+
+def allocate_model(model: torch.nn.Module, config, target_bits: float, sensitivity: str = "weight", batches=None,
+                   candidates: Sequence[Mapping] | None = None, modules_to_not_convert: Sequence[str] | None = None,
+                   progress: Callable[[str], None] | None = None) -> AllocationResult:
+    """`measure_model` for one sensitivity, then the allocation for `target_bits`."""
+    table = measure_model(model, config, (sensitivity,), batches, candidates, modules_to_not_convert, progress)
+    return table.choose(target_bits, sensitivity)
 
 
 def allocate_from_checkpoint(model: torch.nn.Module, config, checkpoint_files: Sequence[str],
@@ -446,6 +491,9 @@ def allocate_from_checkpoint(model: torch.nn.Module, config, checkpoint_files: S
 
 __all__ = [
     "AllocationResult",
+    "LayerTable",
+    "measure_layers",
+    "measure_model",
     "activation_importance",
     "allocate_from_checkpoint",
     "allocate_model",

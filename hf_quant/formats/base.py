@@ -60,6 +60,38 @@ class QuantParams:
     zero: torch.Tensor | None  # float32 [*lead, out, n_groups], int asymmetric only
 
 
+class AdditiveTerm:
+    """Extension point: a correction stored beside the codes whose dense value adds to the decoded weight
+    (W = base + term), e.g. low-rank factors. A registered term extends every format: `tensor_specs` lists its
+    tensors, `dequantize` adds `dense`, and the packed modules add `linear(x)` to the kernel's output."""
+
+    def active(self, scheme: QuantScheme) -> bool:
+        raise NotImplementedError
+
+    def specs(self, scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def dense(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The term as a float32 [*lead, out, in] weight."""
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x [M, in] -> the term's output [M, out] (of one matrix), in x's dtype."""
+        raise NotImplementedError
+
+
+ADDITIVE_TERMS: list[AdditiveTerm] = []
+
+
+def register_additive_term(term: AdditiveTerm) -> AdditiveTerm:
+    ADDITIVE_TERMS.append(term)
+    return term
+
+
+def active_terms(scheme: QuantScheme) -> list[AdditiveTerm]:
+    return [t for t in ADDITIVE_TERMS if t.active(scheme)]
+
+
 def tensor_specs(scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the stored tensors of a weight of logical `shape` [*lead, out, in]."""
     *lead, out, in_features = shape
@@ -76,6 +108,8 @@ def tensor_specs(scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple
             specs[f"{name}_dq"] = ((-(-numel // DQ_BLOCK), 2), torch.float16)
         else:
             specs[name] = (param_shape, torch.float16)
+    for term in active_terms(scheme):
+        specs.update(term.specs(scheme, tuple(shape)))
     return specs
 
 
@@ -216,4 +250,10 @@ def dequantize(
     """Reference dequantization of the canonical tensors to a float weight [*lead, out, in]."""
     codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
     scale, zero = decode_params(scheme, tensors)
-    return dequantize_codes(scheme, codes, scale, zero, in_features, dtype)
+    terms = active_terms(scheme)
+    if not terms:
+        return dequantize_codes(scheme, codes, scale, zero, in_features, dtype)
+    w = dequantize_codes(scheme, codes, scale, zero, in_features, torch.float32)
+    for term in terms:
+        w = w + term.dense(scheme, tensors)
+    return w.to(dtype)

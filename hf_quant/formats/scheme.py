@@ -22,6 +22,11 @@ class QuantScheme:
     symmetric: int only; zero-point fixed at 2**(bits-1) and not stored.
     method: "mse" (data-free error-minimizing scales/zeros) or "rtn" (round to nearest, min/max scales).
     double_quant: store scales (and zero-points) as 8-bit codes with a float16 scale/offset per 64 of them.
+    lowrank_rank: > 0 adds a low-rank correction W += U V (U [out, r], V [r, in], float16) stored beside the codes
+        (formats/lowrank.py).
+
+    Fields beyond the first six are extensions: `to_dict` leaves them out at their defaults, so the metadata of
+    checkpoints that do not use them is unchanged.
     """
 
     format: str = "int"
@@ -30,6 +35,7 @@ class QuantScheme:
     symmetric: bool = False
     method: str = "mse"
     double_quant: bool = False
+    lowrank_rank: int = 0
 
     def __post_init__(self) -> None:
         check_choice("format", self.format, FORMATS)
@@ -48,6 +54,7 @@ class QuantScheme:
             raise ValueError(f"double_quant must be a bool, got {self.double_quant!r}")
         if self.symmetric and self.format != "int":
             raise ValueError(f"symmetric=True only applies to format='int'; {self.format} codebooks are symmetric already")
+        check_extension_fields(self)
 
     @property
     def has_zero(self) -> bool:
@@ -60,7 +67,21 @@ class QuantScheme:
         return g, n_groups, n_groups * g
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in EXTENSION_FIELDS:
+            if d[name] == QuantScheme.__dataclass_fields__[name].default:
+                del d[name]
+        return d
+
+
+EXTENSION_FIELDS = ("lowrank_rank",)
+MAX_LOWRANK_RANK = 1024
+
+
+def check_extension_fields(scheme: QuantScheme) -> None:
+    r = scheme.lowrank_rank
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_LOWRANK_RANK:
+        raise ValueError(f"lowrank_rank must be an int in [0, {MAX_LOWRANK_RANK}] (0: no low-rank correction), got {r!r}")
 
 
 def check_choice(field: str, value, allowed) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..formats import QuantScheme, decode_params, dequantize, dequantize_codes, tensor_specs, unpack_bits
-from ..formats.base import DQ_BLOCK
+from ..formats.base import DQ_BLOCK, active_terms
 from ..kernels import select_kernel
 
 
@@ -97,7 +97,18 @@ class PackedWeight(nn.Module):
         kernel, state = self._kernel_state(x.device, x.dtype, index)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinearInputGrad.apply(x, self, index, kernel, state)
-        return kernel.linear(x, state)
+        return self._kernel_linear(x, index, kernel, state)
+
+    def _kernel_linear(self, x: torch.Tensor, index, kernel, state) -> torch.Tensor:
+        """The kernel's product plus the additive terms (e.g. low-rank factors) the format stores beside the codes."""
+        y = kernel.linear(x, state)
+        for term in active_terms(self.scheme):
+            y = y + term.linear(x, self._term_tensors(term, index))
+        return y
+
+    def _term_tensors(self, term, index: int | None) -> dict[str, torch.Tensor]:
+        names = term.specs(self.scheme, self.quantized_shape)
+        return {n: getattr(self, n) if index is None else getattr(self, n)[index] for n in names}
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The float weight [*lead, out, in] (one expert's [out, in] when `index` is given)."""
@@ -107,7 +118,10 @@ class PackedWeight(nn.Module):
             scale, zero = decode_params(self.scheme, self.packed_tensors())
             codes = unpack_bits(self.qweight[index], self.scheme.bits, in_features)
             zero = None if zero is None else zero[index]
-            return dequantize_codes(self.scheme, codes, scale[index], zero, in_features, dtype)
+            w = dequantize_codes(self.scheme, codes, scale[index], zero, in_features, torch.float32)
+            for term in active_terms(self.scheme):
+                w = w + term.dense(self.scheme, self._term_tensors(term, index))
+            return w.to(dtype)
         return dequantize(self.scheme, self.packed_tensors(index), in_features, dtype)
 
     def kernel_name(self, device=None, dtype=torch.float32) -> str:
@@ -118,7 +132,8 @@ class PackedWeight(nn.Module):
         s = self.scheme
         fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
         g = "channel" if s.group_size == -1 else f"g{s.group_size}"
-        return f"{fmt}, {g}, {s.method}{', double_quant' if s.double_quant else ''}"
+        rank = f", lowrank_rank={s.lowrank_rank}" if s.lowrank_rank else ""
+        return f"{fmt}, {g}, {s.method}{', double_quant' if s.double_quant else ''}{rank}"
 
 
 class _PackedLinearInputGrad(torch.autograd.Function):
@@ -130,7 +145,7 @@ class _PackedLinearInputGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, owner, index, kernel, state):
         ctx.owner, ctx.index = owner, index
-        return kernel.linear(x, state)
+        return owner._kernel_linear(x, index, kernel, state)
 
     @staticmethod
     def backward(ctx, grad):

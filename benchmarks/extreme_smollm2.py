@@ -1,0 +1,92 @@
+"""SmolLM2-135M at ~2-3 bits: mixed-precision allocation under a bit budget vs uniform schemes at equal true bits
+per weight (and, with --lowrank, low-rank error correction). Botchan perplexity on the first --tokens tokens;
+data-aware sensitivities are calibrated on Botchan windows after its first 8192 tokens (disjoint from the
+evaluated text).
+
+    python benchmarks/extreme_smollm2.py [--tokens 1024] [--targets 2.25 2.5 3.25] [--sensitivities weight fisher]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_quant
+from hf_quant.algorithms.allocation import calibration_batches, config_with_allocation, measure_model
+from hf_quant.assets import botchan_text, smollm2_path
+from hf_quant.eval import perplexity
+from hf_quant.eval.storage import model_storage
+
+UNIFORM = [
+    dict(bits=2, group_size=128, double_quant=True),
+    dict(bits=2, group_size=64, double_quant=True),
+    dict(bits=2, group_size=64),
+    dict(bits=3, group_size=128, double_quant=True),
+    dict(bits=3, group_size=128),
+]
+
+
+def evaluate(path, tok, text, tokens: int, config: hf_quant.HfQuantConfig) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    q = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+    seconds = time.perf_counter() - start
+    ppl = perplexity(q, tok, text, max_tokens=tokens)
+    return model_storage(q).bits_per_weight, ppl, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--targets", type=float, nargs="+", default=[2.25, 2.5, 3.25])
+    ap.add_argument("--sensitivities", nargs="+", default=["weight", "activation", "fisher"])
+    ap.add_argument("--calib-sequences", type=int, default=8)
+    ap.add_argument("--skip-uniform", action="store_true")
+    ap.add_argument("--lowrank", type=int, nargs="*", default=[], help="also run uniform schemes with these ranks")
+    args = ap.parse_args()
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    text = botchan_text()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base = perplexity(model, tok, text, max_tokens=args.tokens)
+    print(f"Botchan perplexity, {args.tokens} tokens, window 512; float32 = {base:.3f}", flush=True)
+
+    start = time.perf_counter()
+    batches = calibration_batches(tok, text, args.calib_sequences, 512, skip_tokens=8192)
+    table = measure_model(model, hf_quant.HfQuantConfig(), args.sensitivities, batches)
+    print(f"measured {len(table.names)} layers x {len(table.candidates)} candidates in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    del model
+
+    print("| configuration | bits/weight (all stored) | perplexity | vs float32 | quantize time (s) |")
+    print("|---|---|---|---|---|")
+    if not args.skip_uniform:
+        for cfg in UNIFORM:
+            bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg))
+            print(f"| uniform {label(cfg)} | {bpw:.3f} | {ppl:.2f} | {100 * (ppl / base - 1):+.1f}% | {sec:.0f} |",
+                  flush=True)
+    for rank in args.lowrank:
+        for cfg in UNIFORM[:1] + UNIFORM[3:4]:
+            cfg = {**cfg, "lowrank_rank": rank}
+            bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg))
+            print(f"| uniform {label(cfg)} | {bpw:.3f} | {ppl:.2f} | {100 * (ppl / base - 1):+.1f}% | {sec:.0f} |",
+                  flush=True)
+    for target in args.targets:
+        for sens in args.sensitivities:
+            result = table.choose(target, sens)
+            config = config_with_allocation(hf_quant.HfQuantConfig(), result)
+            bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
+            print(f"| allocated, target {target}, {sens} sensitivity | {bpw:.3f} | {ppl:.2f} | "
+                  f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
+            print("\n".join("    " + line for line in result.summary().splitlines()), flush=True)
+
+
+def label(cfg: dict) -> str:
+    name = f"int{cfg['bits']} g{cfg['group_size']}" + (" dq" if cfg.get("double_quant") else "")
+    return name + (f" + rank {cfg['lowrank_rank']}" if cfg.get("lowrank_rank") else "")
+
+
+if __name__ == "__main__":
+    main()
