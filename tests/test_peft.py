@@ -10,7 +10,13 @@ from torch import nn
 
 import hf_quant
 from hf_quant import HfQuantConfig, QuantLinear, QuantScheme
-from hf_quant.integrations.peft import QuantLoraExperts, QuantLoraLinear, init_lora_from_residual, set_merge_target
+from hf_quant.integrations.peft import (
+    QuantLoraExperts,
+    QuantLoraLinear,
+    init_lora_from_residual,
+    lora_layer_errors,
+    set_merge_target,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -269,8 +275,12 @@ def test_residual_init_lowers_layer_error(float_llama, bits):
         model = get_peft_model(_quantized(float_llama, **cfg), LoraConfig(r=8, target_modules=TARGETS))
         with torch.no_grad():
             zero_init = rel(model(ids).logits, float_logits)  # B = 0: exactly the quantized base
+        zero_errors = lora_layer_errors(model, float_llama)
         report = init_lora_from_residual(model, float_llama, iterations=iterations)
         assert len(report) == len(TARGETS) * LLAMA["num_hidden_layers"]
+        after_errors = lora_layer_errors(model, float_llama)
+        for name, (before, after) in report.items():
+            assert abs(zero_errors[name] - before) < 1e-6 and abs(after_errors[name] - after) < 1e-5
         assert all(after < before for before, after in report.values()), report
         with torch.no_grad():
             errors[iterations] = rel(model(ids).logits, float_logits)

@@ -309,35 +309,15 @@ def _low_rank(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Ten
     return root[:, None] * vh[:r], u[:, :r] * root
 
 
-@torch.no_grad()
-def init_lora_from_residual(peft_model: nn.Module, float_weights, adapter_name: str = "default",
-                            iterations: int = 0) -> dict[str, tuple[float, float]]:
-    """Quantization-aware LoRA initialisation: start each adapter from the quantization error, so that base + adapter
-    is closer to the float weight W than the quantized base alone.
-
-    iterations=0: codes untouched; scaling * B A = best rank-r approximation of W - dequant(Q) (the base checkpoint
-      stays valid: the adapter alone carries the correction).
-    iterations=n>0: LoftQ alternation: Q = quantize(W - scaling * B A) in the layer's own scheme, then B A from the
-      new residual, n times; the base codes change (save the base model together with the adapter). A layer keeps
-      whichever of the two results has the lower error.
-
-    `float_weights`: the float model's safetensors file or folder, a state dict, or the float model itself (keys as
-    in the transformers model, e.g. "model.layers.0.self_attn.q_proj.weight"). Returns {layer name: (relative
-    Frobenius error of the base alone, of base + adapter)} for every layer it initialised; LoRA on MoE experts is
-    left as initialised by PEFT and named in a warning.
-    """
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+def _lora_layers_with_float_weight(peft_model: nn.Module, float_weights, adapter_name: str):
+    """(name, QuantLoraLinear, float weight [out, in]) for every hf_quant LoRA linear layer holding `adapter_name`."""
     read = _float_weight_reader(float_weights)
     root = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    report, skipped = {}, []
+    found = False
     for name, layer in root.named_modules():
-        if isinstance(layer, QuantLoraExperts) and adapter_name in layer.lora_A:
-            skipped.append(name)
         if not isinstance(layer, QuantLoraLinear) or adapter_name not in layer.lora_A:
             continue
-        if layer.merged:
-            raise ValueError(f"{name}: unmerge the adapters before initialising them")
+        found = True
         base = layer.get_base_layer()
         try:
             w = read(f"{name}.weight").float()
@@ -348,18 +328,63 @@ def init_lora_from_residual(peft_model: nn.Module, float_weights, adapter_name: 
         if tuple(w.shape) != (base.out_features, base.in_features):
             raise ValueError(f"{name}.weight: float shape {tuple(w.shape)} does not match the quantized layer "
                              f"{(base.out_features, base.in_features)}")
+        yield name, layer, w
+    if not found:
+        raise ValueError(f"no hf_quant LoRA layer with adapter {adapter_name!r} found in the model")
+
+
+def _relative_error(w: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
+    return float((w - q - scaling * (b @ a)).norm() / w.norm())
+
+
+@torch.no_grad()
+def lora_layer_errors(peft_model: nn.Module, float_weights, adapter_name: str = "default") -> dict[str, float]:
+    """{layer name: ||W - (dequant(Q) + scaling B A)|| / ||W||} for every hf_quant LoRA linear layer (unmerged)."""
+    errors = {}
+    for name, layer, w in _lora_layers_with_float_weight(peft_model, float_weights, adapter_name):
+        if layer.merged:
+            raise ValueError(f"{name}: unmerge the adapters first")
+        q = layer.get_base_layer().dequantize_weight(torch.float32)
+        a, b = layer.lora_A[adapter_name].weight.float(), layer.lora_B[adapter_name].weight.float()
+        errors[name] = _relative_error(w, q, a, b, layer.scaling[adapter_name])
+    return errors
+
+
+@torch.no_grad()
+def init_lora_from_residual(peft_model: nn.Module, float_weights, adapter_name: str = "default",
+                            iterations: int = 0) -> dict[str, tuple[float, float]]:
+    """Quantization-aware LoRA initialisation: start each adapter from the quantization error, so that base + adapter
+    is closer to the float weight W than the quantized base alone.
+
+    iterations=0: codes untouched; scaling * B A = best rank-r approximation of W - dequant(Q) (the base checkpoint
+      stays valid: the adapter alone carries the correction).
+    iterations=n>0: LoftQ alternation: Q = quantize(W - scaling * B A) in the layer's own scheme, then B A from the
+      new residual, up to n times while the error drops; the base codes change (save the base model together with
+      the adapter).
+
+    `float_weights`: the float model's safetensors file or folder, a state dict, or the float model itself (keys as
+    in the transformers model, e.g. "model.layers.0.self_attn.q_proj.weight"). Returns {layer name: (relative
+    Frobenius error of the base alone, of base + adapter)} for every layer it initialised; LoRA on MoE experts is
+    left as PEFT initialised it, and named in a warning.
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    report = {}
+    for name, layer, w in _lora_layers_with_float_weight(peft_model, float_weights, adapter_name):
+        if layer.merged:
+            raise ValueError(f"{name}: unmerge the adapters before initialising them")
+        base = layer.get_base_layer()
         r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
-        norm = w.norm()
         q = base.dequantize_weight(torch.float32)
-        before = float((w - q).norm() / norm)
+        before = float((w - q).norm() / w.norm())
         a, b = _low_rank(w - q, r, scaling)
-        err = float((w - q - scaling * (b @ a)).norm() / norm)
+        err = _relative_error(w, q, a, b, scaling)
         packed = None
         for _ in range(iterations):
             candidate = quantize_weight(w - scaling * (b @ a), base.scheme)
             q_c = dequantize(base.scheme, candidate, base.in_features)
             a_c, b_c = _low_rank(w - q_c, r, scaling)
-            err_c = float((w - q_c - scaling * (b_c @ a_c)).norm() / norm)
+            err_c = _relative_error(w, q_c, a_c, b_c, scaling)
             if err_c >= err:
                 break
             packed, a, b, err = candidate, a_c, b_c, err_c
@@ -369,8 +394,8 @@ def init_lora_from_residual(peft_model: nn.Module, float_weights, adapter_name: 
         layer.lora_A[adapter_name].weight.data = a.to(dtype).contiguous()
         layer.lora_B[adapter_name].weight.data = b.to(dtype).contiguous()
         report[name] = (before, err)
-    if not report:
-        raise ValueError(f"no hf_quant LoRA layer with adapter {adapter_name!r} found in the model")
+    root = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    skipped = [n for n, m in root.named_modules() if isinstance(m, QuantLoraExperts) and adapter_name in m.lora_A]
     if skipped:
         warnings.warn(f"init_lora_from_residual: MoE expert adapters keep PEFT's initialisation: {skipped}")
     return report
@@ -405,6 +430,7 @@ __all__ = [
     "QuantLoraExperts",
     "QuantLoraLinear",
     "init_lora_from_residual",
+    "lora_layer_errors",
     "register",
     "register_lora_layers",
     "set_merge_target",
