@@ -181,3 +181,60 @@ def test_compiles_fullgraph():
     compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), mlp(x))
     assert rel_err(compiled(x), torch.nn.functional.silu(x.double() @ w_ref.T) * 2) < 1e-5
+
+
+def quantized_mixtral_experts(scheme: QuantScheme):
+    """A Mixtral experts block (4 experts, hidden 64, intermediate 48) with both projections quantized."""
+    import transformers as tf
+
+    from hf_quant.nn import QuantExpertWeight
+
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(hidden_size=64, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    block = tf.models.mixtral.modeling_mixtral.MixtralExperts(config)
+    for name in ("gate_up_proj", "down_proj"):
+        value = torch.randn(getattr(block, name).shape) * 0.1
+        weight = QuantExpertWeight(*value.shape, scheme, transposed=False)
+        weight.load_packed(quantize_weight(value, scheme))
+        del block._parameters[name]
+        block.add_module(name, weight)
+    return block
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(bits=4, group_size=32, method="rtn"), QuantScheme(format="nf4", group_size=-1, method="rtn")],
+    ids=scheme_id,
+)
+def test_fused_experts_forward_matches_eager(scheme):
+    """Two grouped launches (gate_up, then down over every routed row) give what transformers' eager experts loop
+    computes from the dequantized experts."""
+    from hf_quant.kernels.triton.experts import fused_experts
+
+    block = quantized_mixtral_experts(scheme)
+    gate_up, down = block.gate_up_proj, block.down_proj
+    states = [TritonKernel.prepare(scheme, w.packed_tensors(), w.quantized_shape[-2:], torch.float32)
+              for w in (gate_up, down)]
+    gen = torch.Generator().manual_seed(5)
+    for tokens in (1, 6):
+        x = torch.randn(tokens, 64, generator=gen)
+        ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(tokens)])
+        weights = torch.softmax(torch.randn(tokens, 2, generator=gen), -1)
+        with torch.no_grad():
+            eager = block(x, ids, weights)
+            fused = fused_experts(x, ids, weights, *states, block._apply_gate)
+        assert fused.shape == eager.shape == (tokens, 64)
+        assert rel_err(fused, eager) < 1e-5, tokens
+
+
+def test_experts_implementation_is_registered_and_refuses_the_cpu():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from hf_quant.kernels.triton.experts import EXPERTS_IMPLEMENTATION, triton_experts_forward
+
+    assert ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] is triton_experts_forward
+    block = quantized_mixtral_experts(QuantScheme(bits=4, group_size=32, method="rtn"))
+    block.config._experts_implementation = EXPERTS_IMPLEMENTATION
+    with pytest.raises(RuntimeError, match="needs the triton kernel"):  # on the CPU the registry picks a CPU kernel
+        block(torch.randn(2, 64), torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5))

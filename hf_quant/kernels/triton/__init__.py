@@ -279,4 +279,9 @@ class TritonKernel(Kernel):
         return triton_moe_linear(x, expert_ids, *op_args(state))
 
 
+
+from . import experts  # noqa: E402  (needs TritonKernel; registers the "hf_quant_triton" experts implementation)
+
+experts.register()
+
 __all__ = ["TritonKernel", "op_args", "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]
