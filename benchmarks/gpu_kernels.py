@@ -59,11 +59,21 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def quantized(w: torch.Tensor, name: str) -> tuple[dict, torch.Tensor]:
+    """The Triton state of `w` ([*experts, out, in]) in format `name`, and its float16 reference dequantization."""
+    from hf_quant.algorithms import quantize_weight
+    from hf_quant.formats import QuantScheme, dequantize
+    from hf_quant.kernels.triton import TritonKernel
+
+    scheme = QuantScheme(method="rtn", **FORMATS[name])
+    tensors = quantize_weight(w, scheme)
+    state = TritonKernel.prepare(scheme, tensors, tuple(w.shape[-2:]), torch.float16)
+    return state, dequantize(scheme, tensors, w.shape[-1], torch.float16)
+
+
 def bench_linear(args, bandwidth: float) -> None:
     from triton.testing import do_bench_cudagraph
 
-    from hf_quant.algorithms import quantize_weight
-    from hf_quant.formats import QuantScheme, dequantize
     from hf_quant.kernels.triton import TritonKernel
 
     print("| in x out | tokens | format | kernel (us) | fp16 cuBLAS (us) | fp16 / kernel | floor / kernel |")
@@ -72,10 +82,7 @@ def bench_linear(args, bandwidth: float) -> None:
         w = torch.randn(out_f, in_f, device="cuda") * 0.02
         dense = w.half()
         for name in args.formats:
-            scheme = QuantScheme(method="rtn", **FORMATS[name])
-            tensors = quantize_weight(w, scheme)
-            state = TritonKernel.prepare(scheme, tensors, (out_f, in_f), torch.float16)
-            w_ref = dequantize(scheme, tensors, in_f, torch.float16)
+            state, w_ref = quantized(w, name)
             for m in args.tokens:
                 x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
                 err = rel_err(TritonKernel.linear(x, state), x @ w_ref.T)
@@ -93,8 +100,6 @@ def bench_moe(args) -> None:
     """Fused experts (8 experts, top-2, 4096 -> 14336) vs float16 experts run one F.linear per expert."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from hf_quant.algorithms import quantize_weight
-    from hf_quant.formats import QuantScheme, dequantize
     from hf_quant.kernels.triton import TritonKernel
 
     experts, top_k, in_f, out_f = 8, 2, 4096, 14336
@@ -103,10 +108,7 @@ def bench_moe(args) -> None:
     print("\n| MoE experts x in x out | tokens | format | fused kernel (us) | fp16 per-expert loop (us) | ratio |")
     print("|---|---|---|---|---|---|")
     for name in args.formats:
-        scheme = QuantScheme(method="rtn", **FORMATS[name])
-        tensors = quantize_weight(w, scheme)
-        state = TritonKernel.prepare(scheme, tensors, (out_f, in_f), torch.float16)
-        w_ref = dequantize(scheme, tensors, in_f, torch.float16)
+        state, w_ref = quantized(w, name)
         for m in args.tokens:
             x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
             ids = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(m)])
