@@ -2,7 +2,7 @@
 and after a short fine-tune, for PEFT's default init (B = 0: exactly the quantized model), the residual SVD init
 (codes untouched) and LoftQ alternation (codes re-chosen), all with `hf_quant.integrations.peft`.
 
-    python benchmarks/lora_init.py [--bits 2 3] [--steps 40] [--rank 16]
+    python benchmarks/lora_init.py [--bits 2 3] [--steps 40] [--rank 16] [--method rtn]
 
 Held out: Botchan's first 1024 tokens (perplexity, window 512); training: random 64-token windows of the rest,
 the same batches for every row. "layer error" is the mean over LoRA layers of ||W - (Q + scaling B A)|| / ||W||.
@@ -48,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--method", default="rtn", help="quantizer of the base and of the LoftQ iterations")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     text = botchan_text()
     ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])[HELD_OUT_TOKENS:]
     ppl = lambda m: perplexity(m, tok, text, max_tokens=HELD_OUT_TOKENS)  # noqa: E731
-    print(f"LoRA r={args.rank} alpha={2 * args.rank} on {', '.join(TARGETS)}; fine-tune: {args.steps} AdamW steps "
+    print(f"base: g{args.group_size} {args.method}; LoRA r={args.rank} alpha={2 * args.rank} on {', '.join(TARGETS)}; fine-tune: {args.steps} AdamW steps "
           f"(lr 1e-3) of 4 x 64 tokens; perplexity on the held-out first {HELD_OUT_TOKENS} tokens")
     print("| bits | init | layer error | perplexity before training | after fine-tune | final train loss | init time (s) |")
     print("|---|---|---|---|---|---|---|")
@@ -65,7 +66,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32,
-                quantization_config=hf_quant.HfQuantConfig(bits=bits, group_size=args.group_size))
+                quantization_config=hf_quant.HfQuantConfig(bits=bits, group_size=args.group_size, method=args.method))
             model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
             start = time.perf_counter()
             if iterations is not None:

@@ -109,8 +109,9 @@ class _QuantMergeMixin:
     def _install_merged(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self.get_base_layer()
         if self.merge_target == "float":
+            layer = self._float_layer(base, weight, bias)
             self._aside = _MergeAside(module=base)
-            self.base_layer = self._float_layer(base, weight, bias)
+            self.base_layer = layer
             return
         self._aside = _MergeAside(packed=base.packed_tensors(),
                                   bias=None if bias is None else base.bias.detach().clone())
