@@ -41,7 +41,7 @@ def packed_state(model) -> dict[str, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=16)
@@ -57,13 +57,13 @@ def main() -> None:
     train_ids = all_ids[HELD_OUT_TOKENS:]
 
     # 1. Quantize while loading, and save the packed base (the adapter is later reloaded on top of it).
+    # method="rtn" quantizes in about a second; the default "mse" gives the same perplexity at 4-bit g64 on this model.
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=hf_quant.HfQuantConfig(bits=4, group_size=64))
+        path, quantization_config=hf_quant.HfQuantConfig(bits=4, group_size=64, method="rtn"))
     model.save_pretrained(f"{args.out}/base-int4")
     print(f"int4 g64 base: held-out perplexity {ppl(model):.3f}")
 
     # 2. Ordinary PEFT: nothing hf_quant-specific beyond the import and the quantization config.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
                                              lora_dropout=0.05, task_type="CAUSAL_LM"))
