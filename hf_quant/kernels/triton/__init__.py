@@ -130,7 +130,10 @@ def _launch(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, o
         split_k = 1
     elif split_k <= 0:
         split_k = _auto_split_k(m, n, k, x.device)
-    k_chunk = triton_cdiv(triton_cdiv(k, split_k), 32) * 32  # slices start on a word boundary of every plane
+    # Slices start on a word boundary of every plane (32), and on a multiple of the largest BLOCK_K where they are
+    # long enough, so tiles do not straddle groups (TILE_IN_GROUP in jit.py).
+    align = 256 if k // split_k >= 256 else 32
+    k_chunk = triton_cdiv(triton_cdiv(k, split_k), align) * align
     split_k = -(-k // k_chunk)
     if split_k == 1:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
