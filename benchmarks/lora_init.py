@@ -62,23 +62,27 @@ def main() -> None:
     print("| bits | init | layer error | perplexity before training | after fine-tune | final train loss | init time (s) |")
     print("|---|---|---|---|---|---|---|")
     for bits in args.bits:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32,
+            quantization_config=hf_quant.HfQuantConfig(bits=bits, group_size=args.group_size, method=args.method))
+        codes = {name: m.packed_tensors() for name, m in hf_quant.packed_modules(model).items()}
         for name, iterations in INITS.items():
+            for module_name, m in hf_quant.packed_modules(model).items():  # LoftQ re-chooses codes: start afresh
+                m.load_packed(codes[module_name])
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32,
-                quantization_config=hf_quant.HfQuantConfig(bits=bits, group_size=args.group_size, method=args.method))
-            model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
+            peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
             start = time.perf_counter()
             if iterations is not None:
-                init_lora_from_residual(model, path, iterations=iterations)
+                init_lora_from_residual(peft_model, path, iterations=iterations)
             seconds = time.perf_counter() - start
-            errors = list(lora_layer_errors(model, path).values())
-            before = ppl(model)
-            loss = fine_tune(model, ids, args.steps)
-            after = ppl(model)
+            errors = list(lora_layer_errors(peft_model, path).values())
+            before = ppl(peft_model)
+            loss = fine_tune(peft_model, ids, args.steps)
+            after = ppl(peft_model)
             print(f"| {bits} | {name} | {sum(errors) / len(errors):.4f} | {before:.2f} | {after:.2f} | {loss:.3f} | "
                   f"{seconds:.1f} |", flush=True)
-            del model
+            model = peft_model.unload()
+        del model
 
 
 if __name__ == "__main__":
