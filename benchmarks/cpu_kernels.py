@@ -1,51 +1,161 @@
-"""Per-layer CPU matmul time of hf_quant's kernels vs a dense float32 matmul, side by side, batch 1 and more.
+"""Per-layer CPU matmul time of every hf_quant format on every kernel that supports it, beside dense float32 and
+bfloat16 torch matmuls of the same shape measured in the same run, and beside the memory-bandwidth floor.
 
-    python benchmarks/cpu_kernels.py [--threads 1]
+Floor = bytes that must be read (the weight as stored, every tensor, plus the activations) and written (the
+output) / copy bandwidth measured here (`torch.Tensor.copy_` of 256 MiB). Measurements of one shape and token
+count are interleaved over repetitions (the machine is shared and noisy) and the median is reported.
+
+    python benchmarks/cpu_kernels.py [--quick] [--threads N] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
 from hf_quant import QuantLinear, QuantScheme
+from hf_quant.eval.storage import scheme_label
+from hf_quant.kernels import available_kernels
 
-SHAPES = [(1536, 576), (576, 1536), (4096, 4096)]  # (out, in): SmolLM2 MLP shapes and an LLM-sized layer
-SCHEMES = {"int4 g64": QuantScheme(bits=4, group_size=64), "int8 per-channel": QuantScheme(bits=8, group_size=-1)}
+HERE = Path(__file__).resolve().parent
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out, in): attention/MLP shapes of 7-8B LLMs
+TOKENS = [1, 16, 512]
+SCHEMES = [
+    QuantScheme(bits=8, group_size=-1, symmetric=True),
+    QuantScheme(bits=8, group_size=128),
+    QuantScheme(bits=4, group_size=128),
+    QuantScheme(bits=4, group_size=64),
+    QuantScheme(bits=4, group_size=128, double_quant=True),
+    QuantScheme(bits=3, group_size=128),
+    QuantScheme(bits=2, group_size=64),
+    QuantScheme(format="nf4", group_size=64),
+    QuantScheme(format="fp4", group_size=64),
+    QuantScheme(format="fp8", bits=8, group_size=128),
+]
+QUICK_SHAPES, QUICK_TOKENS = [(4096, 4096)], [1, 16]
+QUICK_SCHEMES = [SCHEMES[0], SCHEMES[2], SCHEMES[7]]
 
 
-def ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
+def copy_bandwidth(mib: int = 256, reps: int = 5) -> float:
+    """Bytes per second moved by a large copy (read + write)."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
     for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / min(times)
+
+
+def _time_once(fn, min_seconds: float) -> float:
+    """Seconds per call, averaged over as many calls as fill `min_seconds`."""
+    n, start = 0, time.perf_counter()
+    while True:
         fn()
-    return (time.perf_counter() - start) / reps * 1e3
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / n
+
+
+def interleaved_ms(fns: dict[str, object], reps: int, min_seconds: float) -> dict[str, float]:
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, min_seconds))
+    return {name: 1e3 * statistics.median(s) for name, s in samples.items()}
+
+
+def bench_shape(out_f: int, in_f: int, tokens: list[int], schemes, reps: int, min_seconds: float, bandwidth: float):
+    torch.manual_seed(0)
+    weight = torch.randn(out_f, in_f) * 0.02
+    dense = torch.nn.Linear(in_f, out_f, bias=False)
+    dense.weight.data = weight
+    weight_bf16 = weight.to(torch.bfloat16)
+    layers = []  # (label, kernel name, stored bytes, kernel, state)
+    for scheme in schemes:
+        rtn = QuantScheme(**{**scheme.to_dict(), "method": "rtn"})  # timing only: the codes do not matter
+        q = QuantLinear.from_float(dense, rtn)
+        tensors = q.packed_tensors()
+        stored = sum(t.numel() * t.element_size() for t in tensors.values())
+        for name, kernel in sorted(available_kernels().items()):
+            if kernel.unsupported_reason(rtn, (out_f, in_f), torch.device("cpu"), torch.float32) is None:
+                state = kernel.prepare(rtn, tensors, (out_f, in_f), torch.float32)
+                layers.append((scheme_label(scheme), name, stored, kernel, state))
+        del q
+    rows = []
+    with torch.inference_mode():
+        for m in tokens:
+            x = torch.randn(m, in_f)
+            x_bf16 = x.to(torch.bfloat16)
+            fns = {"float32": lambda: torch.nn.functional.linear(x, weight),
+                   "bfloat16": lambda: torch.nn.functional.linear(x_bf16, weight_bf16)}
+            for label, kname, _, kernel, state in layers:
+                fns[f"{label}|{kname}"] = lambda kernel=kernel, state=state: kernel.linear(x, state)
+            ms = interleaved_ms(fns, reps, min_seconds)
+            io_bytes = m * in_f * 4 + m * out_f * 4
+
+            def row(fmt, kname, stored_bytes, t):
+                floor_ms = 1e3 * (stored_bytes + io_bytes) / bandwidth
+                return {"shape": f"{out_f}x{in_f}", "tokens": m, "format": fmt, "kernel": kname, "ms": t,
+                        "vs_float32": t / ms["float32"], "vs_bfloat16": t / ms["bfloat16"],
+                        "vs_floor": t / floor_ms, "weight_bytes": stored_bytes}
+
+            rows.append(row("float32", "torch dense", weight.numel() * 4, ms["float32"]))
+            rows.append(row("bfloat16", "torch dense", weight.numel() * 2, ms["bfloat16"]))
+            rows += [row(label, kname, stored, ms[f"{label}|{kname}"]) for label, kname, stored, _, _ in layers]
+            for r in rows[-len(fns):]:
+                print(json.dumps(r), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| out x in | tokens | format | kernel | ms | vs float32 | vs bfloat16 | vs bandwidth floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['format']} | {r['kernel']} | {r['ms']:.3f} | "
+                     f"{r['vs_float32']:.2f}x | {r['vs_bfloat16']:.2f}x | {r['vs_floor']:.1f}x |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4096x4096 only, 1 and 16 tokens, three formats")
+    ap.add_argument("--tokens", type=int, nargs="*", help=f"token counts (default {TOKENS})")
+    ap.add_argument("--shapes", nargs="*", help="OUTxIN shapes (default: " + " ".join(f"{o}x{i}" for o, i in SHAPES) + ")")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 256])
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
+    ap.add_argument("--min-seconds", type=float, default=0.2, help="time each repetition runs at least")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for kernels.json and kernels.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    print("| out x in | tokens | float32 dense (ms) | " + " | ".join(f"{n} (ms)" for n in SCHEMES) + " |")
-    print("|---|---|---|" + "---|" * len(SCHEMES))
-    with torch.inference_mode():
-        for out_f, in_f in SHAPES:
-            dense = nn.Linear(in_f, out_f, bias=False)
-            quantized = {n: QuantLinear.from_float(dense, s) for n, s in SCHEMES.items()}
-            for m in args.tokens:
-                x = torch.randn(m, in_f)
-                reps = max(5, 2000 // (m * max(1, out_f * in_f // 1_000_000)))
-                cols = [ms(lambda: dense(x), reps)] + [ms(lambda q=q: q(x), reps) for q in quantized.values()]
-                kernels = ", ".join(q.kernel_name() for q in quantized.values())
-                print(f"| {out_f}x{in_f} | {m} | " + " | ".join(f"{c:.3f}" for c in cols) + f" | <!-- {kernels} -->")
+    shapes, tokens, schemes = (QUICK_SHAPES, QUICK_TOKENS, QUICK_SCHEMES) if args.quick else (SHAPES, TOKENS, SCHEMES)
+    tokens = args.tokens or tokens
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else shapes
+    bandwidth = copy_bandwidth()
+    header = (f"threads={torch.get_num_threads()} cpu_count={os.cpu_count()} torch={torch.__version__} "
+              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s load average {os.getloadavg()[0]:.1f}")
+    print(header, flush=True)
+    rows = []
+    for out_f, in_f in shapes:
+        rows += bench_shape(out_f, in_f, tokens, schemes, args.reps, args.min_seconds, bandwidth)
+    table = markdown(rows)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    (out / "kernels.md").write_text(header + "\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

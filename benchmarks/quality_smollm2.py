@@ -1,74 +1,228 @@
-"""SmolLM2-135M perplexity on Botchan for hf_quant's data-free formats and methods, with true bits per weight
-and quantization time. Every configuration uses the same text, token budget and windowing.
+"""Quality, true size and quantization cost of hf_quant's methods beside other libraries, on CPU.
 
-    python benchmarks/quality_smollm2.py [--tokens 1024]
+For every configuration (ours: each format x each method in METHODS; peers: benchmarks/peers.py) a fresh
+subprocess loads SmolLM2-135M, quantizes it (wall time and peak resident memory from `resource.getrusage`),
+measures Botchan perplexity with `hf_quant.eval.perplexity` (same text, token budget and windows for all) and
+true bits per weight with `hf_quant.eval.model_storage` (every stored tensor), then does the same for MiniLM's
+sentence-embedding cosine to float. Results: a markdown table, a JSON file and a Pareto plot (PNG).
+
+    python benchmarks/quality_smollm2.py [--quick] [--tokens 2048] [--only NAME ...] [--out benchmarks/results]
+
+Adding a method of ours: add it to METHODS (name -> extra HfQuantConfig settings); every format gets a row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # `benchmarks.peers` when run as a script
 
-import hf_quant
-from hf_quant.assets import botchan_text, smollm2_path
-from hf_quant.eval import perplexity
-from hf_quant.eval.storage import model_storage
-
-CONFIGS = [
-    dict(bits=8, group_size=-1, symmetric=True),
-    dict(bits=4, group_size=128, method="rtn"),
-    dict(bits=4, group_size=128),
-    dict(bits=4, group_size=128, double_quant=True),
-    dict(bits=4, group_size=64, method="rtn"),
-    dict(bits=4, group_size=64),
-    dict(format="nf4", group_size=64, method="rtn"),
-    dict(format="nf4", group_size=64),
-    dict(format="fp4", group_size=64),
-    dict(format="fp8", group_size=128),
-    dict(bits=3, group_size=128, method="rtn"),
-    dict(bits=3, group_size=128),
-    dict(bits=3, group_size=64),
-    dict(bits=2, group_size=64, method="rtn"),
-    dict(bits=2, group_size=64),
+# Our methods: name -> extra HfQuantConfig settings. Calibrated methods add their calibration settings here.
+METHODS: dict[str, dict] = {"rtn": dict(method="rtn"), "mse": dict(method="mse")}
+# Our formats by nominal bits (4-bit at group 64/128: the test model came from Q4_1 with blocks of 32).
+FORMATS: list[tuple[str, dict]] = [
+    ("int8-sym ch", dict(bits=8, group_size=-1, symmetric=True)),
+    ("int4 g128", dict(bits=4, group_size=128)),
+    ("int4 g64", dict(bits=4, group_size=64)),
+    ("nf4 g64", dict(format="nf4", group_size=64)),
+    ("int3 g64", dict(bits=3, group_size=64)),
+    ("int2 g32", dict(bits=2, group_size=32)),
 ]
+QUICK_OURS = ["int4 g128 rtn", "int4 g128 mse", "int3 g64 mse", "int2 g32 mse"]
+QUICK_PEERS = ["bnb nf4 b64", "hqq int4 g64", "quanto qint4 g128", "torchao intx4 g64"]
+FLOAT = "float32"
 
 
-def label(cfg: dict) -> str:
-    fmt = cfg.get("format", "int")
-    name = f"int{cfg['bits']}" if fmt == "int" else fmt
-    name += " sym" if cfg.get("symmetric") else ""
-    name += " per-channel" if cfg.get("group_size") == -1 else f" g{cfg.get('group_size', 128)}"
-    name += f" {cfg.get('method', 'mse')}"
-    name += " dq" if cfg.get("double_quant") else ""
-    return name
+def our_configs() -> dict[str, dict]:
+    return {f"{fmt} {method}": {**settings, **extra} for fmt, settings in FORMATS for method, extra in METHODS.items()}
+
+
+def nominal_bits(cfg: dict) -> int:
+    return cfg.get("bits", 8 if cfg.get("format") == "fp8" else 4)
+
+
+def all_names(quick: bool) -> list[str]:
+    from benchmarks.peers import PEERS
+
+    if quick:
+        return [FLOAT, *QUICK_OURS, *QUICK_PEERS]
+    return [FLOAT, *our_configs(), *PEERS]
+
+
+# --------------------------------------------------------------------------- worker (one configuration)
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _load_quantized(name: str, path, auto_cls):
+    """(model, quantized-module map or None for ours/float, library, nominal bits)."""
+    import torch
+
+    import hf_quant
+    from benchmarks.peers import PEERS, library_version
+
+    ours = our_configs()
+    if name == FLOAT:
+        return auto_cls.from_pretrained(path, dtype=torch.float32), None, "-", 32
+    if name in ours:
+        qc = hf_quant.HfQuantConfig(**ours[name])
+        model = auto_cls.from_pretrained(path, dtype=torch.float32, quantization_config=qc)
+        return model, None, f"hf_quant {hf_quant.__version__}", nominal_bits(ours[name])
+    peer = PEERS[name]
+    model = auto_cls.from_pretrained(path, dtype=torch.float32)
+    quantized = peer.apply(model)
+    return model, quantized, f"{peer.library} {library_version(peer.library)}", peer.bits
+
+
+def worker(name: str, tokens: int, sentences: int) -> dict:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from hf_quant.assets import botchan_text, minilm_path, smollm2_path
+    from hf_quant.eval import botchan_sentences, model_storage, perplexity, sentence_embeddings
+
+    out: dict = {"name": name, "rss_before_mib": _rss_mib()}
+    path = smollm2_path()
+    start = time.perf_counter()
+    model, quantized, out["library"], out["bits"] = _load_quantized(name, path, AutoModelForCausalLM)
+    out["quantize_s"] = time.perf_counter() - start
+    out["peak_rss_mib"] = _rss_mib()  # ru_maxrss is the peak so far: loading and quantizing only
+    storage = model_storage(model, quantized).to_dict()
+    out["bpw_model"] = storage["bits_per_weight"]
+    # The float model has no quantized layers: their bits per weight is the float width.
+    out["bpw"] = storage["quantized_bits_per_weight"] if storage["modules"] else storage["bits_per_weight"]
+    out["bytes_after"], out["bytes_before"] = storage["bytes_after"], storage["bytes_before"]
+    out["formats"] = sorted({m["format"] for m in storage["modules"].values()})
+    with torch.inference_mode():
+        out["ppl"] = perplexity(model, AutoTokenizer.from_pretrained(path), botchan_text(), max_tokens=tokens)
+    del model
+    if sentences:
+        path = minilm_path()
+        tok = AutoTokenizer.from_pretrained(path)
+        texts = botchan_sentences(sentences)
+        reference = sentence_embeddings(AutoModel.from_pretrained(path, dtype=torch.float32), tok, texts)
+        encoder, quantized, _, _ = _load_quantized(name, path, AutoModel)
+        out["cosine"] = (sentence_embeddings(encoder, tok, texts).double() * reference.double()).sum(-1).mean().item()
+        storage = model_storage(encoder, quantized)
+        out["bpw_minilm"] = storage.bits_per_weight if storage.modules else storage.model_bits_per_weight
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_one(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--tokens", str(args.tokens), "--sentences", str(args.sentences)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": f"timed out after {args.timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return {"name": name, "error": tail[-1][:300] if tail else f"exit status {proc.returncode}"}
+
+
+def markdown(results: list[dict], base: dict | None) -> str:
+    rows = ["| configuration | library | bits/weight (quantized layers) | bits/weight (whole model) | perplexity | "
+            "Δ vs float32 | MiniLM cosine | quantize s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['name']} | - | - | - | failed: {r['error']} | - | - | - | - |")
+            continue
+        delta = f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if base and r is not base else "-"
+        cosine = f"{r['cosine']:.4f}" if "cosine" in r else "-"
+        rows.append(f"| {r['name']} | {r['library']} | {r['bpw']:.3f} | {r['bpw_model']:.2f} | {r['ppl']:.3f} | "
+                    f"{delta} | {cosine} | {r['quantize_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(rows)
+
+
+def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    points = [r for r in results if "error" not in r and r["name"] != FLOAT]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    libraries = sorted({r["library"].split()[0] for r in points})
+    markers = dict(zip(libraries, "os^Dvp*"))
+    for lib in libraries:
+        mine = [r for r in points if r["library"].split()[0] == lib]
+        ax.scatter([r["bpw"] for r in mine], [r["ppl"] for r in mine], label=lib, marker=markers[lib], s=40)
+        for r in mine:
+            ax.annotate(r["name"], (r["bpw"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front, best = [], float("inf")
+    for r in sorted(points, key=lambda r: (r["bpw"], r["ppl"])):
+        if r["ppl"] < best:
+            front.append(r)
+            best = r["ppl"]
+    ax.step([r["bpw"] for r in front], [r["ppl"] for r in front], where="post", color="grey", lw=1, label="Pareto front")
+    if base:
+        ax.axhline(base["ppl"], color="black", ls="--", lw=1, label=f"float32 ({base['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("bits per weight of the quantized layers (every stored tensor)")
+    ax.set_ylabel("perplexity (Botchan, log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few 4/3/2-bit configurations, 512 tokens, 32 sentences")
+    ap.add_argument("--tokens", type=int, default=None, help="Botchan token budget (default 2048; quick 512)")
+    ap.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 128; quick 32; 0 skips)")
+    ap.add_argument("--only", nargs="*", help="configuration names (float32 is always run)")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
+    ap.add_argument("--plot", default=str(HERE / "plot" / "pareto_smollm2.png"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    path = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    text = botchan_text()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    base = perplexity(model, tok, text, max_tokens=args.tokens)
-    del model
-    print(f"Botchan perplexity, {args.tokens} tokens, window 512; float32 = {base:.3f}")
-    print("| configuration | bits/weight (all stored) | perplexity | vs float32 | quantize time (s) |")
-    print("|---|---|---|---|---|")
-    print(f"| float32 | 32 | {base:.3f} | - | - |")
-    for cfg in CONFIGS:
-        start = time.perf_counter()
-        q = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 quantization_config=hf_quant.HfQuantConfig(**cfg))
-        seconds = time.perf_counter() - start
-        ppl = perplexity(q, tok, text, max_tokens=args.tokens)
-        bpw = model_storage(q).bits_per_weight
-        print(f"| {label(cfg)} | {bpw:.3f} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {seconds:.1f} |", flush=True)
-        del q
+    if args.tokens is None:
+        args.tokens = 512 if args.quick else 2048
+    if args.sentences is None:
+        args.sentences = 32 if args.quick else 128
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens, args.sentences)), flush=True)
+        return
+    names = [FLOAT, *args.only] if args.only else all_names(args.quick)
+    known = set(all_names(False))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; known: {sorted(known)}")
+    print(f"SmolLM2-135M Botchan perplexity, {args.tokens} tokens, window 512; MiniLM cosine on {args.sentences} "
+          f"sentences; cpu_count={os.cpu_count()} load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = []
+    for name in names:
+        results.append(run_one(name, args))
+        print(json.dumps(results[-1]), flush=True)
+    base = next((r for r in results if r["name"] == FLOAT and "error" not in r), None)
+    table = markdown(results, base)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"tokens": args.tokens, "results": results}, indent=1) + "\n")
+    (out / "quality.md").write_text(table + "\n")
+    pareto_plot(results, base, Path(args.plot),
+                f"SmolLM2-135M, Botchan {args.tokens} tokens: perplexity vs true bits per weight")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,21 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=None, help="code width for --format int (2, 3, 4, 5, 6, 8; default 4)")
-    p.add_argument("--format", default="int", help="int, nf4, fp4 or fp8")
+    p.add_argument("--format", default="int", help="int, nf4, fp4, fp8 or ternary")
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per output channel)")
-    p.add_argument("--method", default="mse", help="mse (data-free error-minimizing, default) or rtn")
+    p.add_argument("--method", default="mse",
+                   help="mse (data-free error-minimizing, default), rtn, or gptq (calibrated; see --calibration)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibrated methods: a UTF-8 text file (default: Botchan after the tokens perplexity uses)")
+    p.add_argument("--n-samples", type=int, default=None, help="calibrated methods: number of calibration sequences")
+    p.add_argument("--seq-len", type=int, default=None, help="calibrated methods: tokens per calibration sequence")
     p.add_argument("--symmetric", action="store_true", help="int only: no stored zero-point")
     p.add_argument("--double-quant", action="store_true", help="8-bit second-level scales (fewer bits per weight)")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="mixed precision: one scheme per layer so the average true bits per weight is at most this "
+                   "(e.g. 2.5); the other scheme flags set what every candidate inherits")
+    p.add_argument("--lowrank-rank", type=int, default=0, help="low-rank error correction W ~ Q(W) + U V of this rank")
+    p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
 
@@ -36,6 +46,9 @@ def _config_from_args(args):
     return HfQuantConfig(
         bits=args.bits, format=args.format, group_size=args.group_size, method=args.method,
         symmetric=args.symmetric, double_quant=args.double_quant, modules_to_not_convert=args.skip,
+        target_bits=args.target_bits, lowrank_rank=args.lowrank_rank, planes=args.planes,
+        calibration=args.calibration,
+        **{k: v for k, v in (("n_samples", args.n_samples), ("seq_len", args.seq_len)) if v is not None},
     )
 
 
@@ -159,8 +172,8 @@ def cmd_inspect(args) -> int:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="float model folder to quantize with the flags below, or a checkpoint "
                    "saved by hf_quant (default: the SmolLM2-135M test model)")
-    p.add_argument("--float-model", help="the float model a saved checkpoint was quantized from (required for a saved "
-                   "checkpoint: quality is measured against it)")
+    p.add_argument("--float-model", help="the float model a saved checkpoint was quantized from: quality is measured "
+                   "against it (without it, a saved checkpoint gets storage figures only)")
     _add_scheme_args(p)
     p.add_argument("--tokens", type=int, default=2048, help="Botchan token budget for perplexity (causal LMs)")
     p.add_argument("--window", type=int, default=512, help="perplexity window (and stride) in tokens")
@@ -195,22 +208,25 @@ def cmd_eval(args) -> int:
         if _scheme_flags_given(args):
             raise ValueError(f"{model_path} is already quantized; drop {', '.join(_scheme_flags_given(args))}")
         if not args.float_model:
-            raise ValueError(f"{model_path} is a saved hf_quant checkpoint: pass --float-model FOLDER, the float model "
-                             "it was quantized from, to measure quality against")
+            print(f"note: {model_path} is a saved checkpoint and no --float-model was given: storage only, no quality "
+                  "figures (pass --float-model FOLDER, the model it was quantized from, to measure them)", file=sys.stderr)
         float_path, quantization_config = args.float_model, saved
         quantized, causal = _load(model_path, dtype=dtype)
     else:
         config = _config_from_args(args)
         float_path, quantization_config = model_path, config.to_dict()
         quantized, causal = _load(model_path, quantization_config=config, dtype=dtype)
-    float_model, _ = _load(float_path, dtype=dtype)
-    tok_path = model_path if (Path(model_path) / "tokenizer_config.json").exists() else float_path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    if causal:
-        quality = evaluate_causal_lm(float_model, quantized, tokenizer, max_tokens=args.tokens, window=args.window)
-    else:
-        quality = evaluate_encoder(float_model, quantized, tokenizer, n_sentences=args.sentences)
-    record = make_record(model_path, quantization_config, model_storage(quantized, float_dtype=dtype), [quality])
+    quality = []
+    if float_path:
+        float_model, _ = _load(float_path, dtype=dtype)
+        tok_path = model_path if (Path(model_path) / "tokenizer_config.json").exists() else float_path
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        if causal:
+            quality.append(evaluate_causal_lm(float_model, quantized, tokenizer, max_tokens=args.tokens,
+                                              window=args.window))
+        else:
+            quality.append(evaluate_encoder(float_model, quantized, tokenizer, n_sentences=args.sentences))
+    record = make_record(model_path, quantization_config, model_storage(quantized, float_dtype=dtype), quality)
     print(format_table(record, per_module=args.per_module))
     if args.json_out:
         write_record(record, args.json_out)

@@ -457,7 +457,9 @@ def test_cli_eval_quantizes_a_float_model_and_checks_its_arguments(saved_tiny, t
     assert record["quantization_config"]["bits"] == 8
     assert record["quality"][0]["quantized"] == pytest.approx(record["quality"][0]["float"], rel=0.01)
     capsys.readouterr()
-    assert cli_main(["eval", str(quant_dir), "--tokens", "64"]) == 2
+    assert cli_main(["eval", str(quant_dir), "--json", str(out)]) == 0  # no float model: storage only, said so
     assert "--float-model" in capsys.readouterr().err
+    record = read_record(out)
+    assert record["quality"] == [] and record["storage"]["quantized_bits_per_weight"] == pytest.approx(5.0)
     assert cli_main(["eval", str(quant_dir), "--float-model", str(float_dir), "--bits", "3"]) == 2
     assert "drop --bits" in capsys.readouterr().err
