@@ -23,6 +23,11 @@ FIELDS = (
     "quantize_experts", "format_version", "target_bits", "allocation_candidates", "lowrank_rank",
 )
 DEFAULT_INT_BITS = 4
+# Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
+CALIBRATION_FIELDS = ("calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups")
+FIELDS = FIELDS + CALIBRATION_FIELDS
+CALIBRATION_METHODS = ("gptq",)
+_DATASET_KEYS = ("path", "name", "split", "text_field")
 
 
 def _is_int(value) -> bool:
@@ -86,7 +91,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         group_size: 32, 64, 128, 256, or -1 for one scale per output channel. In-features that are not a multiple
             of the group size are zero-padded to the next multiple; the padding is part of the stored layout.
         symmetric: "int" only: no stored zero-point. True with a codebook format is an error.
-        method: "mse" (default; data-free error-minimizing scale/zero search) or "rtn" (round to nearest).
+        method: "mse" (default; data-free error-minimizing scale/zero search), "rtn" (round to nearest) or "gptq"
+            (calibrated while loading: GPTQ block by block on the calibration data below).
         double_quant: store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).
         modules_to_not_convert: list of module names (or dotted prefixes) kept in float. Default (None): the
             output embedding, tied weights and the last module, as transformers computes them; the resolved list is
@@ -100,6 +106,17 @@ class HfQuantConfig(QuantizationConfigMixin):
         quantize_experts: also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).
         format_version: the on-disk layout version; set by hf_quant, checked when loading. A saved config must
             carry it (`from_dict` rejects a config without it).
+        calibration: calibration-based methods only: None or "botchan" (default: the Botchan text after its first
+            8192 tokens, disjoint from hf_quant's perplexity evaluation), the path of a UTF-8 text file, or a list
+            of texts. Tokenised with the model's tokenizer into `n_samples` windows of `seq_len` tokens.
+        calibration_dataset: instead of `calibration`, a `datasets` dataset: {"path": ..., "name": None,
+            "split": "train", "text_field": "text"} (needs `pip install datasets`).
+        n_samples, seq_len: number and length (tokens) of calibration sequences.
+        damp: GPTQ damping, as a fraction of the mean Hessian diagonal added to it (raised tenfold, with a warning,
+            while the Hessian is not positive definite).
+        act_order: GPTQ visits input columns by decreasing Hessian diagonal (needs static_groups).
+        static_groups: GPTQ computes every group's scale/zero-point from the float weight before quantizing
+            (False: when GPTQ reaches the group, from the error-updated weight; not with double_quant).
         target_bits: mixed precision under a budget (hf_quant.algorithms.allocation): when quantizing, choose one
             scheme per linear layer from `allocation_candidates` so that the average true bits per quantized weight
             (everything stored) is at most this, minimising the summed weight reconstruction error (exact knapsack).
@@ -124,6 +141,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         overrides: dict[str, dict[str, Any] | None] | None = None,
         quantize_experts: bool = True,
         format_version: int = FORMAT_VERSION,
+        calibration: str | list[str] | None = None,
+        calibration_dataset: dict[str, Any] | None = None,
+        n_samples: int = 64,
+        seq_len: int = 512,
+        damp: float = 0.01,
+        act_order: bool = True,
+        static_groups: bool = True,
         target_bits: float | None = None,
         allocation_candidates: list[dict[str, Any]] | None = None,
         lowrank_rank: int = 0,
@@ -150,6 +174,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.overrides = {} if overrides is None else overrides
         self.quantize_experts = quantize_experts
         self.format_version = format_version
+        self.calibration = calibration
+        self.calibration_dataset = calibration_dataset
+        self.n_samples = n_samples
+        self.seq_len = seq_len
+        self.damp = damp
+        self.act_order = act_order
+        self.static_groups = static_groups
         self.target_bits = target_bits
         self.allocation_candidates = allocation_candidates
         self.lowrank_rank = lowrank_rank
@@ -219,6 +250,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             overrides[pattern] = dict(settings)
         self.overrides = overrides
         self._override_patterns = patterns
+        self._check_calibration_fields()
         self._check_allocation_fields()
         self._validated = self._snapshot()
 
@@ -246,6 +278,50 @@ class HfQuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"allocation_candidates[{i}]: {e}") from None
         self.allocation_candidates = [dict(c) for c in cands]
 
+
+    def _check_calibration_fields(self) -> None:
+        cal = self.calibration
+        if cal is not None and not isinstance(cal, str) and not (
+            isinstance(cal, (list, tuple)) and cal and all(isinstance(t, str) and t for t in cal)
+        ):
+            raise ValueError(
+                "calibration must be None, 'botchan', the path of a text file (str) or a non-empty list of non-empty "
+                f"texts, got {cal!r}"
+            )
+        if isinstance(cal, (list, tuple)):
+            self.calibration = list(cal)
+        ds = self.calibration_dataset
+        if ds is not None:
+            if not isinstance(ds, Mapping) or not isinstance(ds.get("path"), str) or set(ds) - set(_DATASET_KEYS):
+                raise ValueError(
+                    "calibration_dataset must be None or a dict with a 'path' (str) and optionally 'name', 'split', "
+                    f"'text_field', e.g. {{'path': 'wikitext', 'name': 'wikitext-2-raw-v1'}}, got {ds!r}"
+                )
+            if cal is not None:
+                raise ValueError("give either calibration or calibration_dataset, not both")
+            self.calibration_dataset = dict(ds)
+        for name, low in (("n_samples", 1), ("seq_len", 2)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 10:
+            raise ValueError(f"damp must be a number in (0, 10] (fraction of the mean Hessian diagonal), got {self.damp!r}")
+        for name in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool (True or False), got {getattr(self, name)!r}")
+        if self.act_order and not self.static_groups:
+            raise ValueError("act_order=True needs static_groups=True (the stored formats have no per-column group "
+                             "index); set static_groups=True or act_order=False")
+        if self.double_quant and not self.static_groups:
+            raise ValueError("double_quant=True needs static_groups=True (its 8-bit scale codes are fitted to all of a "
+                             "layer's scales at once)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any module's method is calibration-based (quantized after loading, on calibration data)."""
+        self._ensure_valid()
+        schemes = [self.default_scheme] + [s for _, s in self._override_patterns if s is not None]
+        return any(s.method in CALIBRATION_METHODS for s in schemes)
 
     def _scheme(self, settings: Mapping[str, Any]) -> QuantScheme:
         values = {f: getattr(self, f) for f in _SCHEME_FIELDS}
@@ -310,6 +386,13 @@ class HfQuantConfig(QuantizationConfigMixin):
             # transformers writes config.json with sorted keys.
             "overrides": [[pattern, copy.deepcopy(settings)] for pattern, settings in self.overrides.items()],
             "quantize_experts": self.quantize_experts,
+            "calibration": copy.copy(self.calibration),
+            "calibration_dataset": copy.copy(self.calibration_dataset),
+            "n_samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "damp": self.damp,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
             "target_bits": self.target_bits,
             "allocation_candidates": copy.deepcopy(self.allocation_candidates),
             "lowrank_rank": self.lowrank_rank,

@@ -87,6 +87,12 @@ class HfQuantQuantizer(HfQuantizer):
             # after loading (and untied), so it is left out of the load-time conversion.
             self.tied_to_quantize = tied_linears_to_quantize(model, config, self.modules_to_not_convert)
             self.modules_to_not_convert += list(self.tied_to_quantize)
+        if not self.pre_quantized and config.needs_calibration:
+            # Calibration methods need the float weights: they load unchanged, `quantize_with_calibration` runs after.
+            from .algorithms.calibration import check_calibration_supported
+
+            check_calibration_supported(model, config)
+            return
         replaced = install_quantized_modules(
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
         )
@@ -103,6 +109,11 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.__dict__.pop("initialize_weights", None)
+        if not self.pre_quantized and self.quantization_config.needs_calibration:
+            from .algorithms.calibration import quantize_with_calibration
+
+            self.calibration_report = quantize_with_calibration(model, self.quantization_config,
+                                                                self.modules_to_not_convert)
         if self.tied_to_quantize:
             quantize_tied_linears(model, self.tied_to_quantize)
         if self.load_errors:

@@ -1,0 +1,377 @@
+"""Calibration-based quantization of a loaded float model, one transformer block at a time.
+
+1. Calibration data (a list of texts, a local text file, a `datasets` dataset, or by default the part of Botchan
+   after the first `BOTCHAN_EVAL_TOKENS` tokens, which hf_quant's perplexity evaluation never reads) is tokenised
+   into `n_samples` windows of `seq_len` tokens.
+2. The model runs up to its first block; that block's inputs (and the keyword arguments the model passes its
+   blocks: attention mask, rotary embeddings) are kept.
+3. For each block: one pass with the float block accumulates the Hessian X^T X of every linear's inputs (linears
+   reading the same tensor, e.g. q/k/v, share one); its linears are quantized (GPTQ, or the data-free method a
+   module's scheme names) and replaced by `QuantLinear`; a second pass through the quantized block gives the next
+   block's inputs. Only one block's activations and Hessians are alive at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from ..formats import QuantParams, QuantScheme, pack
+from ..nn import QuantLinear, float_weight_of
+from .data_free import quantize_weight
+from .gptq import gptq_quantize
+
+logger = logging.getLogger(__name__)
+
+# hf_quant's perplexity evaluation reads at most the first 4096 tokens of Botchan (`eval.perplexity` default);
+# calibration starts well after them, so calibrated results are not measured on their own calibration text.
+BOTCHAN_EVAL_TOKENS = 8192
+CALIBRATION_METHODS = ("gptq",)
+_BLOCK_BATCH = 8  # calibration sequences per forward of a block
+
+
+@dataclasses.dataclass
+class CalibrationReport:
+    n_samples: int
+    seq_len: int
+    blocks: int
+    quantized_modules: int
+    seconds: float
+    peak_rss_bytes: int  # the process's peak resident memory (includes loading the model)
+    peak_calibration_bytes: int  # largest size of the held activations + Hessians (one block's worth)
+
+    def summary(self) -> str:
+        return (
+            f"calibrated {self.quantized_modules} modules in {self.blocks} blocks on {self.n_samples}x{self.seq_len} "
+            f"tokens in {self.seconds:.1f} s; activations+Hessians peak {self.peak_calibration_bytes / 2**20:.0f} MiB, "
+            f"process peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+        )
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def _read_dataset_text(spec: dict, min_chars: int) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            "calibration_dataset needs the `datasets` package: pip install 'hf-quant[calibration]' (or pass "
+            "calibration=<list of texts or a local text file>)"
+        ) from None
+    ds = datasets.load_dataset(spec["path"], spec.get("name"), split=spec.get("split", "train"))
+    field = spec.get("text_field", "text")
+    if field not in ds.column_names:
+        raise ValueError(f"calibration_dataset: {spec['path']!r} has no column {field!r} (columns: {ds.column_names}); "
+                         "set calibration_dataset['text_field']")
+    parts, size = [], 0
+    for row in ds:
+        text = row[field]
+        if text:
+            parts.append(text)
+            size += len(text)
+            if size >= min_chars:
+                break
+    return "\n\n".join(parts)
+
+
+def calibration_text(config) -> tuple[str | None, str]:
+    """(text, description) of the configured calibration source; text None means the built-in Botchan slice."""
+    if config.calibration_dataset is not None:
+        spec = config.calibration_dataset
+        # Roughly 4 characters per token, twice over so the windows need not overlap.
+        return _read_dataset_text(spec, 8 * config.n_samples * config.seq_len), f"dataset {spec['path']}"
+    source = config.calibration
+    if source is None or source == "botchan":
+        return None, f"Botchan after its first {BOTCHAN_EVAL_TOKENS} tokens"
+    if isinstance(source, str):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"calibration={source!r} is not a file; give a UTF-8 text file, a list of texts, or "
+                             "'botchan'")
+        return path.read_text(encoding="utf-8"), f"file {path}"
+    return "\n\n".join(source), f"{len(source)} texts"
+
+
+def calibration_token_ids(tokenizer, config) -> torch.Tensor:
+    """[n_samples, seq_len] token ids: windows spread evenly over the tokenised calibration text (they overlap only
+    when the text has fewer than n_samples * seq_len tokens)."""
+    text, what = calibration_text(config)
+    if text is None:
+        from ..assets import botchan_text
+
+        ids = tokenizer(botchan_text(), add_special_tokens=False, verbose=False)["input_ids"][BOTCHAN_EVAL_TOKENS:]
+    else:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    n, length = config.n_samples, config.seq_len
+    if len(ids) < length:
+        raise ValueError(f"calibration data ({what}) has {len(ids)} tokens, fewer than seq_len={length}; give more "
+                         "text or lower seq_len")
+    starts = torch.linspace(0, len(ids) - length, n).round().long().tolist()
+    tokens = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([tokens[s : s + length] for s in starts])
+
+
+# --------------------------------------------------------------------------- model structure
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, module) of the model's transformer blocks: the ModuleList of `num_hidden_layers` blocks with linears."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and n and any(
+            isinstance(m, (nn.Linear, Conv1D)) for m in module[0].modules()
+        ):
+            return name, module
+    raise ValueError(f"calibration: found no list of {n} transformer blocks in {type(model).__name__}")
+
+
+def calibration_targets(model: nn.Module, config, modules_to_not_convert: list[str]) -> dict[str, QuantScheme]:
+    """Module name -> scheme of every linear to quantize (the modules quantize-on-load would replace)."""
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or not should_convert_module(name, modules_to_not_convert):
+            continue
+        if type(module) is nn.Linear or isinstance(module, Conv1D):
+            scheme = config.scheme_for(name)
+            if scheme is not None:
+                targets[name] = scheme
+    return targets
+
+
+def check_calibration_supported(model: nn.Module, config) -> None:
+    """Raise before weights load for models the block-by-block pipeline cannot calibrate."""
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if len(set(layer_types)) > 1:
+        raise ValueError(
+            f"calibration methods need every block to take the same attention inputs; {type(model).__name__} mixes "
+            f"layer types {sorted(set(layer_types))}. Use a data-free method (method='mse')"
+        )
+    from ..quantizer import expert_params, is_fused_experts
+
+    if config.quantize_experts and any(is_fused_experts(m) and expert_params(m) for m in model.modules()):
+        raise ValueError(
+            f"method={config.method!r} does not calibrate fused MoE expert tensors yet; set quantize_experts=False "
+            "(experts stay in float) or use a data-free method (method='mse')"
+        )
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_first_block_inputs(model, block, token_ids, batch):
+    """Per batch of sequences: (hidden states entering `block`, its other positional args, its keyword args)."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, args[1:], kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    try:
+        for i in range(0, token_ids.shape[0], batch):
+            try:
+                model(input_ids=token_ids[i : i + batch].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------- the block loop
+
+
+class _HessianCollector:
+    """Accumulates X^T X of the inputs of a block's linears; linears fed the same tensor share one Hessian."""
+
+    def __init__(self, modules: dict[str, nn.Module], token_weights: Callable | None = None):
+        self.modules = modules
+        self.leader: dict[str, str] = {}  # module name -> the module whose Hessian it shares
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
+        self._batch_inputs: dict[tuple, str] = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def new_batch(self) -> None:
+        self._batch_inputs.clear()
+
+    def _hook(self, name):
+        def hook(_module, args, _output):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            first = self._batch_inputs.setdefault(key, name)
+            leader = self.leader.setdefault(name, first)
+            if leader != name:
+                return
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            h = self.hessians.get(name)
+            if h is None:
+                h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                self.counts[name] = 0.0
+            h.addmm_(x.t(), x)
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        leader = self.leader[name]
+        return self.hessians[leader] / max(self.counts[leader], 1.0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParams | None) -> QuantLinear:
+    weight = float_weight_of(module)
+    q = QuantLinear(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
+                    dtype=weight.dtype)
+    q.load_packed(pack(scheme, params) if params is not None else quantize_weight(weight, scheme))
+    q.source_is_conv1d = isinstance(module, Conv1D)
+    if module.bias is not None:
+        q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    q.requires_grad_(False)
+    return q
+
+
+def _gptq_group(names, modules, schemes, hessian, config) -> dict[str, QuantParams]:
+    """GPTQ of linears sharing one Hessian. Those with one scheme are stacked into one weight (same Hessian, so the
+    result is that of quantizing each alone, in one pass); double-quantized ones run alone because their
+    second-level blocks of 64 scales are counted per module."""
+    kwargs = dict(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups)
+    out = {}
+    batches: dict[QuantScheme, list[str]] = {}
+    for name in names:
+        batches.setdefault(schemes[name], []).append(name)
+    for scheme, members in batches.items():
+        runs = [[m] for m in members] if scheme.double_quant else [members]
+        for run in runs:
+            weights = [float_weight_of(modules[m]).float() for m in run]
+            params = gptq_quantize(torch.cat(weights), hessian, scheme, **kwargs)
+            row = 0
+            for m, w in zip(run, weights):
+                sl = slice(row, row + w.shape[0])
+                out[m] = QuantParams(params.codes[sl], params.scale[sl],
+                                     None if params.zero is None else params.zero[sl])
+                row += w.shape[0]
+    return out
+
+
+@torch.no_grad()
+def quantize_with_calibration(
+    model: nn.Module, config, modules_to_not_convert: list[str], tokenizer=None, progress: bool = True
+) -> CalibrationReport:
+    """Quantize the linears of a loaded float `model` as `config` says, calibrating block by block."""
+    start = time.perf_counter()
+    targets = calibration_targets(model, config, modules_to_not_convert)
+    if not targets:
+        raise ValueError(
+            f"hf_quant found no nn.Linear or Conv1D weight to quantize in {type(model).__name__} "
+            f"(modules_to_not_convert={config.modules_to_not_convert}, overrides={config.overrides})"
+        )
+    blocks_name, blocks = decoder_blocks(model)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
+    outside = [n for n, s in targets.items() if s.method in CALIBRATION_METHODS
+               and not any(n.startswith(p) for p in prefixes)]
+    if outside:
+        raise ValueError(
+            f"{config.method} calibrates linears inside the transformer blocks only; {outside} lie outside them. Keep "
+            f"them in float (modules_to_not_convert) or quantize them data-free: overrides={{{outside[0]!r}: "
+            "{'method': 'mse'}}"
+        )
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        source = getattr(model, "name_or_path", None)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"calibration needs the model's tokenizer, and none could be loaded from {source!r} ({e}); save one "
+                "with the model"
+            ) from None
+    token_ids = calibration_token_ids(tokenizer, config)
+
+    was_training = model.training
+    model.eval()
+    peak_held = 0
+    done = 0
+    try:
+        states = _capture_first_block_inputs(model, blocks[0], token_ids, _BLOCK_BATCH)
+        # Data-free modules outside the blocks need no activations.
+        for name, scheme in targets.items():
+            if not any(name.startswith(p) for p in prefixes):
+                model.set_submodule(name, _quantized_module(model.get_submodule(name), scheme, None))
+                done += 1
+        bar = _progress(len(blocks), progress)
+        for index, (block, prefix) in enumerate(zip(blocks, prefixes)):
+            local = {n[len(prefix):]: s for n, s in targets.items() if n.startswith(prefix)}
+            modules = {n: block.get_submodule(n) for n in local}
+            calibrated = {n for n, s in local.items() if s.method in CALIBRATION_METHODS}
+            params: dict[str, QuantParams] = {}
+            if calibrated:
+                collector = _HessianCollector({n: modules[n] for n in calibrated})
+                try:
+                    for hidden, args, kwargs in states:
+                        collector.new_batch()
+                        block(hidden, *args, **kwargs)
+                finally:
+                    collector.remove()
+                peak_held = max(peak_held, _nbytes(s[0] for s in states) * 2 + _nbytes(collector.hessians.values()))
+                groups: dict[str, list[str]] = {}
+                for n in calibrated:
+                    groups.setdefault(collector.leader[n], []).append(n)
+                for leader, names in groups.items():
+                    params.update(_gptq_group(names, modules, local, collector.hessian(leader), config))
+                del collector
+            for n, scheme in local.items():
+                block.set_submodule(n, _quantized_module(modules[n], scheme, params.get(n)))
+                done += 1
+            if index + 1 < len(blocks):  # the last block's outputs are not needed
+                states = [(_block_output(block(h, *a, **kw)), a, kw) for h, a, kw in states]
+            bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = CalibrationReport(token_ids.shape[0], token_ids.shape[1], len(blocks), done,
+                               time.perf_counter() - start, rss, peak_held)
+    logger.info(report.summary())
+    return report
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="hf_quant calibration (blocks)", disable=not enabled, unit="block")
+
+
+__all__ = [
+    "BOTCHAN_EVAL_TOKENS",
+    "CALIBRATION_METHODS",
+    "CalibrationReport",
+    "calibration_token_ids",
+    "check_calibration_supported",
+    "quantize_with_calibration",
+]
