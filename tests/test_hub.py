@@ -268,6 +268,10 @@ def test_auth_failures_name_the_fix_and_leave_nothing_behind(checkpoint, hub):
         push_folder(quant_dir, "hf-quant-tests/new-repo", token=READ_TOKEN, endpoint=hub.url)
     with pytest.raises(HubPushError, match="cannot reach http://127.0.0.1:9 .* check the network or HF_ENDPOINT"):
         push_folder(quant_dir, "hf-quant-tests/new-repo", token=TOKEN, endpoint="http://127.0.0.1:9")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set; unset it to upload"):
+            push_folder(quant_dir, "hf-quant-tests/new-repo", token=TOKEN, endpoint=hub.url)
     assert "hf-quant-tests/new-repo" not in hub.repos
     assert hub.count("POST", r"/commit/") == commits
     assert _listing(quant_dir) == before

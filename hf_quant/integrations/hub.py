@@ -17,8 +17,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ def push_folder(
     _check_repo_id(repo_id)
     files = _checkpoint_files(folder)
     record = load_eval_record(eval_record, folder) if eval_record is not None else None
+    if constants.HF_HUB_OFFLINE:
+        raise HubPushError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload")
     if token is None and get_token() is None:
         raise HubPushError(f"no Hugging Face token found to push {repo_id}: {_TOKEN_FIX}")
     api = HfApi(endpoint=endpoint, token=token, library_name="hf_quant", library_version=_version())
@@ -230,8 +232,6 @@ def _hub_errors(repo_id: str, endpoint: str):
     """Turn the Hub's refusals into messages that name the fix."""
     try:
         yield
-    except OfflineModeIsEnabled as e:
-        raise HubPushError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload") from e
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:
