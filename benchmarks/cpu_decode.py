@@ -30,16 +30,20 @@ from hf_quant.assets import botchan_text, smollm2_path  # noqa: E402
 from hf_quant.eval.storage import model_storage  # noqa: E402
 
 FLOAT = "float32"
+LM_HEAD_INT8 = dict(modules_to_not_convert=[], overrides={"lm_head": {"bits": 8, "group_size": -1, "symmetric": True}})
 OURS = {
     "int4 g128": dict(bits=4, group_size=128, method="rtn"),
     "int4 g64": dict(bits=4, group_size=64, method="rtn"),
     "int3 g128": dict(bits=3, group_size=128, method="rtn"),
     "int8-sym ch": dict(bits=8, group_size=-1, symmetric=True, method="rtn"),
     "nf4 g64": dict(format="nf4", group_size=64, method="rtn"),
+    # lm_head (tied to the embedding, 49152x576: a fifth of the weights, read every token) quantized too
+    "int4 g128 + lm_head int8": dict(bits=4, group_size=128, method="rtn", **LM_HEAD_INT8),
+    "int4 g64 + lm_head int8": dict(bits=4, group_size=64, method="rtn", **LM_HEAD_INT8),
 }
 PEER_NAMES = ["bnb int8", "bnb nf4 b64", "hqq int4 g64", "quanto qint8", "quanto qint4 g128", "torchao int8",
               "torchao intx4 g64"]
-QUICK = [FLOAT, "int4 g128", "int8-sym ch", "bnb nf4 b64", "hqq int4 g64", "torchao int8"]
+QUICK = [FLOAT, "int4 g128", "int4 g64 + lm_head int8", "int8-sym ch", "bnb nf4 b64", "hqq int4 g64", "torchao int8"]
 
 
 def build(name: str, path):
