@@ -31,6 +31,7 @@ SCHEMES = {
     "int8-channel": QuantScheme(bits=8, group_size=-1, symmetric=True),
     "nf4-g32": QuantScheme(format="nf4", bits=4, group_size=32),
     "fp8-g64": QuantScheme(format="fp8", bits=8, group_size=64),
+    "int2-g32-lowrank4": QuantScheme(bits=2, group_size=32, lowrank_rank=4),  # stored low-rank correction term
 }
 
 
