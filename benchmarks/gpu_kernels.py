@@ -125,8 +125,8 @@ def bench_moe(args) -> None:
                 sys.exit(f"MoE {name} m={m}: relative error {err:.2e} against the reference; not timing")
             t_fused = do_bench_cudagraph(lambda: TritonKernel.moe_linear(x, ids, state)) * 1e3
             t_loop = do_bench(loop) * 1e3  # launch overhead included: `nonzero` syncs, so no CUDA graph
-            print(f"| {experts}x{in_f}x{out_f} | {m} | {name} | {t_fused:.1f} | {t_loop:.1f} | {t_loop / t_fused:.2f} |",
-                  flush=True)
+            row = f"| {experts}x{in_f}x{out_f} | {m} | {name} | {t_fused:.1f} | {t_loop:.1f} | {t_loop / t_fused:.2f} |"
+            print(row, flush=True)
 
 
 def main() -> None:

@@ -105,3 +105,39 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# (dtypes of x / y / scales, constexprs) of the three token regimes, both ways of reading codes, several formats
+GPU_VARIANTS = [
+    (("fp16", "fp16", "fp16"), dict(W0=4, W1=0, MODE=0, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, WORD_TILE=True,
+                                    TILE_IN_GROUP=True)),
+    (("bf16", "fp32", "fp32"), dict(W0=2, W1=1, MODE=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, WORD_TILE=False,
+                                    TILE_IN_GROUP=False)),
+    (("fp16", "fp16", "fp16"), dict(W0=4, W1=0, MODE=2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, WORD_TILE=True,
+                                    TILE_IN_GROUP=True, MOE=True, TOP_K=2)),
+]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the GPU kernel, not the interpreter's")
+@pytest.mark.parametrize("dtypes,constants", GPU_VARIANTS)
+def test_kernel_compiles_for_h100(dtypes, constants):
+    """The interpreter does not run triton's GPU compiler: compile the kernel down to an sm_90 cubin (triton's bundled
+    ptxas; no GPU needed), so code the compiler rejects, or that overflows shared memory, fails here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_quant.kernels.triton import jit
+
+    fn = jit.qmm_kernel
+    x, y, param = dtypes
+    pointer = {"x_ptr": x, "y_ptr": y, "s_ptr": param, "z_ptr": param, "table_ptr": "fp32"}
+    constants = {"SYM_ZERO": 8.0, "MOE": False, "TOP_K": 1, "F32_DOT": x == "fp32", **constants}
+    def arg_type(name: str, constexpr: bool) -> str:
+        return "constexpr" if constexpr else f"*{pointer.get(name, 'i32')}" if name.endswith("_ptr") else "i32"
+
+    signature = {p.name: arg_type(p.name, p.is_constexpr) for p in fn.params}
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": 3})
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024  # H100's shared memory per block

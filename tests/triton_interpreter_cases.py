@@ -11,6 +11,8 @@ Speed is not measured here (benchmarks/gpu_kernels.py, on a GPU).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -28,6 +30,19 @@ OUT = 48
 BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@contextlib.contextmanager
+def word_tile(enabled: bool):
+    """Run the kernels reading each code word once (WORD_TILE) or once per code (see jit._plane)."""
+    saved = jit.INTERPRETER_BLOCKS["WORD_TILE"]
+    jit.INTERPRETER_BLOCKS["WORD_TILE"] = enabled
+    jit.qmm.cache.clear()  # the autotuner remembers its pick per key
+    try:
+        yield
+    finally:
+        jit.INTERPRETER_BLOCKS["WORD_TILE"] = saved
+        jit.qmm.cache.clear()
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -68,16 +83,20 @@ def test_linear_matches_reference(scheme):
     tensors, w_ref = quantized(scheme, shape)
     gen = torch.Generator().manual_seed(in_features)
     # float32 for every token regime (GEMV, skinny dot, prefill tiles); 16-bit inputs on the dot paths
-    runs = [(torch.float32, m) for m in (1, 3, 33)] + [(torch.float16, 3), (torch.bfloat16, 33)]
+    # (dtype, tokens, WORD_TILE): float32 through every path both ways of reading the codes; 16-bit inputs on top
+    runs = [(torch.float32, m, tile) for m in (1, 3, 33) for tile in (False, True)]
+    runs += [(torch.float16, 3, False), (torch.bfloat16, 33, True)]
     if scheme.format == "int" and scheme.bits in (3, 4):
-        runs += [(torch.float16, 1), (torch.bfloat16, 1), (torch.float16, 33), (torch.bfloat16, 3)]
+        runs += [(torch.float16, 1, True), (torch.bfloat16, 1, False), (torch.float16, 33, False),
+                 (torch.bfloat16, 3, True)]
     states = {}
-    for dtype, m in runs:
+    for dtype, m, tile in runs:
         state = states.setdefault(dtype, TritonKernel.prepare(scheme, tensors, shape, dtype))
         x = torch.randn(m, in_features, generator=gen).to(dtype)
-        y = TritonKernel.linear(x, state)
+        with word_tile(tile):
+            y = TritonKernel.linear(x, state)
         assert y.shape == (m, OUT) and y.dtype == dtype
-        assert rel_err(y, x.double() @ w_ref.T) < BOUNDS[dtype], (dtype, m)
+        assert rel_err(y, x.double() @ w_ref.T) < BOUNDS[dtype], (dtype, m, tile)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
@@ -97,7 +116,9 @@ def test_split_k_matches_reference(scheme, split_k):
     state = TritonKernel.prepare(scheme, tensors, (OUT, in_features), torch.float32)
     for m in (1, 16):
         x = torch.randn(m, in_features)
-        assert rel_err(TritonKernel.linear(x, state, split_k=split_k), x.double() @ w_ref.T) < 1e-5
+        with word_tile(split_k == 3):
+            y = TritonKernel.linear(x, state, split_k=split_k)
+        assert rel_err(y, x.double() @ w_ref.T) < 1e-5
 
 
 def test_automatic_split_k_on_a_long_reduction():
@@ -141,7 +162,8 @@ def test_fused_moe_matches_reference(scheme):
         counts = torch.bincount(ids.flatten(), minlength=experts)
         assert tokens < 20 or counts.max() > MOE_BLOCK_M
         x = torch.randn(tokens, in_features, generator=gen)
-        y = TritonKernel.moe_linear(x, ids, state)
+        with word_tile(tokens == 7):
+            y = TritonKernel.moe_linear(x, ids, state)
         ref = torch.einsum("tk,tjnk->tjn", x.double(), w_ref[ids])
         assert y.shape == (tokens, top_k, OUT)
         assert rel_err(y, ref) < 1e-5, tokens

@@ -57,7 +57,8 @@ def prepare_weight(scheme, tensors: dict[str, torch.Tensor], in_features: int) -
     whose decoded values need not fit float16)."""
     jit = _jit()
     if scheme.format == "int" and scheme.bits not in PLANES:
-        raise ValueError(f"{scheme.bits}-bit codes are not supported by the triton kernel (supported: {sorted(PLANES)})")
+        raise ValueError(f"{scheme.bits}-bit codes are not supported by the triton kernel "
+                         f"(supported: {sorted(PLANES)})")
     bits = scheme.bits
     widths = PLANES[bits] if scheme.format == "int" else (bits,)
     g, _, _ = scheme.group_layout(in_features)

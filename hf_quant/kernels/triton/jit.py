@@ -35,25 +35,41 @@ AFFINE, AFFINE_SYMMETRIC, CODEBOOK = 0, 1, 2
 
 
 @triton.jit
-def _plane(ptr, offs_k, offs_n, mask, N, WIDTH: tl.constexpr):
-    """Codes of one bit plane at [offs_k, offs_n] (int32)."""
+def _plane(ptr, k0, offs_k, offs_n, mask, N, K, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+           WORD_TILE: tl.constexpr):
+    """Codes of one bit plane for rows k0 + [0, BLOCK_K) and columns offs_n (int32; zero where masked).
+
+    WORD_TILE: load each word once as a [BLOCK_K / per_word, BLOCK_N] tile and spread its codes with a reshape;
+    otherwise every k loads its own word (the same address per_word times, served by L1). Autotuning picks: which is
+    faster depends on the GPU and the token regime (the per-k loads are pipelined through shared memory at full
+    [BLOCK_K, BLOCK_N] int32 size in the tensor-core paths)."""
     per_word: tl.constexpr = 32 // WIDTH
-    word = tl.load(ptr + (offs_k // per_word)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    shift = ((offs_k % per_word) * WIDTH)[:, None]
-    # arithmetic shift of a signed word: the mask drops the sign-extended bits
-    return (word >> shift) & ((1 << WIDTH) - 1)
+    if WORD_TILE:
+        offs_w = k0 // per_word + tl.arange(0, BLOCK_K // per_word)  # k0 is a multiple of 32: whole words
+        k_words = tl.cdiv(K, 32) * (32 // per_word)  # rows are stored padded to 32 codes
+        word_ok = (offs_w < k_words)[:, None] & (offs_n < N)[None, :]
+        word = tl.load(ptr + offs_w[:, None] * N + offs_n[None, :], mask=word_ok, other=0)
+        shifts = tl.arange(0, per_word) * WIDTH
+        codes = (word[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
+        return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+    else:
+        word = tl.load(ptr + (offs_k // per_word)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        shift = ((offs_k % per_word) * WIDTH)[:, None]
+        # arithmetic shift of a signed word: the mask drops the sign-extended bits
+        return (word >> shift) & ((1 << WIDTH) - 1)
 
 
 @triton.jit
-def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, group_size,
+def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, K, group_size,
                      W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr,
-                     TILE_IN_GROUP: tl.constexpr):
+                     TILE_IN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     WORD_TILE: tl.constexpr):
     """Float32 weights w[k, n] of a [BLOCK_K, BLOCK_N] tile starting at k0; finite everywhere and zero outside
     n_ok (callers zero x where k_ok is false)."""
     mask = k_ok[:, None] & n_ok[None, :]
-    code = _plane(p0_ptr, offs_k, offs_n, mask, N, W0)
+    code = _plane(p0_ptr, k0, offs_k, offs_n, mask, N, K, W0, BLOCK_K, BLOCK_N, WORD_TILE)
     if W1 > 0:
-        code = code | (_plane(p1_ptr, offs_k, offs_n, mask, N, W1) << W0)
+        code = code | (_plane(p1_ptr, k0, offs_k, offs_n, mask, N, K, W1, BLOCK_K, BLOCK_N, WORD_TILE) << W0)
     if TILE_IN_GROUP:  # the whole tile lies in one group: one row of scales, broadcast over k
         param = (k0 // group_size) * N + offs_n[None, :]
         param_mask = n_ok[None, :]
@@ -77,7 +93,8 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
                expert_stride_p0, expert_stride_p1, expert_stride_param, tune_key,
                W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr,
                MOE: tl.constexpr, TOP_K: tl.constexpr, F32_DOT: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORD_TILE: tl.constexpr,
+               TILE_IN_GROUP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -110,8 +127,8 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
         k_ok = offs_k < k_end
         x = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, group_size,
-                             W0, W1, MODE, SYM_ZERO, TILE_IN_GROUP)
+        w = _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, K,
+                             group_size, W0, W1, MODE, SYM_ZERO, TILE_IN_GROUP, BLOCK_K, BLOCK_N, WORD_TILE)
         if BLOCK_M == 1:
             acc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_K, 1)) * w, axis=0, keep_dims=True)
         elif F32_DOT:  # float32 inputs, or bfloat16 ones in the interpreter (see `f32_dot`)
@@ -123,20 +140,18 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
 
 
 def _configs(block_m, shapes):
-    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n, k, w, s in shapes]
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "WORD_TILE": t}, num_warps=w, num_stages=s)
+            for n, k, w, s in shapes for t in (False, True)]
 
 
 # Small candidate sets per token regime: autotuning compiles and times each once per (shape bucket, dtype, GPU);
 # triton caches the winners on disk (`cache_results`, under TRITON_CACHE_DIR, default ~/.triton/cache).
-_GEMV = _configs(1, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 2, 4), (128, 64, 4, 4)])
-_SKINNY = _configs(16, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4), (32, 128, 2, 4)])
-_PREFILL = [
-    *_configs(64, [(128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]),
-    *_configs(128, [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4)]),
-]
+_GEMV = _configs(1, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3)])
+_SKINNY = _configs(16, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3)])
+_PREFILL = [*_configs(64, [(128, 64, 4, 4)]), *_configs(128, [(128, 64, 8, 4), (128, 128, 8, 3)])]
 # The interpreter (CPU correctness checks) runs one small config: several programs per axis, several K steps.
-INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
+# Tests switch WORD_TILE here (and clear `qmm.cache`) to check both ways of reading the codes.
+INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32, "WORD_TILE": False}
 
 
 def _select_configs(configs, named_args, **kwargs):
