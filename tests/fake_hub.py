@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub, enough for huggingface_hub's push and download paths.
 
 It serves, on 127.0.0.1, what `HfApi.create_repo` / `create_commit` (pre-upload, LFS batch + basic PUT transfer
-+ verify, NDJSON commit) / `repo_info` / `list_repo_tree` / `hf_hub_download` / `snapshot_download` /
++ verify, NDJSON commit) / `create_branch` / `repo_info` / `list_repo_tree` / `hf_hub_download` / `snapshot_download` /
 `ModelCard.load` call, with git-style ids: regular files carry their git blob sha1, LFS files their sha256, and
 every commit keeps its own snapshot, so the client's de-duplication (unchanged files dropped from a commit, LFS
 objects already stored not re-sent) behaves as against the Hub. Xet is not served: clients must run with
@@ -274,6 +274,16 @@ def _handler(hub: FakeHub):
             oid = json.loads(body)["oid"]
             self._send(200 if oid in hub.lfs_objects else 404, {"oid": oid})
 
+        def create_branch(self, method, body, query, repo_id, branch) -> None:
+            repo = self._writable_repo(repo_id)
+            if repo is None:
+                return
+            if branch in repo.branches:
+                return self._error(409, f"Branch {branch} already exists")
+            start = (json.loads(body) if body else {}).get("startingPoint", "main")
+            repo.branches[branch] = repo.branches.get(start, start)
+            self._send(200, {})
+
         def commit(self, method, body, query, repo_id, revision) -> None:
             repo = self._writable_repo(repo_id)
             if repo is None:
@@ -320,6 +330,7 @@ def _handler(hub: FakeHub):
         (rf"/api/models/{REPO}/tree/([^/]+)(?:/(.+))?", ("GET",), Handler.tree),
         (rf"/api/models/{REPO}/preupload/([^/]+)", ("POST",), Handler.preupload),
         (rf"/api/models/{REPO}/commit/([^/]+)", ("POST",), Handler.commit),
+        (rf"/api/models/{REPO}/branch/([^/]+)", ("POST",), Handler.create_branch),
         (rf"/{REPO}\.git/info/lfs/objects/batch", ("POST",), Handler.lfs_batch),
         (r"/lfs-upload/([0-9a-f]{64})", ("PUT",), Handler.lfs_upload),
         (r"/lfs-verify", ("POST",), Handler.lfs_verify),

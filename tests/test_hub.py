@@ -105,7 +105,7 @@ def _listing(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def pushed(checkpoint, hub, tmp_path_factory):
-    """The first push of the checkpoint with an eval record: (record, CommitInfo, request count before, listing)."""
+    """The first push of the checkpoint with an eval record: (record, CommitInfo, the folder listing before it)."""
     quant_dir = checkpoint[0]
     record = _record(checkpoint)
     record_path = tmp_path_factory.mktemp("record") / "eval.json"
@@ -152,6 +152,14 @@ def test_repush_uploads_nothing_and_a_changed_card_only_itself(checkpoint, hub, 
     old, new = hub.repos[REPO].commits[info.oid], hub.repos[REPO].commits[after.oid]
     assert {p for p in new if new[p] != old.get(p)} == {"README.md", EVAL_RECORD_FILENAME}
     assert "140.0000" in new["README.md"].data.decode()
+
+
+def test_push_to_a_branch_leaves_main_alone(checkpoint, hub, pushed):
+    main = hub.repos[REPO].branches["main"]
+    info = push_folder(checkpoint[0], REPO, revision="int4-g32", token=TOKEN, endpoint=hub.url)
+    assert hub.repos[REPO].branches["main"] == main and hub.repos[REPO].branches["int4-g32"] == info.oid
+    assert "## Quality" not in hub.files(REPO, "int4-g32")["README.md"].decode()  # no eval record this time
+    assert hub.files(REPO, "int4-g32")["model.safetensors"] == (checkpoint[0] / "model.safetensors").read_bytes()
 
 
 def test_pushed_repo_loads_offline_from_the_hub_cache_with_same_logits(checkpoint, hub, pushed, tmp_path):
