@@ -76,3 +76,18 @@ def test_tied_lm_head_quantized_untied_saved_and_reloaded(tied_checkpoint, defau
     assert torch.equal(reloaded.lm_head.qweight, model.lm_head.qweight)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
+
+
+def test_cli_lm_head_int8(tied_checkpoint, tmp_path):
+    from hf_quant.cli import main
+
+    path, _, _ = tied_checkpoint
+    out = tmp_path / "q"
+    assert main(["quantize", str(path), "--out", str(out), "--bits", "4", "--group-size", "32", "--method", "rtn",
+                 "--lm-head", "int8", "--eval-tokens", "0"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False
+    assert saved["quantization_config"]["modules_to_not_convert"] == []
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme.bits == 8
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear) and model.model.layers[0].mlp.down_proj.scheme.bits == 4
