@@ -26,7 +26,7 @@ DEFAULT_INT_BITS = 4
 # Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
 CALIBRATION_FIELDS = ("calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups")
 FIELDS = FIELDS + CALIBRATION_FIELDS
-CALIBRATION_METHODS = ("gptq",)
+CALIBRATION_METHODS = ("gptq", "awq")
 _DATASET_KEYS = ("path", "name", "split", "text_field")
 
 
@@ -92,7 +92,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             of the group size are zero-padded to the next multiple; the padding is part of the stored layout.
         symmetric: "int" only: no stored zero-point. True with a codebook format is an error.
         method: "mse" (default; data-free error-minimizing scale/zero search), "rtn" (round to nearest) or "gptq"
-            (calibrated while loading: GPTQ block by block on the calibration data below).
+            (calibrated while loading: GPTQ block by block on the calibration data below) or "awq"
+            (calibrated activation-aware per-channel scales folded into the preceding norm/linear, then "mse").
         double_quant: store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).
         modules_to_not_convert: list of module names (or dotted prefixes) kept in float. Default (None): the
             output embedding, tied weights and the last module, as transformers computes them; the resolved list is

@@ -341,3 +341,74 @@ def test_smollm2_gptq_beats_rtn_and_mse_at_3_bits(tmp_path):
     with torch.no_grad():
         ids = tok("It was a fine day.", return_tensors="pt")["input_ids"]
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- AWQ
+
+
+def test_awq_fold_keeps_the_float_block_exact():
+    from hf_quant.algorithms.awq import LLAMA_GROUPS, fold_scale
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        block = model.model.layers[0]
+        for prev, linears in LLAMA_GROUPS:  # without GQA every group folds, v -> o included
+            n = block.get_submodule(linears[0]).in_features
+            fold_scale(block.get_submodule(prev), [block.get_submodule(l) for l in linears], torch.rand(n) * 4 + 0.1)
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_fold_refuses_norms_not_proportional_to_their_weight():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from hf_quant.algorithms.awq import fold_scale
+
+    norm, layer = GemmaRMSNorm(16), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.normal_()
+    weights = [p.detach().clone() for p in (norm.weight, layer.weight)]
+    with pytest.raises(ValueError, match="cannot fold"):
+        fold_scale(norm, [layer], torch.rand(16) + 0.5)
+    assert torch.equal(norm.weight, weights[0]) and torch.equal(layer.weight, weights[1])  # left unchanged
+
+
+def test_awq_scale_search_lowers_the_quantized_output_error():
+    from hf_quant.algorithms.awq import search_scale
+
+    torch.manual_seed(0)
+    x = correlated_inputs(2048, 128, 11)
+    weights = [torch.randn(64, 128), torch.randn(32, 128)]
+    scheme = QuantScheme(bits=3, group_size=64, method="awq")
+    scale, alpha = search_scale(x, weights, [scheme, scheme])
+    rtn = QuantScheme(bits=3, group_size=64, method="rtn")
+
+    def err(s):
+        total = 0.0
+        for w in weights:
+            p = quantize_params(w * s, rtn)
+            wq = dequantize_codes(rtn, p.codes, p.scale, p.zero, 128) / s
+            total += ((x @ (w - wq).t()) ** 2).mean().item()
+        return total
+
+    assert alpha > 0 and err(scale) < 0.9 * err(torch.ones(128)), (alpha, err(scale), err(torch.ones(128)))
+
+
+def test_tiny_llama_awq_quantize_save_reload(tiny_llama, tmp_path):
+    settings = {**GPTQ_SETTINGS, "method": "awq"}
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=HfQuantConfig(**settings))
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.equal(norm, float_model.model.layers[0].input_layernorm.weight)  # scales were folded
+    assert all(m.scheme.method == "awq" for m in model.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    torch.testing.assert_close(reloaded.model.layers[0].input_layernorm.weight, norm, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import resource
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from ..config import CALIBRATION_METHODS
 from ..formats import QuantParams, QuantScheme, pack
 from ..nn import QuantLinear, float_weight_of
 from .data_free import quantize_weight
@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 # hf_quant's perplexity evaluation reads at most the first 4096 tokens of Botchan (`eval.perplexity` default);
 # calibration starts well after them, so calibrated results are not measured on their own calibration text.
 BOTCHAN_EVAL_TOKENS = 8192
-CALIBRATION_METHODS = ("gptq",)
 _BLOCK_BATCH = 8  # calibration sequences per forward of a block
+_AWQ_TOKENS = 4096  # input rows kept per linear group for AWQ's scale search
 
 
 @dataclasses.dataclass
@@ -202,14 +202,16 @@ def _nbytes(tensors) -> int:
 # --------------------------------------------------------------------------- the block loop
 
 
-class _HessianCollector:
-    """Accumulates X^T X of the inputs of a block's linears; linears fed the same tensor share one Hessian."""
+class _InputCollector:
+    """Accumulates X^T X of the inputs of a block's linears (those in `hessian_of`), and keeps a sample of the input
+    rows of those in `sample_of` (every `sample_stride`-th token); linears fed the same tensor share both."""
 
-    def __init__(self, modules: dict[str, nn.Module], token_weights: Callable | None = None):
-        self.modules = modules
-        self.leader: dict[str, str] = {}  # module name -> the module whose Hessian it shares
+    def __init__(self, modules: dict[str, nn.Module], hessian_of: set[str], sample_of: set[str], sample_stride: int):
+        self.leader: dict[str, str] = {}  # module name -> the module whose statistics it shares
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.hessian_of, self.sample_of, self.stride = hessian_of, sample_of, sample_stride
         self._batch_inputs: dict[tuple, str] = {}
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
@@ -225,6 +227,10 @@ class _HessianCollector:
             if leader != name:
                 return
             x = x.detach().reshape(-1, x.shape[-1]).float()
+            if name in self.sample_of:
+                self.samples.setdefault(name, []).append(x[:: self.stride].clone())
+            if name not in self.hessian_of:
+                return
             h = self.hessians.get(name)
             if h is None:
                 h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
@@ -238,16 +244,39 @@ class _HessianCollector:
         leader = self.leader[name]
         return self.hessians[leader] / max(self.counts[leader], 1.0)
 
+    def sample(self, name: str) -> torch.Tensor:
+        return torch.cat(self.samples[self.leader[name]])
+
+    def held_bytes(self) -> int:
+        return _nbytes(self.hessians.values()) + _nbytes(t for ts in self.samples.values() for t in ts)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _apply_awq(block: nn.Module, names: set[str], schemes: dict[str, QuantScheme], collector) -> None:
+    """Search and fold AWQ scales for every group of `block` whose linears all use method 'awq'."""
+    from .awq import scaling_groups, search_scale, fold_scale
+
+    for prev, linears in scaling_groups(block, names):
+        layers = [block.get_submodule(n) for n in linears]
+        scale, _ = search_scale(collector.sample(linears[0]), [float_weight_of(m) for m in layers],
+                                [schemes[n] for n in linears])
+        fold_scale(block.get_submodule(prev), layers, scale)
 
 
 def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParams | None) -> QuantLinear:
     weight = float_weight_of(module)
     q = QuantLinear(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
                     dtype=weight.dtype)
-    q.load_packed(pack(scheme, params) if params is not None else quantize_weight(weight, scheme))
+    if params is None:
+        # Rounding without calibrated codes: the data-free search (AWQ's scaled weights are rounded this way too).
+        data_free = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
+        params_packed = quantize_weight(weight, data_free)
+    else:
+        params_packed = pack(scheme, params)
+    q.load_packed(params_packed)
     q.source_is_conv1d = isinstance(module, Conv1D)
     if module.bias is not None:
         q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
@@ -328,28 +357,40 @@ def quantize_with_calibration(
         for index, (block, prefix) in enumerate(zip(blocks, prefixes)):
             local = {n[len(prefix):]: s for n, s in targets.items() if n.startswith(prefix)}
             modules = {n: block.get_submodule(n) for n in local}
-            calibrated = {n for n, s in local.items() if s.method in CALIBRATION_METHODS}
+            gptq = {n for n, s in local.items() if s.method == "gptq"}
+            awq = {n for n, s in local.items() if s.method == "awq"}
             params: dict[str, QuantParams] = {}
-            if calibrated:
-                collector = _HessianCollector({n: modules[n] for n in calibrated})
+            if gptq or awq:
+                stride = max(1, token_ids.numel() // _AWQ_TOKENS)
+                collector = _InputCollector({n: modules[n] for n in gptq | awq}, gptq, awq, stride)
                 try:
                     for hidden, args, kwargs in states:
                         collector.new_batch()
                         block(hidden, *args, **kwargs)
                 finally:
                     collector.remove()
-                peak_held = max(peak_held, _nbytes(s[0] for s in states) * 2 + _nbytes(collector.hessians.values()))
+                peak_held = max(peak_held, _nbytes(s[0] for s in states) * 2 + collector.held_bytes())
+                if awq:
+                    _apply_awq(block, awq, local, collector)
                 groups: dict[str, list[str]] = {}
-                for n in calibrated:
+                for n in gptq:
                     groups.setdefault(collector.leader[n], []).append(n)
                 for leader, names in groups.items():
                     params.update(_gptq_group(names, modules, local, collector.hessian(leader), config))
                 del collector
-            for n, scheme in local.items():
-                block.set_submodule(n, _quantized_module(modules[n], scheme, params.get(n)))
-                done += 1
+            quantized = {n: _quantized_module(modules[n], scheme, params.get(n)) for n, scheme in local.items()}
             if index + 1 < len(blocks):  # the last block's outputs are not needed
+                # The next block sees this block's quantized outputs. The float linears hold the dequantized
+                # weights for this pass (the fused kernels are slower than a dense matmul at this many tokens).
+                originals = {n: modules[n].weight.data for n in quantized}
+                for n, q in quantized.items():
+                    w = q.dequantize_weight(originals[n].dtype)
+                    modules[n].weight.data = w.t() if q.source_is_conv1d else w
                 states = [(_block_output(block(h, *a, **kw)), a, kw) for h, a, kw in states]
+                del originals
+            for n, q in quantized.items():
+                block.set_submodule(n, q)
+                done += 1
             bar.update(1)
         bar.close()
     finally:
