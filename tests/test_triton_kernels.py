@@ -54,12 +54,6 @@ def test_registry_declares_cuda_only():
         select_kernel(scheme, shape, torch.device("cpu"), torch.float32, prefer="triton")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PackedWeight._kernel_state (hf_quant/nn/quantized.py) validates its cache with tensor.is_inference() "
-    "and version counters, which dynamo cannot trace; under torch.compiler.is_compiling() it should return the "
-    "state cached by an eager call for (device, dtype, index) as it is",
-)
 def test_quantized_llama_compiles_fullgraph():
     """torch.compile(model, fullgraph=True) of a tiny quantized Llama (4-bit, NF4 and 8-bit layers) gives eager's
     logits. Backend aot_eager: inductor builds on this machine too but takes ~25 s for this model."""

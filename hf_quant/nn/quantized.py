@@ -79,9 +79,13 @@ class PackedWeight(nn.Module):
         # A cached layout stays valid while each packed tensor is the same object (accelerate's offload hooks swap
         # buffer objects in and out) and unedited (in-place edits, e.g. load_state_dict, bump `_version`; tensors
         # made under inference mode have no counter). Checked on every forward, so kept to identity and versions.
-        tensors = [self._buffers[n] for n in self._packed_names]
         key = (device, dtype, index)
         hit = self._kernel_cache.get(key)
+        if hit is not None and torch.compiler.is_compiling():
+            # dynamo cannot trace the identity/version checks: a compiled graph uses the layout an eager call
+            # prepared (and is re-traced by dynamo's own guards when the module's tensors are replaced)
+            return hit[2], hit[3]
+        tensors = [self._buffers[n] for n in self._packed_names]
         if hit is not None and _same_tensors(hit[0], tensors) and hit[1] == _versions(hit[0]):
             return hit[2], hit[3]
         shape = self.quantized_shape[-2:]
