@@ -17,16 +17,17 @@ QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (formats/base.py). Bump on any change a reader must know about.
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-_SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant", "lowrank_rank")
+_SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant", "lowrank_rank", "planes")
 FIELDS = (
     "bits", "format", "group_size", "symmetric", "method", "double_quant", "modules_to_not_convert", "overrides",
     "quantize_experts", "format_version", "target_bits", "allocation_candidates", "lowrank_rank",
+    "planes",
 )
 DEFAULT_INT_BITS = 4
 # Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
 CALIBRATION_FIELDS = ("calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups")
 FIELDS = FIELDS + CALIBRATION_FIELDS
-CALIBRATION_METHODS = ("gptq", "awq")
+CALIBRATION_METHODS = ("gptq",)
 _DATASET_KEYS = ("path", "name", "split", "text_field")
 
 
@@ -92,8 +93,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             of the group size are zero-padded to the next multiple; the padding is part of the stored layout.
         symmetric: "int" only: no stored zero-point. True with a codebook format is an error.
         method: "mse" (default; data-free error-minimizing scale/zero search), "rtn" (round to nearest) or "gptq"
-            (calibrated while loading: GPTQ block by block on the calibration data below) or "awq"
-            (calibrated activation-aware per-channel scales folded into the preceding norm/linear, then "mse").
+            (calibrated while loading: GPTQ block by block on the calibration data below).
         double_quant: store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).
         modules_to_not_convert: list of module names (or dotted prefixes) kept in float. Default (None): the
             output embedding, tied weights and the last module, as transformers computes them; the resolved list is
@@ -128,6 +128,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         lowrank_rank: > 0 stores a rank-r correction W ~ Q(W) + U V beside the codes (float16 factors, SVD of the
             quantization residual; hf_quant.algorithms.lowrank), added in the forward. Costs 16 r (out + in) bits
             per layer. 0 (default): none.
+        planes: format "ternary" only: 1 (BitNet b1.58 style, ~1.6 bits + scales) or 2 trit-planes (PTQTP-style
+            progressive fit, ~3.2 bits + scales), each {-1, 0, +1} with per-group float16 scales.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         target_bits: float | None = None,
         allocation_candidates: list[dict[str, Any]] | None = None,
         lowrank_rank: int = 0,
+        planes: int = 1,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -185,6 +188,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.target_bits = target_bits
         self.allocation_candidates = allocation_candidates
         self.lowrank_rank = lowrank_rank
+        self.planes = planes
         self.post_init()
 
     def post_init(self) -> None:
@@ -330,6 +334,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             values["bits"] = CODEBOOK_BITS.get(settings["format"], values["bits"])
         if "format" in settings and "symmetric" not in settings and settings["format"] != "int":
             values["symmetric"] = False  # inherited only; an explicit symmetric=True with a codebook is an error
+        if "format" in settings and "planes" not in settings and settings["format"] != "ternary":
+            values["planes"] = 1  # likewise: planes belong to ternary only
         values.update(settings)
         return QuantScheme(**values)
 
@@ -397,6 +403,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             "target_bits": self.target_bits,
             "allocation_candidates": copy.deepcopy(self.allocation_candidates),
             "lowrank_rank": self.lowrank_rank,
+            "planes": self.planes,
         }
 
     def to_diff_dict(self) -> dict[str, Any]:

@@ -7,20 +7,16 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from extreme_helpers import check_round_trip, tiny_llama_folder
+from transformers import AutoModelForCausalLM
 
 from hf_quant import HfQuantConfig
 from hf_quant.algorithms.allocation import allocate, solve_budget, stored_bits
-from hf_quant.eval.storage import checkpoint_storage, model_storage
+from hf_quant.eval.storage import model_storage
 from hf_quant.formats import QuantScheme, bits_per_weight
 
 CANDIDATES = [{"bits": 2, "group_size": 32}, {"bits": 3, "group_size": 32}, {"bits": 4, "group_size": 32},
               {"bits": 8, "group_size": -1}]
-
-
-def tiny_llama(layers: int = 2) -> LlamaConfig:
-    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2)
 
 
 def test_solve_budget_is_exact_against_brute_force():
@@ -104,8 +100,7 @@ def test_config_round_trips_allocation_fields():
 
 
 def test_quantize_on_load_meets_budget_and_reloads(tmp_path, one_thread):
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama()).save_pretrained(tmp_path / "float")
+    tiny_llama_folder(tmp_path / "float")
     # A user override keeps its layers fixed (and counted); the rest are allocated.
     config = HfQuantConfig(target_bits=4.0, group_size=32, allocation_candidates=CANDIDATES,
                            overrides={r"layers\.0\.mlp\.down_proj": {"bits": 8, "group_size": -1}})
@@ -119,13 +114,7 @@ def test_quantize_on_load_meets_budget_and_reloads(tmp_path, one_thread):
     assert model.model.layers[0].mlp.down_proj.scheme.bits == 8
     assert len({m.scheme for m in storage_modules(model)}) > 1  # really mixed
 
-    model.save_pretrained(tmp_path / "quant")
-    assert checkpoint_storage(tmp_path / "quant").bits_per_weight == pytest.approx(storage.bits_per_weight)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quant")
-    ids = torch.randint(0, 128, (1, 9))
-    assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    out = reloaded.generate(ids, max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 12)
+    check_round_trip(model, tmp_path / "quant")
 
 
 def storage_modules(model):
@@ -144,3 +133,13 @@ def test_allocation_is_within_one_layer_of_the_target(one_thread):
         costs = sorted({stored_bits(QuantScheme(**{"bits": 4, **c}), (64, 128)) for c in CANDIDATES})
         step = max(b - a for a, b in zip(costs, costs[1:]))
         assert (target * result.n_weights - result.total_bits) < step + math.ulp(1.0)
+
+
+def test_cli_flags_reach_the_config():
+    from hf_quant.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "--out", "x", "--target-bits", "2.5", "--lowrank-rank", "4"])
+    config = _config_from_args(args)
+    assert config.target_bits == 2.5 and config.lowrank_rank == 4
+    args = build_parser().parse_args(["quantize", "--out", "x", "--format", "ternary", "--planes", "2"])
+    assert _config_from_args(args).default_scheme.planes == 2

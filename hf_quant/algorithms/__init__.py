@@ -2,7 +2,6 @@
 
 from ..formats import QuantScheme
 from .data_free import quantize_params
-from .data_free import quantize_weight as quantize_codes
 
 
 def quantize_weight(weight, scheme: QuantScheme) -> dict:
@@ -13,6 +12,17 @@ def quantize_weight(weight, scheme: QuantScheme) -> dict:
 
         return quantize_weight_lowrank(weight, scheme)
     return quantize_codes(weight, scheme)
+
+
+def quantize_codes(weight, scheme: QuantScheme) -> dict:
+    """The codes and scales of `scheme`'s format alone (no additive terms such as low-rank factors)."""
+    if scheme.format == "ternary":
+        from .ternary import quantize_weight_ternary
+
+        return quantize_weight_ternary(weight, scheme)
+    from .data_free import quantize_weight as quantize_scalar
+
+    return quantize_scalar(weight, scheme)
 
 
 __all__ = ["quantize_params", "quantize_weight"]

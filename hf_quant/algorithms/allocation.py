@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from ..formats import QuantScheme, dequantize, tensor_specs
+from ..formats.scheme import EXTENSION_FIELDS
 
 SENSITIVITIES = ("weight", "activation", "fisher")
-_PLAIN_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
 MAX_CELLS = 1 << 22
 # Default candidate settings (merged into the config's own settings): double-quantized scales keep the overhead
 # low, and group 64 variants give the allocator steps between whole bit widths.
@@ -48,10 +48,8 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
 
 def stored_bits(scheme: QuantScheme, shape: Sequence[int]) -> int:
     """Every stored bit of a weight of logical `shape` in `scheme` (the exact integer the budget counts)."""
-    total = 0
-    for shp, dtype in tensor_specs(scheme, tuple(shape)).values():
-        total += math.prod(shp) * torch.empty(0, dtype=dtype).element_size() * 8
-    return total
+    return sum(math.prod(shp) * torch.empty(0, dtype=dtype).element_size() * 8
+               for shp, dtype in tensor_specs(scheme, tuple(shape)).values())
 
 
 @dataclass
@@ -125,10 +123,9 @@ class AllocationResult:
 
 
 def scheme_label(s: QuantScheme) -> str:
-    fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
-    extra = "".join(f" {k}={v}" for k, v in s.to_dict().items() if k not in _PLAIN_FIELDS)
-    group = "ch" if s.group_size == -1 else f"g{s.group_size}"
-    return f"{fmt} {group}{' dq' if s.double_quant else ''}{extra}"
+    from ..eval.storage import scheme_label as base_label
+
+    return base_label(s) + "".join(f" {k}={v}" for k, v in s.to_dict().items() if k in EXTENSION_FIELDS)
 
 
 # --- the knapsack -----------------------------------------------------------------------------------------------

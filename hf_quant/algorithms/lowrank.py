@@ -28,9 +28,9 @@ def base_scheme(scheme: QuantScheme) -> QuantScheme:
 def quantize_weight_lowrank(weight: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None,
                             quantize=None) -> dict[str, torch.Tensor]:
     """Canonical tensors (codes, scales, ... and lowrank_u/lowrank_v) of `weight` [*lead, out, in].
-    `quantize(weight, scheme)` quantizes the codes (default: the data-free quantizer of `scheme.method`)."""
+    `quantize(weight, scheme)` quantizes the codes (default: the data-free quantizer of the scheme's format)."""
     if quantize is None:
-        from .data_free import quantize_weight as quantize
+        from . import quantize_codes as quantize
     inner = base_scheme(scheme)
     r = scheme.lowrank_rank
     w = weight.detach().float()

@@ -92,8 +92,37 @@ def active_terms(scheme: QuantScheme) -> list[AdditiveTerm]:
     return [t for t in ADDITIVE_TERMS if t.active(scheme)]
 
 
+class CodeFormat:
+    """Extension point: a format with its own code layout (e.g. ternary planes), registered under its
+    `QuantScheme.format` name. It declares its stored tensors and decodes them; the scalar formats above keep the
+    layout this module describes."""
+
+    def specs(self, scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def dequantize(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+        """Reference decoding to a float32 weight [*lead, out, in]."""
+        raise NotImplementedError
+
+
+CODE_FORMATS: dict[str, CodeFormat] = {}
+
+
+def register_code_format(name: str, fmt: CodeFormat) -> CodeFormat:
+    CODE_FORMATS[name] = fmt
+    return fmt
+
+
 def tensor_specs(scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the stored tensors of a weight of logical `shape` [*lead, out, in]."""
+    codes = CODE_FORMATS.get(scheme.format)
+    specs = codes.specs(scheme, tuple(shape)) if codes is not None else _scalar_specs(scheme, tuple(shape))
+    for term in active_terms(scheme):
+        specs.update(term.specs(scheme, tuple(shape)))
+    return specs
+
+
+def _scalar_specs(scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     *lead, out, in_features = shape
     _, n_groups, _ = scheme.group_layout(in_features)
     specs = {"qweight": ((*lead, out, packed_length(in_features, scheme.bits)), torch.uint8)}
@@ -108,8 +137,6 @@ def tensor_specs(scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple
             specs[f"{name}_dq"] = ((-(-numel // DQ_BLOCK), 2), torch.float16)
         else:
             specs[name] = (param_shape, torch.float16)
-    for term in active_terms(scheme):
-        specs.update(term.specs(scheme, tuple(shape)))
     return specs
 
 
@@ -248,12 +275,15 @@ def dequantize(
     scheme: QuantScheme, tensors: dict[str, torch.Tensor], in_features: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Reference dequantization of the canonical tensors to a float weight [*lead, out, in]."""
-    codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
-    scale, zero = decode_params(scheme, tensors)
     terms = active_terms(scheme)
-    if not terms:
-        return dequantize_codes(scheme, codes, scale, zero, in_features, dtype)
-    w = dequantize_codes(scheme, codes, scale, zero, in_features, torch.float32)
+    if scheme.format in CODE_FORMATS:
+        w = CODE_FORMATS[scheme.format].dequantize(scheme, tensors, in_features)
+    else:
+        codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
+        scale, zero = decode_params(scheme, tensors)
+        if not terms:
+            return dequantize_codes(scheme, codes, scale, zero, in_features, dtype)
+        w = dequantize_codes(scheme, codes, scale, zero, in_features, torch.float32)
     for term in terms:
         w = w + term.dense(scheme, tensors)
     return w.to(dtype)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-FORMATS = ("int", "nf4", "fp4", "fp8")
+FORMATS = ("int", "nf4", "fp4", "fp8", "ternary")
 INT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128, 256, -1)
-METHODS = ("rtn", "mse", "gptq", "awq")
+METHODS = ("rtn", "mse", "gptq")
 # Bit width each codebook format is fixed to.
-CODEBOOK_BITS = {"nf4": 4, "fp4": 4, "fp8": 8}
+CODEBOOK_BITS = {"nf4": 4, "fp4": 4, "fp8": 8, "ternary": 2}  # ternary: 2-bit codes unpacked, 5 trits a byte stored
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,12 @@ class QuantScheme:
     group_size: weights along the input dimension sharing one scale; -1 means one scale per output channel.
     symmetric: int only; zero-point fixed at 2**(bits-1) and not stored.
     method: "mse" (data-free error-minimizing scales/zeros), "rtn" (round to nearest, min/max scales) or "gptq"
-        (calibrated, hf_quant.algorithms.gptq) or "awq" (activation-aware scales folded into the preceding
-        norm/linear, then the mse search; hf_quant.algorithms.awq). The stored layout is the same for all.
+        (calibrated, hf_quant.algorithms.gptq; the stored layout is the same).
     double_quant: store scales (and zero-points) as 8-bit codes with a float16 scale/offset per 64 of them.
     lowrank_rank: > 0 adds a low-rank correction W += U V (U [out, r], V [r, in], float16) stored beside the codes
         (formats/lowrank.py).
+    planes: format "ternary" only: 1 or 2 trit-planes {-1, 0, +1}, each with its own per-group scale
+        (formats/ternary.py).
 
     Fields beyond the first six are extensions: `to_dict` leaves them out at their defaults, so the metadata of
     checkpoints that do not use them is unchanged.
@@ -38,6 +39,7 @@ class QuantScheme:
     method: str = "mse"
     double_quant: bool = False
     lowrank_rank: int = 0
+    planes: int = 1
 
     def __post_init__(self) -> None:
         check_choice("format", self.format, FORMATS)
@@ -76,7 +78,7 @@ class QuantScheme:
         return d
 
 
-EXTENSION_FIELDS = ("lowrank_rank",)
+EXTENSION_FIELDS = ("lowrank_rank", "planes")
 MAX_LOWRANK_RANK = 1024
 
 
@@ -84,6 +86,12 @@ def check_extension_fields(scheme: QuantScheme) -> None:
     r = scheme.lowrank_rank
     if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_LOWRANK_RANK:
         raise ValueError(f"lowrank_rank must be an int in [0, {MAX_LOWRANK_RANK}] (0: no low-rank correction), got {r!r}")
+    if isinstance(scheme.planes, bool) or scheme.planes not in (1, 2):
+        raise ValueError(f"planes must be 1 or 2 (ternary trit-planes), got {scheme.planes!r}")
+    if scheme.planes != 1 and scheme.format != "ternary":
+        raise ValueError(f"planes={scheme.planes} only applies to format='ternary' (got format={scheme.format!r})")
+    if scheme.format == "ternary" and scheme.double_quant:
+        raise ValueError("double_quant=True does not apply to format='ternary' (its scales are float16); leave it False")
 
 
 def check_choice(field: str, value, allowed) -> None:
