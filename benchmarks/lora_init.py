@@ -2,9 +2,9 @@
 and after a short fine-tune, for PEFT's default init (B = 0: exactly the quantized model), the residual SVD init
 (codes untouched) and LoftQ alternation (codes re-chosen), all with `hf_quant.integrations.peft`.
 
-    python benchmarks/lora_init.py [--bits 2 3] [--steps 40] [--rank 16] [--method rtn]
+    python benchmarks/lora_init.py [--bits 2 3] [--steps 40] [--batch 4] [--rank 16] [--method rtn] [--held-out-tokens 1024]
 
-Held out: Botchan's first 1024 tokens (perplexity, window 512); training: random 64-token windows of the rest,
+Held out: Botchan's first --held-out-tokens tokens (perplexity, window 512); training: random 64-token windows of the rest,
 the same batches for every row. "layer error" is the mean over LoRA layers of ||W - (Q + scaling B A)|| / ||W||.
 """
 
@@ -22,12 +22,11 @@ from hf_quant.assets import botchan_text, smollm2_path
 from hf_quant.eval import perplexity
 from hf_quant.integrations.peft import init_lora_from_residual, lora_layer_errors
 
-HELD_OUT_TOKENS = 1024
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INITS = {"zero (PEFT default)": None, "residual SVD": 0, "LoftQ, 4 iterations": 4}
+INITS = {"zero (PEFT default)": None, "residual SVD": 0, "LoftQ, 2 iterations": 2}
 
 
-def fine_tune(model, ids: torch.Tensor, steps: int, seq_len: int = 64, batch: int = 4, lr: float = 1e-3) -> float:
+def fine_tune(model, ids: torch.Tensor, steps: int, batch: int, seq_len: int = 64, lr: float = 1e-3) -> float:
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -51,14 +50,16 @@ def main() -> None:
     ap.add_argument("--method", default="rtn", help="quantizer of the base and of the LoftQ iterations")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--held-out-tokens", type=int, default=1024)
     args = ap.parse_args()
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
     text = botchan_text()
-    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])[HELD_OUT_TOKENS:]
-    ppl = lambda m: perplexity(m, tok, text, max_tokens=HELD_OUT_TOKENS)  # noqa: E731
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])[args.held_out_tokens:]
+    ppl = lambda m: perplexity(m, tok, text, max_tokens=args.held_out_tokens)  # noqa: E731
     print(f"base: g{args.group_size} {args.method}; LoRA r={args.rank} alpha={2 * args.rank} on {', '.join(TARGETS)}; fine-tune: {args.steps} AdamW steps "
-          f"(lr 1e-3) of 4 x 64 tokens; perplexity on the held-out first {HELD_OUT_TOKENS} tokens")
+          f"(lr 1e-3) of {args.batch} x 64 tokens; perplexity on the held-out first {args.held_out_tokens} tokens")
     print("| bits | init | layer error | perplexity before training | after fine-tune | final train loss | init time (s) |")
     print("|---|---|---|---|---|---|---|")
     for bits in args.bits:
@@ -77,7 +78,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             errors = list(lora_layer_errors(peft_model, path).values())
             before = ppl(peft_model)
-            loss = fine_tune(peft_model, ids, args.steps)
+            loss = fine_tune(peft_model, ids, args.steps, args.batch)
             after = ppl(peft_model)
             print(f"| {bits} | {name} | {sum(errors) / len(errors):.4f} | {before:.2f} | {after:.2f} | {loss:.3f} | "
                   f"{seconds:.1f} |", flush=True)
