@@ -332,3 +332,7 @@ def test_moe_expert_lora(tmp_path):
     assert all(torch.equal(v, _packed_state(model)[k]) for k, v in packed.items())
     assert torch.equal(restored_logits, lora_logits)
     assert rel(merged_logits, lora_logits) < 0.1
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(_quantized(tmp_path / "float"), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, lora_logits)
