@@ -36,6 +36,7 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                    "(e.g. 2.5); the other scheme flags set what every candidate inherits")
     p.add_argument("--lowrank-rank", type=int, default=0, help="low-rank error correction W ~ Q(W) + U V of this rank")
     p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes")
+    p.add_argument("--outliers-per-row", type=int, default=0, help="keep this many weights per row exactly (sparse)")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
     p.add_argument("--lm-head", choices=["float", "int8", "same"], default="float",
                    help="lm_head (and a tied one: it is untied): kept float (default), 8-bit per channel, or the "
@@ -55,6 +56,7 @@ def _config_from_args(args):
         modules_to_not_convert=args.skip if args.lm_head == "float" else [m for m in args.skip or [] if m != "lm_head"],
         **({"overrides": {"lm_head": LM_HEAD_INT8}} if args.lm_head == "int8" else {}),
         target_bits=args.target_bits, lowrank_rank=args.lowrank_rank, planes=args.planes,
+        outliers_per_row=args.outliers_per_row,
         calibration=args.calibration,
         **{k: v for k, v in (("n_samples", args.n_samples), ("seq_len", args.seq_len)) if v is not None},
     )

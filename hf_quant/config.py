@@ -17,11 +17,12 @@ QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (formats/base.py). Bump on any change a reader must know about.
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-_SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant", "lowrank_rank", "planes")
+_SCHEME_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant", "lowrank_rank", "planes",
+                  "outliers_per_row")
 FIELDS = (
     "bits", "format", "group_size", "symmetric", "method", "double_quant", "modules_to_not_convert", "overrides",
     "quantize_experts", "format_version", "target_bits", "allocation_candidates", "lowrank_rank",
-    "planes",
+    "planes", "outliers_per_row",
 )
 DEFAULT_INT_BITS = 4
 # Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
@@ -130,6 +131,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             per layer. 0 (default): none.
         planes: format "ternary" only: 1 (BitNet b1.58 style, ~1.6 bits + scales) or 2 trit-planes (PTQTP-style
             progressive fit, ~3.2 bits + scales), each {-1, 0, +1} with per-group float16 scales.
+        outliers_per_row: > 0 keeps the k largest weights of each output row exactly, as float16 residuals with int16
+            column indices beside the codes (SpQR-style sparse outliers; 32 k / in_features bits per weight).
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         allocation_candidates: list[dict[str, Any]] | None = None,
         lowrank_rank: int = 0,
         planes: int = 1,
+        outliers_per_row: int = 0,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -189,6 +193,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.allocation_candidates = allocation_candidates
         self.lowrank_rank = lowrank_rank
         self.planes = planes
+        self.outliers_per_row = outliers_per_row
         self.post_init()
 
     def post_init(self) -> None:
@@ -404,6 +409,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             "allocation_candidates": copy.deepcopy(self.allocation_candidates),
             "lowrank_rank": self.lowrank_rank,
             "planes": self.planes,
+            "outliers_per_row": self.outliers_per_row,
         }
 
     def to_diff_dict(self) -> dict[str, Any]:

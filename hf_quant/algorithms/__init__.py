@@ -6,7 +6,11 @@ from .data_free import quantize_params
 
 def quantize_weight(weight, scheme: QuantScheme) -> dict:
     """Quantize a float weight [*lead, out, in] into the canonical stored tensors of `scheme` (codes, scales, and
-    the low-rank correction when `scheme.lowrank_rank` > 0)."""
+    the low-rank correction when `scheme.lowrank_rank` > 0, the sparse outliers when `scheme.outliers_per_row` > 0)."""
+    if scheme.outliers_per_row:
+        from .sparse import quantize_weight_outliers
+
+        return quantize_weight_outliers(weight, scheme)
     if scheme.lowrank_rank:
         from .lowrank import quantize_weight_lowrank
 

@@ -71,7 +71,7 @@ class AdditiveTerm:
     def specs(self, scheme: QuantScheme, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
 
-    def dense(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def dense(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
         """The term as a float32 [*lead, out, in] weight."""
         raise NotImplementedError
 
@@ -285,5 +285,5 @@ def dequantize(
             return dequantize_codes(scheme, codes, scale, zero, in_features, dtype)
         w = dequantize_codes(scheme, codes, scale, zero, in_features, torch.float32)
     for term in terms:
-        w = w + term.dense(scheme, tensors)
+        w = w + term.dense(scheme, tensors, in_features)
     return w.to(dtype)

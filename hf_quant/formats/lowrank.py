@@ -26,7 +26,7 @@ class LowRankTerm(AdditiveTerm):
         r = scheme.lowrank_rank
         return {"lowrank_u": ((*lead, out, r), torch.float16), "lowrank_v": ((*lead, r, in_features), torch.float16)}
 
-    def dense(self, scheme, tensors):
+    def dense(self, scheme, tensors, in_features):
         return tensors["lowrank_u"].float() @ tensors["lowrank_v"].float()
 
     def linear(self, x, tensors):

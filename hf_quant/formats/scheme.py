@@ -27,6 +27,8 @@ class QuantScheme:
         (formats/lowrank.py).
     planes: format "ternary" only: 1 or 2 trit-planes {-1, 0, +1}, each with its own per-group scale
         (formats/ternary.py).
+    outliers_per_row: > 0 keeps that many weights per output row exactly (float16 residuals with int16 column
+        indices, SpQR-style sparse outliers; formats/sparse.py) beside the low-bit codes.
 
     Fields beyond the first six are extensions: `to_dict` leaves them out at their defaults, so the metadata of
     checkpoints that do not use them is unchanged.
@@ -40,6 +42,7 @@ class QuantScheme:
     double_quant: bool = False
     lowrank_rank: int = 0
     planes: int = 1
+    outliers_per_row: int = 0
 
     def __post_init__(self) -> None:
         check_choice("format", self.format, FORMATS)
@@ -78,7 +81,8 @@ class QuantScheme:
         return d
 
 
-EXTENSION_FIELDS = ("lowrank_rank", "planes")
+EXTENSION_FIELDS = ("lowrank_rank", "planes", "outliers_per_row")
+MAX_OUTLIERS_PER_ROW = 1024
 MAX_LOWRANK_RANK = 1024
 
 
@@ -86,6 +90,9 @@ def check_extension_fields(scheme: QuantScheme) -> None:
     r = scheme.lowrank_rank
     if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_LOWRANK_RANK:
         raise ValueError(f"lowrank_rank must be an int in [0, {MAX_LOWRANK_RANK}] (0: no low-rank correction), got {r!r}")
+    k = scheme.outliers_per_row
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_OUTLIERS_PER_ROW:
+        raise ValueError(f"outliers_per_row must be an int in [0, {MAX_OUTLIERS_PER_ROW}] (0: none), got {k!r}")
     if isinstance(scheme.planes, bool) or scheme.planes not in (1, 2):
         raise ValueError(f"planes must be 1 or 2 (ternary trit-planes), got {scheme.planes!r}")
     if scheme.planes != 1 and scheme.format != "ternary":

@@ -124,7 +124,7 @@ class PackedWeight(nn.Module):
             zero = None if zero is None else zero[index]
             w = dequantize_codes(self.scheme, codes, scale[index], zero, in_features, torch.float32)
             for term in active_terms(self.scheme):
-                w = w + term.dense(self.scheme, self._term_tensors(term, index))
+                w = w + term.dense(self.scheme, self._term_tensors(term, index), in_features)
             return w.to(dtype)
         return dequantize(self.scheme, self.packed_tensors(index), in_features, dtype)
 
