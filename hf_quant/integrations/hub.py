@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,9 +106,30 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, base_model: str | os.Pat
         base_model = getattr(model, "name_or_path", None) or None
     with tempfile.TemporaryDirectory(prefix="hf_quant_save_") as tmp:
         model.save_pretrained(tmp)
+        for weights in Path(tmp).glob("*.safetensors"):
+            _sort_safetensors_metadata(weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         return push_folder(tmp, repo_id, base_model=base_model, **kwargs)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite, in place, the header of a safetensors file just saved with its `__metadata__` keys sorted.
+    safetensors writes them in a random order (safetensors issue #584), so two saves of the same model differ in
+    bytes and a re-push would upload the weights again. Only the header's key order changes; it keeps its length
+    (padded with spaces, as the format allows), so tensor offsets stay valid."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        metadata = header.get("__metadata__") or {}
+        if len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # escaped differently from safetensors' writer: leave the file as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
 
 
 def render_model_card(
