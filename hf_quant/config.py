@@ -26,9 +26,10 @@ FIELDS = (
 )
 DEFAULT_INT_BITS = 4
 # Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
-CALIBRATION_FIELDS = ("calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups")
+CALIBRATION_FIELDS = ("calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups",
+                      "rotation", "rotation_seed")
 FIELDS = FIELDS + CALIBRATION_FIELDS
-CALIBRATION_METHODS = ("gptq",)
+CALIBRATION_METHODS = ("gptq", "awq")
 _DATASET_KEYS = ("path", "name", "split", "text_field")
 
 
@@ -94,7 +95,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             of the group size are zero-padded to the next multiple; the padding is part of the stored layout.
         symmetric: "int" only: no stored zero-point. True with a codebook format is an error.
         method: "mse" (default; data-free error-minimizing scale/zero search), "rtn" (round to nearest) or "gptq"
-            (calibrated while loading: GPTQ block by block on the calibration data below).
+            (calibrated while loading: GPTQ block by block on the calibration data below) or "awq"
+            (calibrated activation-aware per-channel scales folded into the preceding norm/linear, then "mse").
         double_quant: store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).
         modules_to_not_convert: list of module names (or dotted prefixes) kept in float. Default (None): the
             output embedding, tied weights and the last module, as transformers computes them; the resolved list is
@@ -119,6 +121,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         act_order: GPTQ visits input columns by decreasing Hessian diagonal (needs static_groups).
         static_groups: GPTQ computes every group's scale/zero-point from the float weight before quantizing
             (False: when GPTQ reaches the group, from the error-updated weight; not with double_quant).
+        rotation: None or "hadamard": the linears inside the transformer blocks store W R (R a randomised
+            Hadamard rotation, hf_quant.algorithms.rotation) and rotate their input online (x R), which spreads weight
+            outliers before quantizing; exact at full precision. Quantizes after loading; not with method "awq".
+        rotation_seed: seed of the rotation's random signs (recorded, so a reload rebuilds the same R).
         target_bits: mixed precision under a budget (hf_quant.algorithms.allocation): when quantizing, choose one
             scheme per linear layer from `allocation_candidates` so that the average true bits per quantized weight
             (everything stored) is at most this, minimising the summed weight reconstruction error (exact knapsack).
@@ -149,11 +155,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         calibration: str | list[str] | None = None,
         calibration_dataset: dict[str, Any] | None = None,
-        n_samples: int = 64,
+        n_samples: int = 16,
         seq_len: int = 512,
         damp: float = 0.01,
         act_order: bool = True,
         static_groups: bool = True,
+        rotation: str | None = None,
+        rotation_seed: int = 0,
         target_bits: float | None = None,
         allocation_candidates: list[dict[str, Any]] | None = None,
         lowrank_rank: int = 0,
@@ -189,6 +197,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.damp = damp
         self.act_order = act_order
         self.static_groups = static_groups
+        self.rotation = rotation
+        self.rotation_seed = rotation_seed
         self.target_bits = target_bits
         self.allocation_candidates = allocation_candidates
         self.lowrank_rank = lowrank_rank
@@ -322,6 +332,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.act_order and not self.static_groups:
             raise ValueError("act_order=True needs static_groups=True (the stored formats have no per-column group "
                              "index); set static_groups=True or act_order=False")
+        if self.rotation not in (None, "hadamard"):
+            raise ValueError(f"rotation must be None or 'hadamard', got {self.rotation!r}")
+        if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
+            raise ValueError(f"rotation_seed must be an int >= 0, got {self.rotation_seed!r}")
+        if self.rotation is not None and self.method == "awq":
+            raise ValueError("rotation='hadamard' does not combine with method='awq' (AWQ's scales are searched in "
+                             "the unrotated basis); use method='gptq' or 'mse' with the rotation")
         if self.double_quant and not self.static_groups:
             raise ValueError("double_quant=True needs static_groups=True (its 8-bit scale codes are fitted to all of a "
                              "layer's scales at once)")
@@ -332,6 +349,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         self._ensure_valid()
         schemes = [self.default_scheme] + [s for _, s in self._override_patterns if s is not None]
         return any(s.method in CALIBRATION_METHODS for s in schemes)
+
+    @property
+    def quantizes_after_loading(self) -> bool:
+        """Whether weights load in float and are quantized after loading (calibration or rotation)."""
+        return self.needs_calibration or self.rotation is not None
 
     def _scheme(self, settings: Mapping[str, Any]) -> QuantScheme:
         values = {f: getattr(self, f) for f in _SCHEME_FIELDS}
@@ -405,6 +427,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             "damp": self.damp,
             "act_order": self.act_order,
             "static_groups": self.static_groups,
+            "rotation": self.rotation,
+            "rotation_seed": self.rotation_seed,
             "target_bits": self.target_bits,
             "allocation_candidates": copy.deepcopy(self.allocation_candidates),
             "lowrank_rank": self.lowrank_rank,

@@ -87,8 +87,8 @@ class HfQuantQuantizer(HfQuantizer):
             # after loading (and untied), so it is left out of the load-time conversion.
             self.tied_to_quantize = tied_linears_to_quantize(model, config, self.modules_to_not_convert)
             self.modules_to_not_convert += list(self.tied_to_quantize)
-        if not self.pre_quantized and config.needs_calibration:
-            # Calibration methods need the float weights: they load unchanged, `quantize_with_calibration` runs after.
+        if not self.pre_quantized and config.quantizes_after_loading:
+            # Calibration and rotations need the float weights: they load unchanged, `quantize_with_calibration` runs after.
             from .algorithms.calibration import check_calibration_supported
 
             check_calibration_supported(model, config)
@@ -96,6 +96,10 @@ class HfQuantQuantizer(HfQuantizer):
         replaced = install_quantized_modules(
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
         )
+        if self.pre_quantized and config.rotation is not None:
+            from .algorithms.calibration import attach_rotations
+
+            attach_rotations(model, config)
         if replaced == 0:
             raise ValueError(
                 "hf_quant found no nn.Linear, Conv1D or fused-expert weight to quantize in "
@@ -109,7 +113,7 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.__dict__.pop("initialize_weights", None)
-        if not self.pre_quantized and self.quantization_config.needs_calibration:
+        if not self.pre_quantized and self.quantization_config.quantizes_after_loading:
             from .algorithms.calibration import quantize_with_calibration
 
             self.calibration_report = quantize_with_calibration(model, self.quantization_config,

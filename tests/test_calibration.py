@@ -412,3 +412,73 @@ def test_tiny_llama_awq_quantize_save_reload(tiny_llama, tmp_path):
     torch.testing.assert_close(reloaded.model.layers[0].input_layernorm.weight, norm, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- rotations
+
+
+@pytest.mark.parametrize("in_features", [16, 64, 96, 576, 1536])
+def test_hadamard_rotation_is_orthogonal_and_exact(in_features):
+    from hf_quant.algorithms.rotation import HadamardRotation, hadamard_block
+
+    rotation = HadamardRotation(in_features, seed=3)
+    eye = torch.eye(in_features, dtype=torch.float64)
+    r = rotation(eye)  # the matrix R itself
+    torch.testing.assert_close(r @ r.t(), eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotation.inverse(r), eye, rtol=0, atol=1e-12)
+    # Against an explicit Sylvester Hadamard matrix.
+    b = hadamard_block(in_features)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)))
+    expected = torch.diag(rotation.signs.double()) @ torch.block_diag(*[h] * (in_features // b)) / b**0.5
+    torch.testing.assert_close(r, expected, rtol=0, atol=1e-12)
+    x, w = torch.randn(5, in_features, dtype=torch.float64), torch.randn(7, in_features, dtype=torch.float64)
+    torch.testing.assert_close(rotation(x) @ rotation.rotate_weight(w).double().t(), x @ w.t(), rtol=1e-5, atol=1e-4)
+    hessian = x.t() @ x
+    torch.testing.assert_close(rotation.rotate_hessian(hessian).double(), r.t() @ hessian @ r, rtol=1e-5, atol=1e-5)
+
+
+def test_hadamard_rotation_rejects_widths_without_a_power_of_two_block():
+    from hf_quant.algorithms.rotation import HadamardRotation
+
+    with pytest.raises(ValueError, match="divisible by 16"):
+        HadamardRotation(100, seed=0)
+
+
+def test_rotated_model_at_8_bits_matches_the_float_model(tiny_llama):
+    """Rotation is exact: with 8-bit weights the rotated model is as close to float as the unrotated one."""
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        reference = float_model(IDS).logits
+
+    def error(**settings):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=HfQuantConfig(
+            bits=8, group_size=32, **settings))
+        with torch.no_grad():
+            return (model(IDS).logits - reference).abs().max().item(), model
+
+    plain, _ = error()
+    rotated, model = error(rotation="hadamard")
+    assert rotated < 1e-2 and rotated < 3 * plain, (rotated, plain)
+    float_again = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=HfQuantConfig(
+        bits=8, group_size=32, rotation="hadamard"))
+    float_again.dequantize()
+    with torch.no_grad():  # dequantize() undoes the rotation: plain float weights, plain float model
+        assert (float_again(IDS).logits - reference).abs().max().item() < 1e-2
+
+
+def test_rotation_with_gptq_save_reload(tiny_llama, tmp_path):
+    config = HfQuantConfig(**{**GPTQ_SETTINGS, "rotation": "hadamard", "rotation_seed": 5})
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config)
+    q = model.model.layers[0].mlp.down_proj
+    assert q.input_rotation is not None and q.input_rotation.block == 32  # 160 = 5 * 32
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["rotation"] == "hadamard" and saved["rotation_seed"] == 5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.model.layers[1].self_attn.q_proj.input_rotation is not None
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)

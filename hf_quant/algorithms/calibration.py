@@ -129,7 +129,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n = getattr(model.config, "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and n and any(
-            isinstance(m, (nn.Linear, Conv1D)) for m in module[0].modules()
+            isinstance(m, (nn.Linear, Conv1D, QuantLinear)) for m in module[0].modules()
         ):
             return name, module
     raise ValueError(f"calibration: found no list of {n} transformer blocks in {type(model).__name__}")
@@ -266,8 +266,11 @@ def _apply_awq(block: nn.Module, names: set[str], schemes: dict[str, QuantScheme
         fold_scale(block.get_submodule(prev), layers, scale)
 
 
-def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParams | None) -> QuantLinear:
+def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParams | None, rotation=None) -> QuantLinear:
+    """The QuantLinear of `module`: packed from `params` when given, else quantized data-free (of W R when rotated)."""
     weight = float_weight_of(module)
+    if rotation is not None:
+        weight = rotation.rotate_weight(weight).to(weight.dtype)
     q = QuantLinear(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
                     dtype=weight.dtype)
     if params is None:
@@ -277,6 +280,7 @@ def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParam
     else:
         params_packed = pack(scheme, params)
     q.load_packed(params_packed)
+    q.input_rotation = rotation
     q.source_is_conv1d = isinstance(module, Conv1D)
     if module.bias is not None:
         q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
@@ -284,7 +288,7 @@ def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParam
     return q
 
 
-def _gptq_group(names, modules, schemes, hessian, config) -> dict[str, QuantParams]:
+def _gptq_group(names, modules, schemes, hessian, config, rotation=None) -> dict[str, QuantParams]:
     """GPTQ of linears sharing one Hessian. Those with one scheme are stacked into one weight (same Hessian, so the
     result is that of quantizing each alone, in one pass); double-quantized ones run alone because their
     second-level blocks of 64 scales are counted per module."""
@@ -297,6 +301,8 @@ def _gptq_group(names, modules, schemes, hessian, config) -> dict[str, QuantPara
         runs = [[m] for m in members] if scheme.double_quant else [members]
         for run in runs:
             weights = [float_weight_of(modules[m]).float() for m in run]
+            if rotation is not None:
+                weights = [rotation.rotate_weight(w) for w in weights]
             params = gptq_quantize(torch.cat(weights), hessian, scheme, **kwargs)
             row = 0
             for m, w in zip(run, weights):
@@ -329,7 +335,9 @@ def quantize_with_calibration(
             f"them in float (modules_to_not_convert) or quantize them data-free: overrides={{{outside[0]!r}: "
             "{'method': 'mse'}}"
         )
-    if tokenizer is None:
+    rotations = _rotations(blocks, prefixes, targets, config)
+    needs_data = config.needs_calibration
+    if needs_data and tokenizer is None:
         from transformers import AutoTokenizer
 
         source = getattr(model, "name_or_path", None)
@@ -340,14 +348,14 @@ def quantize_with_calibration(
                 f"calibration needs the model's tokenizer, and none could be loaded from {source!r} ({e}); save one "
                 "with the model"
             ) from None
-    token_ids = calibration_token_ids(tokenizer, config)
+    token_ids = calibration_token_ids(tokenizer, config) if needs_data else torch.empty(0, 0, dtype=torch.long)
 
     was_training = model.training
     model.eval()
     peak_held = 0
     done = 0
     try:
-        states = _capture_first_block_inputs(model, blocks[0], token_ids, _BLOCK_BATCH)
+        states = _capture_first_block_inputs(model, blocks[0], token_ids, _BLOCK_BATCH) if needs_data else []
         # Data-free modules outside the blocks need no activations.
         for name, scheme in targets.items():
             if not any(name.startswith(p) for p in prefixes):
@@ -376,15 +384,20 @@ def quantize_with_calibration(
                 for n in gptq:
                     groups.setdefault(collector.leader[n], []).append(n)
                 for leader, names in groups.items():
-                    params.update(_gptq_group(names, modules, local, collector.hessian(leader), config))
+                    rotation = rotations.get(prefix + leader)
+                    hessian = collector.hessian(leader)
+                    if rotation is not None:  # every member shares in_features, hence the rotation
+                        hessian = rotation.rotate_hessian(hessian)
+                    params.update(_gptq_group(names, modules, local, hessian, config, rotation))
                 del collector
-            quantized = {n: _quantized_module(modules[n], scheme, params.get(n)) for n, scheme in local.items()}
-            if index + 1 < len(blocks):  # the last block's outputs are not needed
+            quantized = {n: _quantized_module(modules[n], scheme, params.get(n), rotations.get(prefix + n))
+                         for n, scheme in local.items()}
+            if needs_data and index + 1 < len(blocks):  # the last block's outputs are not needed
                 # The next block sees this block's quantized outputs. The float linears hold the dequantized
                 # weights for this pass (the fused kernels are slower than a dense matmul at this many tokens).
                 originals = {n: modules[n].weight.data for n in quantized}
                 for n, q in quantized.items():
-                    w = q.dequantize_weight(originals[n].dtype)
+                    w = q.to_float(originals[n].dtype).weight.data
                     modules[n].weight.data = w.t() if q.source_is_conv1d else w
                 states = [(_block_output(block(h, *a, **kw)), a, kw) for h, a, kw in states]
                 del originals
@@ -396,10 +409,38 @@ def quantize_with_calibration(
     finally:
         model.train(was_training)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = CalibrationReport(token_ids.shape[0], token_ids.shape[1], len(blocks), done,
+    report = CalibrationReport(token_ids.shape[0], token_ids.shape[-1], len(blocks), done,
                                time.perf_counter() - start, rss, peak_held)
     logger.info(report.summary())
     return report
+
+
+def _rotations(blocks, prefixes, targets, config) -> dict[str, object]:
+    """Full module name -> its input rotation (None for all when config.rotation is None): linears inside blocks."""
+    if config.rotation is None:
+        return {}
+    from .rotation import HadamardRotation
+
+    out = {}
+    for prefix, block in zip(prefixes, blocks):
+        for name, module in block.named_modules():
+            full = prefix + name
+            if full in targets:
+                in_features = float_weight_of(module).shape[1]
+            elif isinstance(module, QuantLinear):
+                in_features = module.in_features
+            else:
+                continue
+            out[full] = HadamardRotation(in_features, config.rotation_seed)
+    return out
+
+
+def attach_rotations(model: nn.Module, config) -> None:
+    """Pre-quantized load of a rotated checkpoint: give every QuantLinear inside the blocks its input rotation."""
+    blocks_name, blocks = decoder_blocks(model)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
+    for name, rotation in _rotations(blocks, prefixes, {}, config).items():
+        model.get_submodule(name).input_rotation = rotation
 
 
 def _progress(total: int, enabled: bool):
@@ -413,6 +454,7 @@ __all__ = [
     "CALIBRATION_METHODS",
     "CalibrationReport",
     "calibration_token_ids",
+    "attach_rotations",
     "check_calibration_supported",
     "quantize_with_calibration",
 ]

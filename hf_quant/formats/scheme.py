@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 FORMATS = ("int", "nf4", "fp4", "fp8", "ternary")
 INT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128, 256, -1)
-METHODS = ("rtn", "mse", "gptq")
+METHODS = ("rtn", "mse", "gptq", "awq")
 # Bit width each codebook format is fixed to.
 CODEBOOK_BITS = {"nf4": 4, "fp4": 4, "fp8": 8, "ternary": 2}  # ternary: 2-bit codes unpacked, 5 trits a byte stored
 
@@ -21,7 +21,8 @@ class QuantScheme:
     group_size: weights along the input dimension sharing one scale; -1 means one scale per output channel.
     symmetric: int only; zero-point fixed at 2**(bits-1) and not stored.
     method: "mse" (data-free error-minimizing scales/zeros), "rtn" (round to nearest, min/max scales) or "gptq"
-        (calibrated, hf_quant.algorithms.gptq; the stored layout is the same).
+        (calibrated, hf_quant.algorithms.gptq) or "awq" (activation-aware scales folded into the preceding
+        norm/linear, then the mse search; hf_quant.algorithms.awq). The stored layout is the same for all.
     double_quant: store scales (and zero-points) as 8-bit codes with a float16 scale/offset per 64 of them.
     lowrank_rank: > 0 adds a low-rank correction W += U V (U [out, r], V [r, in], float16) stored beside the codes
         (formats/lowrank.py).

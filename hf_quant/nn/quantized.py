@@ -180,6 +180,8 @@ class QuantLinear(PackedWeight):
     """A linear layer y = x W^T + b with W stored packed."""
 
     source_is_conv1d = False  # replaced a GPT-2 Conv1D (dequantize() gives a Conv1D back)
+    # Input rotation x -> x R (hf_quant.algorithms.rotation) when the stored weight is W R; None: no rotation.
+    input_rotation = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, device=None, dtype=None):
         super().__init__(scheme, (out_features, in_features), device=device)
@@ -204,6 +206,8 @@ class QuantLinear(PackedWeight):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         y = self.packed_linear(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -211,7 +215,10 @@ class QuantLinear(PackedWeight):
 
     def to_float(self, dtype: torch.dtype) -> nn.Linear:
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        layer.weight = nn.Parameter(self.dequantize_weight(dtype), requires_grad=False)
+        weight = self.dequantize_weight(dtype)
+        if self.input_rotation is not None:  # stored W R: the float layer gets W back
+            weight = self.input_rotation.inverse(weight.float()).to(dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
         if self.bias is not None:
             layer.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
         return layer
