@@ -69,7 +69,7 @@ def decode_seconds(model, prompt_ids, new_tokens: int) -> float:
 
 def prefill_seconds(model, ids) -> float:
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # as generate does; optimum-quanto cannot run under inference_mode
         model(ids, use_cache=False)
     return time.perf_counter() - start
 

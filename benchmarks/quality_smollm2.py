@@ -84,8 +84,11 @@ def _load_quantized(name: str, path, auto_cls):
     return model, quantized, f"{peer.library} {library_version(peer.library)}", peer.bits
 
 
-def worker(name: str, tokens: int, sentences: int) -> dict:
+def worker(name: str, tokens: int, sentences: int, threads: int | None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from hf_quant.assets import botchan_text, minilm_path, smollm2_path
@@ -103,8 +106,7 @@ def worker(name: str, tokens: int, sentences: int) -> dict:
     out["bpw"] = storage["quantized_bits_per_weight"] if storage["modules"] else storage["bits_per_weight"]
     out["bytes_after"], out["bytes_before"] = storage["bytes_after"], storage["bytes_before"]
     out["formats"] = sorted({m["format"] for m in storage["modules"].values()})
-    with torch.inference_mode():
-        out["ppl"] = perplexity(model, AutoTokenizer.from_pretrained(path), botchan_text(), max_tokens=tokens)
+    out["ppl"] = perplexity(model, AutoTokenizer.from_pretrained(path), botchan_text(), max_tokens=tokens)
     del model
     if sentences:
         path = minilm_path()
@@ -123,6 +125,7 @@ def worker(name: str, tokens: int, sentences: int) -> dict:
 
 def run_one(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--tokens", str(args.tokens), "--sentences", str(args.sentences)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -185,24 +188,7 @@ def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) 
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few 4/3/2-bit configurations, 512 tokens, 32 sentences")
-    ap.add_argument("--tokens", type=int, default=None, help="Botchan token budget (default 2048; quick 512)")
-    ap.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 128; quick 32; 0 skips)")
-    ap.add_argument("--only", nargs="*", help="configuration names (float32 is always run)")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
-    ap.add_argument("--plot", default=str(HERE / "plot" / "pareto_smollm2.png"))
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.tokens is None:
-        args.tokens = 512 if args.quick else 2048
-    if args.sentences is None:
-        args.sentences = 32 if args.quick else 128
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens, args.sentences)), flush=True)
-        return
+def run_all(args) -> list[dict]:
     names = [FLOAT, *args.only] if args.only else all_names(args.quick)
     known = set(all_names(False))
     unknown = [n for n in names if n not in known]
@@ -214,6 +200,47 @@ def main() -> None:
     for name in names:
         results.append(run_one(name, args))
         print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def _results_from_logs(paths: list[str]) -> list[dict]:
+    """Result lines of earlier runs, the last one per configuration winning (a rerun replaces a failure)."""
+    by_name: dict[str, dict] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith('{"name"'):
+                result = json.loads(line)
+                if "error" not in result or "error" in by_name.get(result["name"], {"error": ""}):
+                    by_name[result["name"]] = result
+    order = {name: i for i, name in enumerate(all_names(False))}
+    return sorted(by_name.values(), key=lambda r: order.get(r["name"], len(order)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few 4/3/2-bit configurations, 512 tokens, 32 sentences")
+    ap.add_argument("--tokens", type=int, default=None, help="Botchan token budget (default 2048; quick 512)")
+    ap.add_argument("--sentences", type=int, default=None, help="MiniLM sentences (default 128; quick 32; 0 skips)")
+    ap.add_argument("--only", nargs="*", help="configuration names (float32 is always run)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: torch's)")
+    ap.add_argument("--render", nargs="*", metavar="LOG",
+                    help="only rebuild the table, JSON and plot from the result lines of earlier runs' output")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
+    ap.add_argument("--plot", default=str(HERE / "plot" / "pareto_smollm2.png"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.tokens is None:
+        args.tokens = 512 if args.quick else 2048
+    if args.sentences is None:
+        args.sentences = 32 if args.quick else 128
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens, args.sentences, args.threads)), flush=True)
+        return
+    if args.render:
+        results = _results_from_logs(args.render)
+    else:
+        results = run_all(args)
     base = next((r for r in results if r["name"] == FLOAT and "error" not in r), None)
     table = markdown(results, base)
     print(table)

@@ -32,11 +32,14 @@ def _device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the measurement, then restore what the caller had."""
+    """Eval mode (no dropout) for the measurement, then restore what the caller had.
+
+    no_grad rather than inference_mode: some libraries' quantized tensors (optimum-quanto's) cannot run under
+    inference_mode, and every method must be measured by the same code."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
