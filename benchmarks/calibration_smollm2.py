@@ -74,7 +74,8 @@ def main() -> None:
     base = measure(None)
     print(f"Botchan perplexity, first {args.tokens} tokens, window 512; GPTQ calibration: {args.n_samples} x "
           f"{args.seq_len} tokens of Botchan after token 8192. float32 = {base['ppl']:.3f}")
-    print("| configuration | method | bits/weight (all stored) | perplexity | vs float32 | quantize time (s) | peak RSS (MiB) |")
+    print("| configuration | method | bits/weight (all stored) | perplexity | vs float32 | quantize time (s) "
+          "| peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| float32 | - | 32 | {base['ppl']:.3f} | - | {base['seconds']:.1f} (load) | {base['peak_rss_mib']:.0f} |",
           flush=True)

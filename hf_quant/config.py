@@ -26,8 +26,10 @@ FIELDS = (
 )
 DEFAULT_INT_BITS = 4
 # Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
-CALIBRATION_FIELDS = ("calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups",
-                      "rotation", "rotation_seed")
+CALIBRATION_FIELDS = (
+    "calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups", "rotation",
+    "rotation_seed",
+)
 FIELDS = FIELDS + CALIBRATION_FIELDS
 CALIBRATION_METHODS = ("gptq", "awq")
 _DATASET_KEYS = ("path", "name", "split", "text_field")
@@ -325,7 +327,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             if not _is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 10:
-            raise ValueError(f"damp must be a number in (0, 10] (fraction of the mean Hessian diagonal), got {self.damp!r}")
+            raise ValueError(f"damp must be a number in (0, 10] (a fraction of the mean Hessian diagonal), got "
+                             f"{self.damp!r}")
         for name in ("act_order", "static_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (True or False), got {getattr(self, name)!r}")

@@ -88,7 +88,8 @@ class HfQuantQuantizer(HfQuantizer):
             self.tied_to_quantize = tied_linears_to_quantize(model, config, self.modules_to_not_convert)
             self.modules_to_not_convert += list(self.tied_to_quantize)
         if not self.pre_quantized and config.quantizes_after_loading:
-            # Calibration and rotations need the float weights: they load unchanged, `quantize_with_calibration` runs after.
+            # Calibration and rotations need the float weights: they load unchanged and are quantized after loading
+            # (`quantize_with_calibration`).
             from .algorithms.calibration import check_calibration_supported
 
             check_calibration_supported(model, config)

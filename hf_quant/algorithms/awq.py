@@ -56,7 +56,9 @@ def _fake_quantize(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scale(x: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme]) -> tuple[torch.Tensor, float]:
+def search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], schemes: list[QuantScheme]
+) -> tuple[torch.Tensor, float]:
     """Per-input-channel scale s (and its alpha) minimising the quantized output error of `weights` on inputs `x`.
 
     The grid search quantizes with round-to-nearest (fast); alpha = 0 (s = 1, no scaling) is on the grid, so the

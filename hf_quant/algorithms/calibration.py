@@ -325,6 +325,13 @@ def quantize_with_calibration(
             f"hf_quant found no nn.Linear or Conv1D weight to quantize in {type(model).__name__} "
             f"(modules_to_not_convert={config.modules_to_not_convert}, overrides={config.overrides})"
         )
+    offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"disk", "meta"})
+    if offloaded:
+        raise ValueError(
+            f"quantizing after loading (method={config.method!r}, rotation={config.rotation!r}) needs every weight in "
+            f"memory, but device_map offloads some to {offloaded}; load with device_map='cpu' (or a GPU), or use a "
+            "data-free method, which quantizes while loading"
+        )
     blocks_name, blocks = decoder_blocks(model)
     prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
     outside = [n for n, s in targets.items() if s.method in CALIBRATION_METHODS

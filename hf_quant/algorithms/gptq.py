@@ -111,7 +111,9 @@ def gptq_quantize(
 
     Returns the codes, scales and zero-points of `scheme` (scales/zeros already rounded as stored)."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"GPTQ needs weight [out, in] and Hessian [in, in], got {tuple(weight.shape)}, {tuple(hessian.shape)}")
+        raise ValueError(
+            f"GPTQ needs weight [out, in] and Hessian [in, in], got {tuple(weight.shape)}, {tuple(hessian.shape)}"
+        )
     if act_order and not static_groups:
         raise ValueError("act_order=True needs static_groups=True: the stored formats have no per-column group index")
     if not torch.isfinite(weight).all():
