@@ -28,7 +28,7 @@ DEFAULT_INT_BITS = 4
 # Settings of calibration-based methods (hf_quant.algorithms.calibration); data-free methods ignore them.
 CALIBRATION_FIELDS = (
     "calibration", "calibration_dataset", "n_samples", "seq_len", "damp", "act_order", "static_groups", "rotation",
-    "rotation_seed",
+    "rotation_seed", "token_weighting",
 )
 FIELDS = FIELDS + CALIBRATION_FIELDS
 CALIBRATION_METHODS = ("gptq", "awq")
@@ -127,6 +127,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             Hadamard rotation, hf_quant.algorithms.rotation) and rotate their input online (x R), which spreads weight
             outliers before quantizing; exact at full precision. Quantizes after loading; not with method "awq".
         rotation_seed: seed of the rotation's random signs (recorded, so a reload rebuilds the same R).
+        token_weighting: GPTQ only: None, or "attention" (RSQ-style): each token's row of the Hessian is weighted by
+            the attention it receives in the block (mean over heads, summed over queries, relative to its sequence's
+            mean, clipped to [0.1, 10]). Calibration then runs with eager attention.
         target_bits: mixed precision under a budget (hf_quant.algorithms.allocation): when quantizing, choose one
             scheme per linear layer from `allocation_candidates` so that the average true bits per quantized weight
             (everything stored) is at most this, minimising the summed weight reconstruction error (exact knapsack).
@@ -164,6 +167,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         static_groups: bool = True,
         rotation: str | None = None,
         rotation_seed: int = 0,
+        token_weighting: str | None = None,
         target_bits: float | None = None,
         allocation_candidates: list[dict[str, Any]] | None = None,
         lowrank_rank: int = 0,
@@ -201,6 +205,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.static_groups = static_groups
         self.rotation = rotation
         self.rotation_seed = rotation_seed
+        self.token_weighting = token_weighting
         self.target_bits = target_bits
         self.allocation_candidates = allocation_candidates
         self.lowrank_rank = lowrank_rank
@@ -335,6 +340,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.act_order and not self.static_groups:
             raise ValueError("act_order=True needs static_groups=True (the stored formats have no per-column group "
                              "index); set static_groups=True or act_order=False")
+        if self.token_weighting not in (None, "attention"):
+            raise ValueError(f"token_weighting must be None or 'attention', got {self.token_weighting!r}")
         if self.rotation not in (None, "hadamard"):
             raise ValueError(f"rotation must be None or 'hadamard', got {self.rotation!r}")
         if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
@@ -432,6 +439,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             "static_groups": self.static_groups,
             "rotation": self.rotation,
             "rotation_seed": self.rotation_seed,
+            "token_weighting": self.token_weighting,
             "target_bits": self.target_bits,
             "allocation_candidates": copy.deepcopy(self.allocation_candidates),
             "lowrank_rank": self.lowrank_rank,

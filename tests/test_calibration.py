@@ -184,6 +184,9 @@ def test_config_fields_round_trip():
         (dict(static_groups=False), "act_order=True needs static_groups"),
         (dict(act_order=False, static_groups=False, double_quant=True), "double_quant=True needs static_groups"),
         (dict(method="gptqq"), "method must be one of"),
+        (dict(token_weighting="tokens"), "token_weighting must be"),
+        (dict(rotation="random"), "rotation must be"),
+        (dict(method="awq", rotation="hadamard"), "does not combine"),
     ],
 )
 def test_config_rejects_bad_calibration_settings(kwargs, match):
@@ -493,3 +496,38 @@ def test_gptq_with_device_map_cpu(tiny_llama):
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+# --------------------------------------------------------------------------- RSQ token weighting
+
+
+def test_token_weighted_hessian():
+    from hf_quant.algorithms.calibration import _InputCollector
+
+    layer = torch.nn.Linear(12, 4)
+    collector = _InputCollector({"l": layer}, {"l"}, set(), 1, token_weights=True)
+    x = torch.randn(2, 5, 12)
+    weights = torch.rand(2, 5) + 0.1
+    collector.new_batch()
+    layer(x)
+    collector.end_batch(weights)
+    collector.remove()
+    rows, w = x.reshape(-1, 12), weights.reshape(-1, 1)
+    torch.testing.assert_close(collector.hessian("l"), (rows * w).t() @ rows / w.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_llama_gptq_with_attention_token_weighting(tiny_llama, tmp_path):
+    config = HfQuantConfig(**GPTQ_SETTINGS, token_weighting="attention")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=HfQuantConfig(**GPTQ_SETTINGS))
+    assert model.config._attn_implementation == plain.config._attn_implementation  # restored after calibration
+    a, b = model.model.layers[0].self_attn.q_proj, plain.model.layers[0].self_attn.q_proj
+    assert not torch.equal(a.qweight, b.qweight)  # the weighting changed GPTQ's choices
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path / "q")
+    assert HfQuantConfig.from_dict(json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+                                   ).token_weighting == "attention"
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(IDS).logits, logits,
+                                   rtol=0, atol=0)

@@ -206,7 +206,12 @@ class _InputCollector:
     """Accumulates X^T X of the inputs of a block's linears (those in `hessian_of`), and keeps a sample of the input
     rows of those in `sample_of` (every `sample_stride`-th token); linears fed the same tensor share both."""
 
-    def __init__(self, modules: dict[str, nn.Module], hessian_of: set[str], sample_of: set[str], sample_stride: int):
+    def __init__(self, modules: dict[str, nn.Module], hessian_of: set[str], sample_of: set[str], sample_stride: int,
+                 token_weights: bool = False):
+        # With token weights (RSQ), a batch's Hessian updates wait for `end_batch(weights)`: the weights come from the
+        # block's attention, which runs after the q/k/v projections have been called.
+        self.token_weights = token_weights
+        self._pending: list[tuple[str, torch.Tensor]] = []
         self.leader: dict[str, str] = {}  # module name -> the module whose statistics it shares
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
@@ -217,6 +222,21 @@ class _InputCollector:
 
     def new_batch(self) -> None:
         self._batch_inputs.clear()
+        self._pending.clear()
+
+    def end_batch(self, weights: torch.Tensor | None) -> None:
+        """Accumulate the batch's deferred Hessian updates, each token's row weighted by `weights` [batch, tokens]."""
+        for name, x in self._pending:
+            self._accumulate(name, x, None if weights is None else weights.reshape(-1, 1).to(x))
+        self._pending.clear()
+
+    def _accumulate(self, name: str, x: torch.Tensor, weights: torch.Tensor | None) -> None:
+        h = self.hessians.get(name)
+        if h is None:
+            h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.counts[name] = 0.0
+        h.addmm_((x * weights if weights is not None else x).t(), x)
+        self.counts[name] += x.shape[0] if weights is None else float(weights.sum())
 
     def _hook(self, name):
         def hook(_module, args, _output):
@@ -231,12 +251,10 @@ class _InputCollector:
                 self.samples.setdefault(name, []).append(x[:: self.stride].clone())
             if name not in self.hessian_of:
                 return
-            h = self.hessians.get(name)
-            if h is None:
-                h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                self.counts[name] = 0.0
-            h.addmm_(x.t(), x)
-            self.counts[name] += x.shape[0]
+            if self.token_weights:
+                self._pending.append((name, x))
+            else:
+                self._accumulate(name, x, None)
 
         return hook
 
@@ -249,6 +267,33 @@ class _InputCollector:
 
     def held_bytes(self) -> int:
         return _nbytes(self.hessians.values()) + _nbytes(t for ts in self.samples.values() for t in ts)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class _AttentionImportance:
+    """RSQ-style token importance ("attention concentration"): the attention each token receives in a block, as
+    probabilities averaged over heads and summed over queries, relative to its sequence's mean and clipped to
+    [0.1, 10] (an attention sink would otherwise take all the weight)."""
+
+    def __init__(self, block: nn.Module):
+        self.weights: torch.Tensor | None = None
+        self._handles = [m.register_forward_hook(self._hook) for m in block.modules()]
+
+    def _hook(self, _module, _args, output):
+        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if isinstance(probs, torch.Tensor) and probs.dim() == 4:
+            received = probs.float().mean(1).sum(1)  # [batch, heads, queries, keys] -> [batch, keys]
+            self.weights = (received / received.mean(-1, keepdim=True)).clamp(0.1, 10.0)
+
+    def take(self) -> torch.Tensor:
+        if self.weights is None:
+            raise ValueError("token_weighting='attention' found no attention probabilities in the block (the model's "
+                             "attention does not return them); use token_weighting=None")
+        weights, self.weights = self.weights, None
+        return weights
 
     def remove(self) -> None:
         for h in self._handles:
@@ -359,6 +404,9 @@ def quantize_with_calibration(
 
     was_training = model.training
     model.eval()
+    attn_implementation = model.config._attn_implementation
+    if config.token_weighting is not None:
+        model.set_attn_implementation("eager")  # the only implementation that returns attention probabilities
     peak_held = 0
     done = 0
     try:
@@ -377,13 +425,18 @@ def quantize_with_calibration(
             params: dict[str, QuantParams] = {}
             if gptq or awq:
                 stride = max(1, token_ids.numel() // _AWQ_TOKENS)
-                collector = _InputCollector({n: modules[n] for n in gptq | awq}, gptq, awq, stride)
+                weighted = config.token_weighting is not None
+                collector = _InputCollector({n: modules[n] for n in gptq | awq}, gptq, awq, stride, weighted)
+                importance = _AttentionImportance(block) if weighted else None
                 try:
                     for hidden, args, kwargs in states:
                         collector.new_batch()
                         block(hidden, *args, **kwargs)
+                        collector.end_batch(importance.take() if importance else None)
                 finally:
                     collector.remove()
+                    if importance:
+                        importance.remove()
                 peak_held = max(peak_held, _nbytes(s[0] for s in states) * 2 + collector.held_bytes())
                 if awq:
                     _apply_awq(block, awq, local, collector)
@@ -415,6 +468,8 @@ def quantize_with_calibration(
         bar.close()
     finally:
         model.train(was_training)
+        if model.config._attn_implementation != attn_implementation:
+            model.set_attn_implementation(attn_implementation)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = CalibrationReport(token_ids.shape[0], token_ids.shape[-1], len(blocks), done,
                                time.perf_counter() - start, rss, peak_held)
