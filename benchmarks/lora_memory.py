@@ -1,6 +1,6 @@
 """Peak CPU memory of LoRA training on SmolLM2-135M: 4-bit hf_quant base vs the float32 model.
 
-    python benchmarks/lora_memory.py [--steps 3] [--batch 4] [--seq-len 128] [--rank 16]
+    python benchmarks/lora_memory.py [--steps 3] [--batch 4] [--seq-len 128] [--rank 16] [--configs NAME ...]
 
 Each configuration runs in its own fresh interpreter (same imports everywhere) and reports its peak resident set
 size (ru_maxrss) over the whole run: load, then `--steps` AdamW steps of LoRA on all linear layers. The 4-bit base
@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--worker", choices=list(CONFIGS))
     ap.add_argument("--int4-dir")
     ap.add_argument("--prepare")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="which rows to run (a float32 row must come before the int4 row it is compared with)")
     args = ap.parse_args()
     if args.prepare:
         return prepare(args.prepare)
@@ -99,16 +101,17 @@ def main() -> None:
         print("| configuration | after imports | after load | peak (ru_maxrss) | peak - after imports | vs float32 |")
         print("|---|---|---|---|---|---|")
         float_used = {}
-        for name, (kind, checkpointing) in CONFIGS.items():
+        for name in args.configs:
+            kind, checkpointing = CONFIGS[name]
             run = subprocess.run([sys.executable, __file__, "--worker", name, "--int4-dir", tmp, *common],
                                  check=True, capture_output=True, text=True)
             r = json.loads(run.stdout.strip().splitlines()[-1])
             used = r["peak"] - r["after_imports"]
             if kind == "float":
                 float_used[checkpointing] = used
-            ratio = used / float_used[checkpointing]
+            ratio = f"{used / float_used[checkpointing]:.2f}x" if checkpointing in float_used else "-"
             print(f"| {name} | {r['after_imports']:.0f} | {r['after_load']:.0f} | {r['peak']:.0f} | {used:.0f} | "
-                  f"{ratio:.2f}x |", flush=True)
+                  f"{ratio} |", flush=True)
 
 
 if __name__ == "__main__":
