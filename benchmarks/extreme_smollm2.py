@@ -5,6 +5,7 @@ evaluated text).
 
     python benchmarks/extreme_smollm2.py [--tokens 1024] [--targets 2.5 3.25] [--sensitivities weight fisher]
     python benchmarks/extreme_smollm2.py --targets --skip-uniform --lowrank 8 32 --ternary
+    python benchmarks/extreme_smollm2.py --layer-errors   # weight error of every format on a few real layers only
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ def main() -> None:
     ap.add_argument("--skip-uniform", action="store_true")
     ap.add_argument("--lowrank", type=int, nargs="*", default=[], help="also run uniform schemes with these ranks")
     ap.add_argument("--ternary", action="store_true", help="also run ternary (1 and 2 planes)")
+    ap.add_argument("--layer-errors", action="store_true", help="only: relative weight error per format on 3 layers")
+    ap.add_argument("--on-load-targets", type=float, nargs="*", default=[],
+                    help="also quantize with HfQuantConfig(target_bits=T) (data-free allocation inside from_pretrained)")
     args = ap.parse_args()
     path = smollm2_path()
+    if args.layer_errors:
+        layer_errors(path)
+        return
     tok = AutoTokenizer.from_pretrained(path)
     text = botchan_text()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -81,6 +88,11 @@ def main() -> None:
     for cfg in extra:
         bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg))
         print(f"| {label(cfg)} | {bpw:.3f} | {ppl:.2f} | {100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
+    for target in args.on_load_targets:
+        config = hf_quant.HfQuantConfig(target_bits=target, allocation_candidates=CANDIDATES[:4])
+        bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
+        print(f"| allocated on load, target {target}, weight sensitivity | {bpw:.3f} | {ppl:.2f} | "
+              f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
     for target in args.targets:
         for sens in args.sensitivities:
             result = table.choose(target, sens)
@@ -91,11 +103,49 @@ def main() -> None:
             print("\n".join("    " + line for line in result.summary().splitlines()), flush=True)
 
 
+LAYER_SCHEMES = [
+    dict(bits=2, group_size=64),
+    dict(bits=2, group_size=128, double_quant=True),
+    dict(bits=3, group_size=128),
+    dict(bits=2, group_size=128, double_quant=True, lowrank_rank=8),
+    dict(bits=2, group_size=128, double_quant=True, outliers_per_row=4),
+    dict(format="ternary", group_size=128, planes=1),
+    dict(format="ternary", group_size=128, planes=2),
+    dict(format="vq", group_size=128, planes=2),
+]
+LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.10.mlp.gate_proj", "model.layers.20.mlp.down_proj"]
+
+
+def layer_errors(path) -> None:
+    """||W - Q(W)|| / ||W|| and true bits per weight of each scheme on a few SmolLM2 layers (no model run)."""
+    from safetensors import safe_open
+
+    from hf_quant.algorithms import quantize_weight
+    from hf_quant.formats import bits_per_weight, dequantize
+
+    weights = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            weights.update({n: f.get_tensor(f"{n}.weight").float() for n in LAYERS if f"{n}.weight" in f.keys()})
+    print("| scheme | " + " | ".join(f"{n.split('layers.')[1]} (bits, rel. error)" for n in LAYERS) + " |")
+    print("|---|" + "---|" * len(LAYERS))
+    for cfg in LAYER_SCHEMES:
+        scheme = hf_quant.HfQuantConfig(**cfg).default_scheme
+        cells = []
+        for name in LAYERS:
+            w = weights[name]
+            deq = dequantize(scheme, quantize_weight(w, scheme), w.shape[1])
+            cells.append(f"{bits_per_weight(scheme, w.shape):.2f}, {float((deq - w).norm() / w.norm()):.3f}")
+        print(f"| {label(cfg)} | " + " | ".join(cells) + " |", flush=True)
+
+
 def label(cfg: dict) -> str:
-    if cfg.get("format") == "ternary":
-        return f"ternary {cfg['planes']} plane{'s' if cfg['planes'] > 1 else ''} g{cfg['group_size']}"
+    if cfg.get("format") in ("ternary", "vq"):
+        stages = "plane" if cfg["format"] == "ternary" else "codebook"
+        return f"{cfg['format']} {cfg['planes']} {stages}{'s' if cfg['planes'] > 1 else ''} g{cfg['group_size']}"
     name = f"int{cfg['bits']} g{cfg['group_size']}" + (" dq" if cfg.get("double_quant") else "")
-    return name + (f" + rank {cfg['lowrank_rank']}" if cfg.get("lowrank_rank") else "")
+    name += f" + rank {cfg['lowrank_rank']}" if cfg.get("lowrank_rank") else ""
+    return name + (f" + {cfg['outliers_per_row']} outliers/row" if cfg.get("outliers_per_row") else "")
 
 
 if __name__ == "__main__":

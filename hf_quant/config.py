@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats.scheme import CODEBOOK_BITS, FORMATS, GROUP_SIZES, INT_BITS, METHODS, QuantScheme
+from .formats.scheme import CODEBOOK_BITS, FORMATS, GROUP_SIZES, INT_BITS, METHODS, PLANE_FORMATS, QuantScheme
 
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (formats/base.py). Bump on any change a reader must know about.
@@ -141,7 +141,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             quantization residual; hf_quant.algorithms.lowrank), added in the forward. Costs 16 r (out + in) bits
             per layer. 0 (default): none.
         planes: format "ternary" only: 1 (BitNet b1.58 style, ~1.6 bits + scales) or 2 trit-planes (PTQTP-style
-            progressive fit, ~3.2 bits + scales), each {-1, 0, +1} with per-group float16 scales.
+            progressive fit, ~3.2 bits + scales), each {-1, 0, +1} with per-group float16 scales. Format "vq": 1 or 2
+            residual codebooks of 256 8-dim vectors (1 or 2 bits per weight + scales + codebooks).
         outliers_per_row: > 0 keeps the k largest weights of each output row exactly, as float16 residuals with int16
             column indices beside the codes (SpQR-style sparse outliers; 32 k / in_features bits per weight).
     """
@@ -371,8 +372,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             values["bits"] = CODEBOOK_BITS.get(settings["format"], values["bits"])
         if "format" in settings and "symmetric" not in settings and settings["format"] != "int":
             values["symmetric"] = False  # inherited only; an explicit symmetric=True with a codebook is an error
-        if "format" in settings and "planes" not in settings and settings["format"] != "ternary":
-            values["planes"] = 1  # likewise: planes belong to ternary only
+        if "format" in settings and "planes" not in settings and settings["format"] not in PLANE_FORMATS:
+            values["planes"] = 1  # likewise: planes belong to ternary and vq only
         values.update(settings)
         return QuantScheme(**values)
 

@@ -15,7 +15,7 @@ from hf_quant import FORMAT_VERSION, HfQuantConfig, QuantScheme
 from hf_quant.config import FIELDS
 
 ALLOWED_BITS = "[2, 3, 4, 5, 6, 8]"
-ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary']"
+ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq']"
 
 
 def tiny_llama_config() -> LlamaConfig:

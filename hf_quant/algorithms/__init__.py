@@ -24,6 +24,10 @@ def quantize_codes(weight, scheme: QuantScheme) -> dict:
         from .ternary import quantize_weight_ternary
 
         return quantize_weight_ternary(weight, scheme)
+    if scheme.format == "vq":
+        from .vq import quantize_weight_vq
+
+        return quantize_weight_vq(weight, scheme)
     from .data_free import quantize_weight as quantize_scalar
 
     return quantize_scalar(weight, scheme)

@@ -12,7 +12,7 @@ from .base import (
     tensor_specs,
     unpack,
 )
-from . import lowrank, sparse, ternary  # noqa: F401  (register the additive terms and the ternary format)
+from . import lowrank, sparse, ternary, vq  # noqa: F401  (register the additive terms and code formats)
 from .packing import pack_bits, packed_length, unpack_bits
 from .scheme import CODEBOOK_BITS, FORMATS, GROUP_SIZES, INT_BITS, METHODS, QuantScheme
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-FORMATS = ("int", "nf4", "fp4", "fp8", "ternary")
+FORMATS = ("int", "nf4", "fp4", "fp8", "ternary", "vq")
 INT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128, 256, -1)
 METHODS = ("rtn", "mse", "gptq", "awq")
 # Bit width each codebook format is fixed to.
-CODEBOOK_BITS = {"nf4": 4, "fp4": 4, "fp8": 8, "ternary": 2}  # ternary: 2-bit codes unpacked, 5 trits a byte stored
+# ternary: 2-bit codes unpacked, 5 trits a byte stored; vq: 8-bit indices of 8-weight vectors (1 bit per weight)
+CODEBOOK_BITS = {"nf4": 4, "fp4": 4, "fp8": 8, "ternary": 2, "vq": 8}
+# Formats made of additive stages (`planes`): ternary trit-planes, residual VQ codebooks.
+PLANE_FORMATS = ("ternary", "vq")
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,8 @@ class QuantScheme:
     double_quant: store scales (and zero-points) as 8-bit codes with a float16 scale/offset per 64 of them.
     lowrank_rank: > 0 adds a low-rank correction W += U V (U [out, r], V [r, in], float16) stored beside the codes
         (formats/lowrank.py).
-    planes: format "ternary" only: 1 or 2 trit-planes {-1, 0, +1}, each with its own per-group scale
-        (formats/ternary.py).
+    planes: format "ternary": 1 or 2 trit-planes {-1, 0, +1}, each with its own per-group scale
+        (formats/ternary.py); format "vq": 1 or 2 residual codebooks (formats/vq.py).
     outliers_per_row: > 0 keeps that many weights per output row exactly (float16 residuals with int16 column
         indices, SpQR-style sparse outliers; formats/sparse.py) beside the low-bit codes.
 
@@ -95,11 +98,11 @@ def check_extension_fields(scheme: QuantScheme) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_OUTLIERS_PER_ROW:
         raise ValueError(f"outliers_per_row must be an int in [0, {MAX_OUTLIERS_PER_ROW}] (0: none), got {k!r}")
     if isinstance(scheme.planes, bool) or scheme.planes not in (1, 2):
-        raise ValueError(f"planes must be 1 or 2 (ternary trit-planes), got {scheme.planes!r}")
-    if scheme.planes != 1 and scheme.format != "ternary":
-        raise ValueError(f"planes={scheme.planes} only applies to format='ternary' (got format={scheme.format!r})")
-    if scheme.format == "ternary" and scheme.double_quant:
-        raise ValueError("double_quant=True does not apply to format='ternary' (its scales are float16); leave it False")
+        raise ValueError(f"planes must be 1 or 2 (ternary trit-planes / vq codebooks), got {scheme.planes!r}")
+    if scheme.planes != 1 and scheme.format not in PLANE_FORMATS:
+        raise ValueError(f"planes={scheme.planes} only applies to formats {list(PLANE_FORMATS)} (got format={scheme.format!r})")
+    if scheme.format in PLANE_FORMATS and scheme.double_quant:
+        raise ValueError(f"double_quant=True does not apply to format={scheme.format!r} (its scales are float16); leave it False")
 
 
 def check_choice(field: str, value, allowed) -> None:
