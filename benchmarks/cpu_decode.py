@@ -104,6 +104,7 @@ def main() -> None:
             decode_seconds(model, prompt, 4)  # warm-up: kernel repacking, allocator
             prefill_seconds(model, prefill)
             models[name], info[name] = model, (bpw, backend)
+            print(f"{name}: built ({backend}, {bpw:.3f} bits/weight)", flush=True)
         except Exception as e:  # a peer that does not run on CPU is reported, not fatal
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             print(f"{name}: {errors[name]}", flush=True)

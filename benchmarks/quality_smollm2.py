@@ -159,28 +159,35 @@ def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) 
     import matplotlib.ticker
 
     points = [r for r in results if "error" not in r and r["name"] != FLOAT]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # Collapsed configurations (perplexity in the thousands) would flatten the rest: clip them to the top edge.
+    top = 10 * base["ppl"] if base else max(r["ppl"] for r in points)
+    fig, ax = plt.subplots(figsize=(10, 6))
     libraries = sorted({r["library"].split()[0] for r in points})
     markers = dict(zip(libraries, "os^Dvp*"))
     for lib in libraries:
         mine = [r for r in points if r["library"].split()[0] == lib]
-        ax.scatter([r["bpw"] for r in mine], [r["ppl"] for r in mine], label=lib, marker=markers[lib], s=40)
+        ax.scatter([r["bpw"] for r in mine], [min(r["ppl"], top) for r in mine], label=lib, marker=markers[lib], s=40)
         for r in mine:
-            ax.annotate(r["name"], (r["bpw"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            off = r["ppl"] > top
+            text = f"{r['name']} ({r['ppl']:.3g})" if off else r["name"]
+            ax.annotate(text, (r["bpw"], min(r["ppl"], top)), fontsize=6, textcoords="offset points",
+                        xytext=(3, -12) if off else (3, 3), rotation=-30 if off else 20)
     front, best = [], float("inf")
     for r in sorted(points, key=lambda r: (r["bpw"], r["ppl"])):
         if r["ppl"] < best:
             front.append(r)
             best = r["ppl"]
-    ax.step([r["bpw"] for r in front], [r["ppl"] for r in front], where="post", color="grey", lw=1, label="Pareto front")
+    ax.step([r["bpw"] for r in front], [min(r["ppl"], top) for r in front], where="post", color="grey", lw=1,
+            label="Pareto front")
     if base:
         ax.axhline(base["ppl"], color="black", ls="--", lw=1, label=f"float32 ({base['ppl']:.2f})")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_ylim(top=top * 1.15)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("bits per weight of the quantized layers (every stored tensor)")
     ax.set_ylabel("perplexity (Botchan, log scale)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\n(perplexity above {top:.0f} clipped to the top edge, value in brackets)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
