@@ -313,6 +313,21 @@ def test_storage_counts_second_level_and_any_extra_tensor():
     assert module.stored_bytes == dq + 14
 
 
+def test_storage_counts_low_rank_factors_and_labels_them():
+    from hf_quant import QuantLinear, QuantScheme
+    from hf_quant.eval import model_storage
+
+    model = torch.nn.Module()
+    model.proj = QuantLinear.from_float(torch.nn.Linear(128, 64), QuantScheme(bits=4, group_size=64, lowrank_rank=8))
+    (module,) = model_storage(model).modules
+    assert module.format == "int4 g64 lowrank_rank=8"
+    # codes 64 x 64 bytes, fp16 scale and zero per group of 64, fp16 factors U [64, 8] and V [8, 128].
+    expected = {"qweight": 64 * 64, "scales": 64 * 2 * 2, "zeros": 64 * 2 * 2, "lowrank_u": 64 * 8 * 2,
+                "lowrank_v": 8 * 128 * 2}
+    assert module.tensors == expected
+    assert module.bits_per_weight == pytest.approx(8 * sum(expected.values()) / (64 * 128))
+
+
 def test_storage_counts_tied_weights_once_and_float_model_is_32_bits():
     from hf_quant.eval import model_storage
 
