@@ -338,7 +338,7 @@ def test_smollm2_gptq_beats_rtn_and_mse_at_3_bits(tmp_path):
                                                      quantization_config=HfQuantConfig(**settings))
         return model, perplexity(model, tok, text, max_tokens=1024)
 
-    model, gptq = ppl(bits=3, group_size=128, method="gptq", n_samples=16, seq_len=256)
+    model, gptq = ppl(bits=3, group_size=128, method="gptq")  # default calibration: 16 x 512 Botchan tokens
     _, rtn = ppl(bits=3, group_size=128, method="rtn")
     _, mse = ppl(bits=3, group_size=128, method="mse")
     assert gptq < min(rtn, mse) * 0.9, (gptq, rtn, mse)

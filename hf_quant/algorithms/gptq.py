@@ -42,6 +42,8 @@ def single_thread():
         torch.set_num_threads(threads)
 
 _MAX_DAMP_RETRIES = 6
+# How group scales/zero-points are chosen before GPTQ rounds against them (a data-free method of data_free.py).
+_GROUP_SEARCH = "mse"
 
 
 def hessian_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -135,7 +137,7 @@ def _gptq(weight, hessian, scheme, damp, act_order, static_groups, block_size) -
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    search_scheme = dataclasses.replace(scheme, method="mse")
+    search_scheme = dataclasses.replace(scheme, method=_GROUP_SEARCH)
     static = static_groups or scheme.group_size == -1 or scheme.double_quant
     # Per-group parameters, codes and weight are held transposed ([group or column, row]): each step of the column
     # loop then reads and writes contiguous memory.
