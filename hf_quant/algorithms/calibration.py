@@ -65,8 +65,8 @@ def _read_dataset_text(spec: dict, min_chars: int) -> str:
         import datasets
     except ImportError:
         raise ValueError(
-            "calibration_dataset needs the `datasets` package: pip install 'hf-quant[calibration]' (or pass "
-            "calibration=<list of texts or a local text file>)"
+            "calibration_dataset needs the `datasets` package (pip install datasets), or pass "
+            "calibration=<list of texts or a local text file>"
         ) from None
     ds = datasets.load_dataset(spec["path"], spec.get("name"), split=spec.get("split", "train"))
     field = spec.get("text_field", "text")
