@@ -13,6 +13,7 @@ from transformers.quantizers.auto import AutoQuantizationConfig
 import hf_quant
 from hf_quant import FORMAT_VERSION, HfQuantConfig, QuantScheme
 from hf_quant.config import FIELDS
+from hf_quant.formats.scheme import METHODS
 
 ALLOWED_BITS = "[2, 3, 4, 5, 6, 8]"
 ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq']"
@@ -40,7 +41,7 @@ INVALID = [
     ({"group_size": 0}, ["group_size", "[32, 64, 128, 256, -1]", "got 0"]),
     ({"group_size": 128.0}, ["group_size", "[32, 64, 128, 256, -1]"]),
     ({"symmetric": "yes"}, ["symmetric", "bool", "True or False", "'yes'"]),
-    ({"method": "gptq-typo"}, ["method", "['rtn', 'mse']", "'gptq-typo'"]),
+    ({"method": "gptq-typo"}, ["method", str(list(METHODS)), "'gptq-typo'"]),
     ({"double_quant": 1}, ["double_quant", "bool", "True or False", "got 1"]),
     ({"quantize_experts": "no"}, ["quantize_experts", "True or False"]),
     ({"overrides": {"down_proj(": {"bits": 8}}}, ["overrides", "'down_proj('", "regular expression"]),
