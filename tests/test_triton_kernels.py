@@ -48,6 +48,9 @@ def test_registry_declares_cuda_only():
     assert reason is not None and "dtype" in reason
     if not torch.cuda.is_available():
         assert "no CUDA device" in TritonKernel.unsupported_reason(scheme, shape, torch.device("cuda"), torch.float16)
+    for other in (QuantScheme(format="ternary", bits=2, group_size=128), QuantScheme(format="vq", bits=8, group_size=128)):
+        # formats with their own code layouts are never decoded as a codebook
+        assert "not supported" in TritonKernel.unsupported_reason(other, shape, torch.device("cuda"), torch.float16)
     # preferred over every other kernel wherever it is eligible
     assert TritonKernel.priority > max(k.priority for k in available_kernels().values() if k is not TritonKernel)
     with pytest.raises(ValueError, match="triton"):  # forcing it on the CPU is an error, not a fallback

@@ -25,6 +25,7 @@ from ..registry import Kernel, register_kernel
 # take exactly b bits in memory (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2).
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FORMATS = ("int", "nf4", "fp4", "fp8")  # ternary / vq codes have layouts of their own (their CPU kernels)
 MOE_BLOCK_M = 16  # rows per expert block in fused MoE (each expert's tokens are padded to a multiple of it)
 
 
@@ -254,6 +255,8 @@ class TritonKernel(Kernel):
     def unsupported_reason(cls, scheme, shape, device, dtype):
         if not triton_available():
             return "triton is not installed (pip install 'hf-quant[triton]')"
+        if scheme.format not in _FORMATS:
+            return f"format {scheme.format!r} not supported (only {', '.join(_FORMATS)})"
         device = torch.device(device)
         if device.type != "cuda":
             return "CUDA only"
