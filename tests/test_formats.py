@@ -648,7 +648,7 @@ def test_one_dimensional_weight_raises():
         ({"group_size": 48}, "group_size"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": 512}, "group_size"),
-        ({"method": "gptq"}, "method"),
+        ({"method": "gptq-typo"}, "method"),
         ({"symmetric": "yes"}, "symmetric"),
         ({"symmetric": 1}, "symmetric"),
         ({"double_quant": 1}, "double_quant"),
