@@ -1,5 +1,6 @@
 import pytest
-import torch
+
+from hf_quant.algorithms.gptq import single_thread
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -13,7 +14,5 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices gain nothing from intra-op threads, and on a busy machine their hand-offs cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_quant.algorithms.gptq import single_thread
 from hf_quant.eval import botchan_sentences, embedding_cosine, perplexity, sentence_embeddings
 from hf_quant.eval.quality import _windows
 
@@ -23,12 +24,8 @@ def _one_thread_for_tiny_models(request):
     if request.node.get_closest_marker("real_model"):
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class ByteTokenizer:
