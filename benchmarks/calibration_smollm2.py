@@ -23,6 +23,12 @@ SETTINGS = {
     "int3-g128": dict(bits=3, group_size=128),
     "int2-g64": dict(bits=2, group_size=64),
     "nf4-g64": dict(format="nf4", group_size=64),
+    # Below 3 bits (issue 8): residual VQ (GPTVQ with method gptq), ternary planes, 2-bit with double-quantized scales.
+    "vq2-g128": dict(format="vq", planes=2, group_size=128),
+    "vq1-g128": dict(format="vq", planes=1, group_size=128),
+    "ternary1-g128": dict(format="ternary", planes=1, group_size=128),
+    "ternary2-g128": dict(format="ternary", planes=2, group_size=128),
+    "int2-g128-dq": dict(bits=2, group_size=128, double_quant=True),
 }
 METHODS = ("gptq", "mse", "rtn")
 

@@ -26,9 +26,14 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import CALIBRATION_METHODS
 from ..formats import QuantParams, QuantScheme, pack
+from ..formats.scheme import PLANE_FORMATS
 from ..nn import QuantLinear, float_weight_of
-from .data_free import quantize_weight
+from . import quantize_weight
 from .gptq import gptq_quantize
+from .lowrank import quantize_weight_lowrank
+from .sparse import quantize_weight_outliers
+from .ternary import gptq_quantize_ternary
+from .vq import gptq_quantize_vq
 
 logger = logging.getLogger(__name__)
 
@@ -311,20 +316,19 @@ def _apply_awq(block: nn.Module, names: set[str], schemes: dict[str, QuantScheme
         fold_scale(block.get_submodule(prev), layers, scale)
 
 
-def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParams | None, rotation=None) -> QuantLinear:
-    """The QuantLinear of `module`: packed from `params` when given, else quantized data-free (of W R when rotated)."""
+def _quantized_module(module: nn.Module, scheme: QuantScheme, packed: dict | None, rotation=None) -> QuantLinear:
+    """The QuantLinear of `module`: from its canonical tensors `packed` when given, else quantized data-free (of
+    W R when rotated)."""
     weight = float_weight_of(module)
     if rotation is not None:
         weight = rotation.rotate_weight(weight).to(weight.dtype)
     q = QuantLinear(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
                     dtype=weight.dtype)
-    if params is None:
+    if packed is None:
         # Rounding without calibrated codes: the data-free search (AWQ's scaled weights are rounded this way too).
         data_free = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
-        params_packed = quantize_weight(weight, data_free)
-    else:
-        params_packed = pack(scheme, params)
-    q.load_packed(params_packed)
+        packed = quantize_weight(weight, data_free)
+    q.load_packed(packed)
     q.input_rotation = rotation
     q.source_is_conv1d = isinstance(module, Conv1D)
     if module.bias is not None:
@@ -333,27 +337,59 @@ def _quantized_module(module: nn.Module, scheme: QuantScheme, params: QuantParam
     return q
 
 
-def _gptq_group(names, modules, schemes, hessian, config, rotation=None) -> dict[str, QuantParams]:
-    """GPTQ of linears sharing one Hessian. Those with one scheme are stacked into one weight (same Hessian, so the
-    result is that of quantizing each alone, in one pass); double-quantized ones run alone because their
-    second-level blocks of 64 scales are counted per module."""
+def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
+                act_order: bool = True, static_groups: bool = True) -> dict[str, torch.Tensor]:
+    """Canonical tensors of one weight [out, in] quantized by GPTQ against `hessian`, for every format and additive
+    term: VQ vectors and trit-planes take GPTQ's error feedback through their own rounding (GPTVQ); sparse outliers
+    are ranked by |w| sqrt(H_ii) (SpQR's diagonal sensitivity) and the low-rank factors are fitted to the residual
+    whitened by sqrt(H_ii), both around GPTQ-quantized codes."""
+    importance = torch.diagonal(hessian).float().clamp_min(0)
+
+    def quantize(w: torch.Tensor, s: QuantScheme) -> dict[str, torch.Tensor]:
+        if s.outliers_per_row:
+            return quantize_weight_outliers(w, s, importance=importance, quantize=quantize)
+        if s.lowrank_rank:
+            return quantize_weight_lowrank(w, s, input_scale=importance.sqrt(), quantize=quantize)
+        if s.format == "vq":
+            return gptq_quantize_vq(w, hessian, s, damp=damp, act_order=act_order)
+        if s.format == "ternary":
+            return gptq_quantize_ternary(w, hessian, s, damp=damp, act_order=act_order)
+        return pack(s, gptq_quantize(w, hessian, s, damp=damp, act_order=act_order, static_groups=static_groups))
+
+    return quantize(weight, scheme)
+
+
+def _stackable(scheme: QuantScheme) -> bool:
+    """Whether linears sharing a Hessian and this scheme can be quantized as one stacked weight: only plain scalar
+    codes. Double-quantized scales (second-level blocks of 64 counted per module), per-matrix VQ codebooks and
+    additive terms are per module."""
+    return (scheme.format not in PLANE_FORMATS and not scheme.double_quant and not scheme.lowrank_rank
+            and not scheme.outliers_per_row)
+
+
+def _gptq_group(names, modules, schemes, hessian, config, rotation=None) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ of linears sharing one Hessian: name -> canonical tensors. Those with one stackable scheme are stacked
+    into one weight (same Hessian, so the result is that of quantizing each alone, in one pass)."""
     kwargs = dict(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups)
     out = {}
     batches: dict[QuantScheme, list[str]] = {}
     for name in names:
         batches.setdefault(schemes[name], []).append(name)
     for scheme, members in batches.items():
-        runs = [[m] for m in members] if scheme.double_quant else [members]
+        runs = [members] if _stackable(scheme) else [[m] for m in members]
         for run in runs:
             weights = [float_weight_of(modules[m]).float() for m in run]
             if rotation is not None:
                 weights = [rotation.rotate_weight(w) for w in weights]
+            if len(run) == 1:
+                out[run[0]] = gptq_weight(weights[0], hessian, scheme, **kwargs)
+                continue
             params = gptq_quantize(torch.cat(weights), hessian, scheme, **kwargs)
             row = 0
             for m, w in zip(run, weights):
                 sl = slice(row, row + w.shape[0])
-                out[m] = QuantParams(params.codes[sl], params.scale[sl],
-                                     None if params.zero is None else params.zero[sl])
+                out[m] = pack(scheme, QuantParams(params.codes[sl], params.scale[sl],
+                                                  None if params.zero is None else params.zero[sl]))
                 row += w.shape[0]
     return out
 
@@ -422,7 +458,7 @@ def quantize_with_calibration(
             modules = {n: block.get_submodule(n) for n in local}
             gptq = {n for n, s in local.items() if s.method == "gptq"}
             awq = {n for n, s in local.items() if s.method == "awq"}
-            params: dict[str, QuantParams] = {}
+            params: dict[str, dict[str, torch.Tensor]] = {}
             if gptq or awq:
                 stride = max(1, token_ids.numel() // _AWQ_TOKENS)
                 weighted = config.token_weighting is not None

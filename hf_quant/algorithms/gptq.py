@@ -189,4 +189,73 @@ def _gptq(weight, hessian, scheme, damp, act_order, static_groups, block_size) -
     return QuantParams(codes.t().contiguous(), scale.t().contiguous(), None if zero is None else zero.t().contiguous())
 
 
-__all__ = ["gptq_quantize", "hessian_inverse_factor"]
+@torch.no_grad()
+def gptq_blockwise(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    width: int,
+    round_block,
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+) -> None:
+    """GPTQ's error feedback for formats that round `width` consecutive input columns jointly (a VQ vector, or
+    width 1 for per-weight codes that are not a scalar grid, such as trit pairs).
+
+    `round_block(j, x, metric)` rounds input columns [j * width, j * width + width) (the last block may be
+    shorter): x [out, w] is their current, error-updated weight, and it returns the decoded values [out, w] it
+    chose (recording its codes itself). The choice should minimise ||(x - q) @ metric||^2 per row: metric = U^-1
+    for the block's w x w block U of the inverse Hessian's upper Cholesky factor, which is exactly the output
+    error that fixing these columns adds (GPTQ's err / U_ii for width 1; the joint form of GPTVQ for vectors).
+    act_order visits blocks by decreasing summed Hessian diagonal; columns of a block stay together."""
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"GPTQ needs weight [out, in] and Hessian [in, in], got {tuple(weight.shape)}, {tuple(hessian.shape)}"
+        )
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf; refusing to quantize it")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("GPTQ: the Hessian has NaN or Inf entries (the calibration activations overflowed)")
+    with single_thread():
+        _gptq_blockwise(weight, hessian, width, round_block, damp, act_order, block_size)
+
+
+def _gptq_blockwise(weight, hessian, width, round_block, damp, act_order, block_size) -> None:
+    cols = weight.shape[1]
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    dead = torch.diagonal(H) == 0  # as in _gptq: no information, zero weight, unit diagonal
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    spans = [(j, j * width, min(j * width + width, cols)) for j in range(-(-cols // width))]
+    if act_order:
+        diag = torch.diagonal(H)
+        spans.sort(key=lambda sp: -float(diag[sp[1] : sp[2]].sum()))
+    perm = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, _ = hessian_inverse_factor(H, damp)
+    del H
+    per_block = max(block_size // width, 1)
+    pos = 0
+    for b0 in range(0, len(spans), per_block):
+        chunk = spans[b0 : b0 + per_block]
+        i1, i2 = pos, pos + sum(b - a for _, a, b in chunk)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        lo = 0
+        for j, a, b in chunk:
+            hi = lo + (b - a)
+            metric = torch.linalg.solve_triangular(
+                Hinv1[lo:hi, lo:hi], torch.eye(hi - lo, device=W.device), upper=True)
+            x = W1[:, lo:hi]
+            err = (x - round_block(j, x.clone(), metric)) @ metric
+            W1[:, hi:].addmm_(err, Hinv1[lo:hi, hi:], alpha=-1)
+            Err1[:, lo:hi] = err
+            lo = hi
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        pos = i2
+
+
+__all__ = ["gptq_blockwise", "gptq_quantize", "hessian_inverse_factor"]

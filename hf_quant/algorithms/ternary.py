@@ -31,8 +31,8 @@ def quantize_weight_ternary(weight: torch.Tensor, scheme: QuantScheme) -> dict[s
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
     g, n_groups, in_padded = scheme.group_layout(in_features)
-    trits = torch.empty(w.shape[0], scheme.planes, in_features, dtype=torch.int8)
-    scales = torch.empty(w.shape[0], scheme.planes, n_groups, dtype=torch.float16)
+    trits = torch.empty(w.shape[0], scheme.planes, in_features, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], scheme.planes, n_groups, dtype=torch.float16, device=w.device)
     step = max(1, _CHUNK_ELEMENTS // (in_padded * 9))
     for r0 in range(0, w.shape[0], step):
         # Zero padding of a short last group: its trits come out 0 and add nothing to any sum.
@@ -45,6 +45,34 @@ def quantize_weight_ternary(weight: torch.Tensor, scheme: QuantScheme) -> dict[s
         "scales": scales.reshape(*lead, out, scheme.planes, n_groups).contiguous(),
     }
 
+
+
+@torch.no_grad()
+def gptq_quantize_ternary(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
+                          act_order: bool = True) -> dict[str, torch.Tensor]:
+    """Canonical ternary tensors of `weight` [out, in] given its input Hessian [in, in]: the per-group plane scales
+    of the data-free fit, then trits chosen column by column with GPTQ's error feedback (`gptq_blockwise`)."""
+    from .gptq import gptq_blockwise
+
+    tensors = quantize_weight_ternary(weight, scheme)
+    out, in_features = weight.shape
+    g = scheme.group_layout(in_features)[0]
+    scales = tensors["scales"].float()  # [out, planes, n_groups], as stored
+    trits = torch.zeros(out, scheme.planes, in_features, dtype=torch.int8, device=weight.device)
+
+    def round_block(j: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        s = scales[:, :, j // g]
+        if scheme.planes == 1:  # a scalar grid: the nearest trit is optimal in any metric
+            t = _nearest_trits(x[:, 0], s[:, 0])
+            trits[:, 0, j] = t.to(torch.int8)
+            return (t * s[:, 0]).unsqueeze(1)
+        t1, t2 = _best_pairs(x[:, 0], s[:, 0], s[:, 1])
+        trits[:, 0, j], trits[:, 1, j] = t1.to(torch.int8), t2.to(torch.int8)
+        return (t1 * s[:, 0] + t2 * s[:, 1]).unsqueeze(1)
+
+    gptq_blockwise(weight.detach().float(), hessian, 1, round_block, damp=damp, act_order=act_order)
+    tensors["qweight"] = pack_trits(trits).contiguous()
+    return tensors
 
 def _fit(wg: torch.Tensor, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """wg [rows, G, g] -> trits int8 [rows, planes, G, g], float16 scales [rows, planes, G]."""
@@ -93,14 +121,16 @@ def _joint_scales(w, t1, t2, s1, s2):
     return torch.where(ok, n1, s1).clamp_min(_TINY), torch.where(ok, n2, s2).clamp_min(_TINY)
 
 
-_PAIRS = torch.tensor([(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)])
+# A list, not a module-level tensor: the module may first be imported under transformers' meta-device context.
+_PAIRS = [(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)]
 
 
 def _best_pairs(w, s1, s2):
     """For each weight the trit pair (t1, t2) whose value s1 t1 + s2 t2 is nearest."""
-    values = s1.unsqueeze(-1) * _PAIRS[:, 0] + s2.unsqueeze(-1) * _PAIRS[:, 1]  # [rows, G, 1, 9]
+    pairs = torch.tensor(_PAIRS, dtype=w.dtype, device=w.device)
+    values = s1.unsqueeze(-1) * pairs[:, 0] + s2.unsqueeze(-1) * pairs[:, 1]  # [rows, G, 1, 9]
     best = (w.unsqueeze(-1) - values).abs().argmin(-1)
-    pair = _PAIRS[best]
+    pair = pairs[best]
     return pair[..., 0], pair[..., 1]
 
 
