@@ -6,6 +6,7 @@ evaluated text).
     python benchmarks/extreme_smollm2.py [--tokens 1024] [--targets 2.5 3.25] [--sensitivities weight fisher]
     python benchmarks/extreme_smollm2.py --targets --skip-uniform --lowrank 8 32 --ternary
     python benchmarks/extreme_smollm2.py --layer-errors   # weight error of every format on a few real layers only
+    python benchmarks/extreme_smollm2.py --targets 2.25 --sensitivities fisher --skip-uniform --ladder vq --method gptq
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ CANDIDATES = [
     dict(bits=4, group_size=128, double_quant=True),
     dict(bits=6, group_size=128, double_quant=True),
 ]
+# Below 2.5 bits: residual VQ stages beside the scalar rungs (--ladder vq).
+VQ_CANDIDATES = [
+    dict(format="vq", planes=1, group_size=128),
+    dict(format="vq", planes=2, group_size=128),
+    dict(bits=3, group_size=128, double_quant=True),
+    dict(bits=4, group_size=128, double_quant=True),
+]
 
 
 def evaluate(path, tok, text, tokens: int, config: hf_quant.HfQuantConfig) -> tuple[float, float, float]:
@@ -56,7 +64,11 @@ def main() -> None:
     ap.add_argument("--layer-errors", action="store_true", help="only: relative weight error per format on 3 layers")
     ap.add_argument("--on-load-targets", type=float, nargs="*", default=[],
                     help="also quantize with HfQuantConfig(target_bits=T) (data-free allocation inside from_pretrained)")
+    ap.add_argument("--ladder", choices=["scalar", "vq"], default="scalar", help="allocation candidates")
+    ap.add_argument("--method", choices=["mse", "gptq"], default="mse",
+                    help="how the chosen schemes are quantized (gptq: 16 x 512 Botchan tokens after token 8192)")
     args = ap.parse_args()
+    candidates = VQ_CANDIDATES if args.ladder == "vq" else CANDIDATES
     path = smollm2_path()
     if args.layer_errors:
         layer_errors(path)
@@ -70,7 +82,7 @@ def main() -> None:
     if args.targets:
         start = time.perf_counter()
         batches = calibration_batches(tok, text, args.calib_sequences, 512, skip_tokens=8192)
-        table = measure_model(model, hf_quant.HfQuantConfig(), args.sensitivities, batches, CANDIDATES)
+        table = measure_model(model, hf_quant.HfQuantConfig(), args.sensitivities, batches, candidates)
         print(f"measured {len(table.names)} layers x {len(table.candidates)} candidates in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     del model
@@ -86,7 +98,7 @@ def main() -> None:
     if args.ternary:
         extra += [dict(format="ternary", group_size=g, planes=p) for p in (1, 2) for g in (64, 128)]
     for cfg in extra:
-        bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg))
+        bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg, method=args.method))
         print(f"| {label(cfg)} | {bpw:.3f} | {ppl:.2f} | {100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
     for target in args.on_load_targets:
         config = hf_quant.HfQuantConfig(target_bits=target, allocation_candidates=CANDIDATES[:4])
@@ -96,9 +108,9 @@ def main() -> None:
     for target in args.targets:
         for sens in args.sensitivities:
             result = table.choose(target, sens)
-            config = config_with_allocation(hf_quant.HfQuantConfig(), result)
+            config = config_with_allocation(hf_quant.HfQuantConfig(method=args.method), result)
             bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
-            print(f"| allocated, target {target}, {sens} sensitivity | {bpw:.3f} | {ppl:.2f} | "
+            print(f"| allocated ({args.ladder} ladder, {args.method}), target {target}, {sens} sensitivity | {bpw:.3f} | {ppl:.2f} | "
                   f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
             print("\n".join("    " + line for line in result.summary().splitlines()), flush=True)
 

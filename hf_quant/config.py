@@ -92,12 +92,14 @@ class HfQuantConfig(QuantizationConfigMixin):
         bits: code width of "int" weights (2, 3, 4, 5, 6, 8). Default (None): 4 for "int", the format's own width
             for codebook formats (nf4, fp4: 4; fp8: 8). The resolved width is stored, so `to_dict()` always holds
             an int and a round trip gives an equal config. Codebook formats reject any other width.
-        format: "int" (affine integer), "nf4", "fp4" (E2M1) or "fp8" (E4M3, weight-only).
+        format: "int" (affine integer), "nf4", "fp4" (E2M1), "fp8" (E4M3, weight-only), "ternary" (trit-planes)
+            or "vq" (8-dim vector codebooks); see `planes`.
         group_size: 32, 64, 128, 256, or -1 for one scale per output channel. In-features that are not a multiple
             of the group size are zero-padded to the next multiple; the padding is part of the stored layout.
         symmetric: "int" only: no stored zero-point. True with a codebook format is an error.
         method: "mse" (default; data-free error-minimizing scale/zero search), "rtn" (round to nearest) or "gptq"
-            (calibrated while loading: GPTQ block by block on the calibration data below) or "awq"
+            (calibrated while loading: GPTQ block by block on the calibration data below; every format, GPTVQ for
+            "vq", and with low-rank / sparse-outlier terms) or "awq"
             (calibrated activation-aware per-channel scales folded into the preceding norm/linear, then "mse").
         double_quant: store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).
         modules_to_not_convert: list of module names (or dotted prefixes) kept in float. Default (None): the
