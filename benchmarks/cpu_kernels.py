@@ -37,6 +37,9 @@ SCHEMES = [
     QuantScheme(format="nf4", group_size=64),
     QuantScheme(format="fp4", group_size=64),
     QuantScheme(format="fp8", bits=8, group_size=128),
+    QuantScheme(format="ternary", bits=2, group_size=128, planes=1),
+    QuantScheme(format="vq", bits=8, group_size=128, planes=1),
+    QuantScheme(format="vq", bits=8, group_size=128, planes=2),
 ]
 QUICK_SHAPES, QUICK_TOKENS = [(4096, 4096)], [1, 16]
 QUICK_SCHEMES = [SCHEMES[0], SCHEMES[2], SCHEMES[7]]
@@ -137,11 +140,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
     ap.add_argument("--min-seconds", type=float, default=0.2, help="time each repetition runs at least")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for kernels.json and kernels.md")
+    ap.add_argument("--formats", nargs="*", help="only schemes whose label contains one of these (e.g. vq int4)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes, tokens, schemes = (QUICK_SHAPES, QUICK_TOKENS, QUICK_SCHEMES) if args.quick else (SHAPES, TOKENS, SCHEMES)
     tokens = args.tokens or tokens
+    if args.formats:
+        schemes = [s for s in SCHEMES if any(f in scheme_label(s) for f in args.formats)]
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else shapes
     bandwidth = copy_bandwidth()
     header = (f"threads={torch.get_num_threads()} cpu_count={os.cpu_count()} torch={torch.__version__} "

@@ -153,6 +153,7 @@ _ALL = [
     Peer("bnb fp4 b64", "bitsandbytes", 4, _bnb_4bit("fp4")),
     Peer("hqq int8 g64", "hqq", 8, _hqq(8, 64)),
     Peer("hqq int4 g64", "hqq", 4, _hqq(4, 64)),
+    Peer("hqq int4 g128", "hqq", 4, _hqq(4, 128)),
     Peer("hqq int3 g64", "hqq", 3, _hqq(3, 64)),
     Peer("hqq int2 g32", "hqq", 2, _hqq(2, 32)),
     Peer("quanto qint8", "optimum.quanto", 8, _quanto("qint8")),

@@ -73,6 +73,40 @@ def test_forward_matches_reference(tokens, one_thread):
     assert rel_err(q(x), x @ q.dequantize_weight().t() + q.bias) < 1e-5
 
 
+@pytest.mark.parametrize("shape, group, planes", [((48, 203), 32, 2), ((33, 100), -1, 1), ((64, 256), 128, 2),
+                                                  ((17, 96), 64, 1), ((40, 200), 64, 2)])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_vq_kernel_matches_reference(shape, group, planes, tokens, dtype, bound, one_thread):
+    """The lookup-table path (<= LUT_MAX_TOKENS tokens) and the decode path (more), at odd shapes: short last
+    vectors (in 203, 100), short last groups (200 at group 64), one per-channel group."""
+    from hf_quant.kernels.registry import select_kernel
+    from hf_quant.kernels.vq import LUT_MAX_TOKENS
+
+    torch.manual_seed(tokens)
+    out, n = shape
+    w = torch.randn(out, n)
+    s = vq(group, planes)
+    t = quantize_weight(w, s)
+    kernel = select_kernel(s, shape, torch.device("cpu"), dtype)
+    assert kernel.name == "cpu_vq"
+    state = kernel.prepare(s, t, shape, dtype)
+    x = torch.randn(tokens, n).to(dtype)
+    y = kernel.linear(x, state)
+    assert y.dtype == dtype and y.shape == (tokens, out)
+    reference = x.double() @ dequantize(s, t, n).double().t()
+    assert rel_err(y, reference) < bound, (tokens <= LUT_MAX_TOKENS, rel_err(y, reference))
+
+
+def test_cpu_vq_lut_op_opcheck():
+    from hf_quant.kernels.vq import vq_lut_linear
+
+    torch.manual_seed(0)
+    args = (torch.randn(2, 64), torch.randn(2, 256, 8), torch.randint(0, 8 * 256, (2, 5 * 8), dtype=torch.int32),
+            torch.randn(5, 2))
+    torch.library.opcheck(vq_lut_linear, args)
+
+
 def test_validation():
     with pytest.raises(ValueError, match="planes must be 1 or 2"):
         vq(planes=3)
