@@ -21,7 +21,7 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=None, help="code width for --format int (2, 3, 4, 5, 6, 8; default 4)")
-    p.add_argument("--format", default="int", help="int, nf4, fp4, fp8 or ternary")
+    p.add_argument("--format", default="int", help="int, nf4, fp4, fp8, ternary or vq")
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per output channel)")
     p.add_argument("--method", default="mse",
                    help="mse (data-free error-minimizing, default), rtn, or gptq (calibrated; see --calibration)")
@@ -35,7 +35,11 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision: one scheme per layer so the average true bits per weight is at most this "
                    "(e.g. 2.5); the other scheme flags set what every candidate inherits")
     p.add_argument("--lowrank-rank", type=int, default=0, help="low-rank error correction W ~ Q(W) + U V of this rank")
-    p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes")
+    p.add_argument("--sensitivity", choices=["weight", "activation", "fisher"], default="weight",
+                   help="--target-bits: what ranks layers. weight (data-free, default) allocates while loading; "
+                        "activation (input second moments) and fisher (squared LM-loss gradients) first run the float "
+                        "model on the calibration text (--calibration, --n-samples x --seq-len)")
+    p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes; vq: 1 or 2 codebooks")
     p.add_argument("--outliers-per-row", type=int, default=0, help="keep this many weights per row exactly (sparse)")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
     p.add_argument("--lm-head", choices=["float", "int8", "same"], default="float",
@@ -90,6 +94,8 @@ def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
+    if args.sensitivity != "weight":
+        config = _data_aware_allocation(model_path, config, args)
     model, causal = _load(model_path, quantization_config=config, dtype=dtype)
     quant_seconds = time.perf_counter() - start
     out = Path(args.out)
@@ -125,6 +131,32 @@ def cmd_quantize(args) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _data_aware_allocation(model_path: str, config, args):
+    """The config with the --target-bits allocation measured on the float model with the data-aware sensitivity."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .algorithms.allocation import allocate_model, calibration_batches, config_with_allocation
+    from .algorithms.calibration import BOTCHAN_EVAL_TOKENS, calibration_text
+
+    if args.target_bits is None:
+        raise SystemExit(f"--sensitivity {args.sensitivity} ranks layers for --target-bits; give --target-bits too")
+    float_model, causal = _load(model_path, dtype=torch.float32)
+    if not causal and args.sensitivity == "fisher":
+        raise SystemExit("--sensitivity fisher needs a causal LM (it uses the LM loss); use activation")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    text, _ = calibration_text(config)
+    skip = 0
+    if text is None:  # the default: Botchan after the tokens hf_quant's perplexity evaluation reads
+        from .assets import botchan_text
+
+        text, skip = botchan_text(), BOTCHAN_EVAL_TOKENS
+    batches = calibration_batches(tokenizer, text, config.n_samples, config.seq_len, skip_tokens=skip)
+    result = allocate_model(float_model, config, args.target_bits, args.sensitivity, batches)
+    print(result.summary())
+    return config_with_allocation(config, result)
 
 
 def _mb(n: int) -> str:

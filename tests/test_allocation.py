@@ -143,3 +143,30 @@ def test_cli_flags_reach_the_config():
     assert config.target_bits == 2.5 and config.lowrank_rank == 4
     args = build_parser().parse_args(["quantize", "--out", "x", "--format", "ternary", "--planes", "2"])
     assert _config_from_args(args).default_scheme.planes == 2
+
+
+def test_cli_data_aware_sensitivity(tmp_path):
+    """--sensitivity fisher measures the float model on calibration text, then allocates under --target-bits."""
+    import json
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_quant.assets import smollm2_path
+    from hf_quant.cli import main
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "float")
+    tok.save_pretrained(tmp_path / "float")
+    (tmp_path / "cal.txt").write_text("Calibration text about quantization and rounding errors. " * 200)
+    rc = main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--target-bits", "3.0",
+               "--sensitivity", "fisher", "--calibration", str(tmp_path / "cal.txt"), "--n-samples", "2",
+               "--seq-len", "32", "--group-size", "32", "--eval-tokens", "0", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["bits_per_weight"] <= 3.0
+    assert report["config"]["target_bits"] == 3.0 and report["config"]["overrides"]  # the allocation is recorded
+    with pytest.raises(SystemExit, match="--target-bits"):
+        main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q2"), "--sensitivity", "fisher"])
