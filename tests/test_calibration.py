@@ -100,7 +100,11 @@ def test_gptq_dead_input_channels():
     params = gptq_quantize(weight, x_cal.t() @ x_cal / 512, scheme)
     w_q = dequantize_codes(scheme, params.codes, params.scale, params.zero, 128)
     assert torch.isfinite(w_q).all()
-    assert torch.equal(w_q[:, dead], torch.zeros(32, len(dead)))  # unused inputs: weight 0, not noise
+    # Unused inputs get the representable value nearest 0 (exactly 0 with an integer zero-point; within half a step
+    # with the fractional zero-points of 4-bit half-quadratic group parameters), not rounding noise.
+    half_step = params.scale.repeat_interleave(32, -1)[:, dead] / 2
+    assert (w_q[:, dead].abs() <= half_step * (1 + 1e-6)).all()
+    assert (params.codes[:, dead].float() == torch.round(params.zero.repeat_interleave(32, -1)[:, dead])).all()
     rtn = QuantScheme(bits=4, group_size=32, method="rtn")
     rtn_error = output_error(weight, rtn, quantize_params(weight, rtn), x_test)
     assert output_error(weight, scheme, params, x_test) < rtn_error
