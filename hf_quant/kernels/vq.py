@@ -36,7 +36,8 @@ def vq_lut_linear(x: torch.Tensor, codebook: torch.Tensor, offsets: torch.Tensor
     total = None
     for p in range(codebook.shape[0]):
         table = torch.matmul(xv, codebook[p].t()).view(m, nv * VQ_CODES)  # [M, nv * 256]
-        picked = table.index_select(1, offsets[p])  # [M, out * nv]
+        # One token: a 1-D gather (measured ~2x faster than gathering along dim 1 of a [1, N] table).
+        picked = table[0].index_select(0, offsets[p]).unsqueeze(0) if m == 1 else table.index_select(1, offsets[p])
         total = picked if total is None else total.add_(picked)
     per_group = total.view(m, out, n_groups, nv // n_groups).sum(-1)
     return (per_group * scales).sum(-1)
