@@ -125,9 +125,12 @@ class HfQuantConfig(QuantizationConfigMixin):
         act_order: GPTQ visits input columns by decreasing Hessian diagonal (needs static_groups).
         static_groups: GPTQ computes every group's scale/zero-point from the float weight before quantizing
             (False: when GPTQ reaches the group, from the error-updated weight; not with double_quant).
-        rotation: None or "hadamard": the linears inside the transformer blocks store W R (R a randomised
-            Hadamard rotation, hf_quant.algorithms.rotation) and rotate their input online (x R), which spreads weight
-            outliers before quantizing; exact at full precision. Quantizes after loading; not with method "awq".
+        rotation: None, "hadamard" or "residual". "hadamard": the linears inside the transformer blocks store W R
+            (R a randomised Hadamard rotation, hf_quant.algorithms.rotation) and rotate their input online (x R),
+            which spreads weight outliers before quantizing; exact at full precision. "residual" (QuaRot's folded
+            form, Llama-style decoders): the residual stream is rotated by folding R into the embedding, the RMSNorm
+            gains and the linears reading/writing the stream, so nothing runs online (o_proj/down_proj inputs stay
+            unrotated; a tied lm_head is untied). Both quantize after loading; not with method "awq".
         rotation_seed: seed of the rotation's random signs (recorded, so a reload rebuilds the same R).
         token_weighting: GPTQ only: None, or "attention" (RSQ-style): each token's row of the Hessian is weighted by
             the attention it receives in the block (mean over heads, summed over queries, relative to its sequence's
@@ -345,13 +348,13 @@ class HfQuantConfig(QuantizationConfigMixin):
                              "index); set static_groups=True or act_order=False")
         if self.token_weighting not in (None, "attention"):
             raise ValueError(f"token_weighting must be None or 'attention', got {self.token_weighting!r}")
-        if self.rotation not in (None, "hadamard"):
-            raise ValueError(f"rotation must be None or 'hadamard', got {self.rotation!r}")
+        if self.rotation not in (None, "hadamard", "residual"):
+            raise ValueError(f"rotation must be None, 'hadamard' or 'residual', got {self.rotation!r}")
         if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
             raise ValueError(f"rotation_seed must be an int >= 0, got {self.rotation_seed!r}")
         if self.rotation is not None and self.method == "awq":
-            raise ValueError("rotation='hadamard' does not combine with method='awq' (AWQ's scales are searched in "
-                             "the unrotated basis); use method='gptq' or 'mse' with the rotation")
+            raise ValueError(f"rotation={self.rotation!r} does not combine with method='awq' (AWQ folds its scales "
+                             "into the norms the rotation relies on); use method='gptq' or 'mse' with the rotation")
         if self.double_quant and not self.static_groups:
             raise ValueError("double_quant=True needs static_groups=True (its 8-bit scale codes are fitted to all of a "
                              "layer's scales at once)")

@@ -191,6 +191,7 @@ def test_config_fields_round_trip():
         (dict(token_weighting="tokens"), "token_weighting must be"),
         (dict(rotation="random"), "rotation must be"),
         (dict(method="awq", rotation="hadamard"), "does not combine"),
+        (dict(method="awq", rotation="residual"), "does not combine"),
     ],
 )
 def test_config_rejects_bad_calibration_settings(kwargs, match):
@@ -492,6 +493,56 @@ def test_rotation_with_gptq_save_reload(tiny_llama, tmp_path):
     assert reloaded.model.layers[1].self_attn.q_proj.input_rotation is not None
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_residual_rotation_fold_is_exact(tied):
+    from hf_quant.algorithms.calibration import decoder_blocks
+    from hf_quant.algorithms.rotation import fold_residual_rotation
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial RMSNorm gains, so folding them matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 2.0)
+        ids = torch.randint(0, 300, (2, 11))
+        before = model(ids).logits
+        embedding = model.get_input_embeddings().weight.clone()
+        fold_residual_rotation(model, 7, *decoder_blocks(model))
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(model.get_input_embeddings().weight, embedding)  # the stream really is rotated
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert model.config.tie_word_embeddings is False
+
+
+def test_residual_rotation_quantize_save_reload(tiny_llama, tmp_path):
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        reference = float_model(IDS).logits
+    config = HfQuantConfig(bits=8, group_size=32, rotation="residual", rotation_seed=3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config)
+    assert all(m.input_rotation is None for m in model.modules() if isinstance(m, QuantLinear))  # nothing online
+    with torch.no_grad():
+        logits = model(IDS).logits
+    assert (logits - reference).abs().max().item() < 1e-2  # 8 bits in the rotated basis: the same model
+    model.save_pretrained(tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert saved["quantization_config"]["rotation"] == "residual" and saved["tie_word_embeddings"] is False
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)
+
+
+def test_residual_rotation_refuses_other_architectures(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rotation='residual' folds Llama-style decoders"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=HfQuantConfig(rotation="residual"))
 
 
 def test_gptq_with_device_map_cpu(tiny_llama):

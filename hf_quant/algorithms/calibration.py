@@ -423,6 +423,10 @@ def quantize_with_calibration(
             f"them in float (modules_to_not_convert) or quantize them data-free: overrides={{{outside[0]!r}: "
             "{'method': 'mse'}}"
         )
+    if config.rotation == "residual":
+        from .rotation import fold_residual_rotation
+
+        fold_residual_rotation(model, config.rotation_seed, blocks_name, blocks)
     rotations = _rotations(blocks, prefixes, targets, config)
     needs_data = config.needs_calibration
     if needs_data and tokenizer is None:
@@ -514,8 +518,9 @@ def quantize_with_calibration(
 
 
 def _rotations(blocks, prefixes, targets, config) -> dict[str, object]:
-    """Full module name -> its input rotation (None for all when config.rotation is None): linears inside blocks."""
-    if config.rotation is None:
+    """Full module name -> its online input rotation (rotation='hadamard'): linears inside blocks. None and
+    'residual' (folded into the weights, nothing online) have none."""
+    if config.rotation != "hadamard":
         return {}
     from .rotation import HadamardRotation
 
