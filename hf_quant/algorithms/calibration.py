@@ -29,6 +29,7 @@ from ..formats import QuantParams, QuantScheme, pack
 from ..formats.scheme import PLANE_FORMATS
 from ..nn import QuantLinear, float_weight_of
 from . import quantize_weight
+from .experts import ExpertHessians, quantize_experts_param
 from .gptq import gptq_quantize
 from .lowrank import quantize_weight_lowrank
 from .sparse import quantize_weight_outliers
@@ -153,6 +154,22 @@ def calibration_targets(model: nn.Module, config, modules_to_not_convert: list[s
     return targets
 
 
+def expert_targets(model: nn.Module, config, modules_to_not_convert: list[str]) -> dict[str, dict[str, QuantScheme]]:
+    """Experts module name -> {3-D parameter name: scheme} of the fused MoE experts to quantize."""
+    from ..quantizer import expert_params, is_fused_experts
+
+    if not config.quantize_experts:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if name and is_fused_experts(module) and should_convert_module(name, modules_to_not_convert):
+            schemes = {p: config.scheme_for(f"{name}.{p}") for p in expert_params(module)}
+            schemes = {p: s for p, s in schemes.items() if s is not None}
+            if schemes:
+                out[name] = schemes
+    return out
+
+
 def check_calibration_supported(model: nn.Module, config) -> None:
     """Raise before weights load for models the block-by-block pipeline cannot calibrate."""
     layer_types = getattr(model.config, "layer_types", None) or []
@@ -163,10 +180,11 @@ def check_calibration_supported(model: nn.Module, config) -> None:
         )
     from ..quantizer import expert_params, is_fused_experts
 
-    if config.quantize_experts and any(is_fused_experts(m) and expert_params(m) for m in model.modules()):
+    if config.quantize_experts and config.rotation == "hadamard" and any(
+            is_fused_experts(m) and expert_params(m) for m in model.modules()):
         raise ValueError(
-            f"method={config.method!r} does not calibrate fused MoE expert tensors yet; set quantize_experts=False "
-            "(experts stay in float) or use a data-free method (method='mse')"
+            "rotation='hadamard' does not rotate fused MoE expert tensors (no online rotation inside the experts "
+            "loop); set quantize_experts=False (experts stay in float) or rotation=None"
         )
 
 
@@ -401,7 +419,8 @@ def quantize_with_calibration(
     """Quantize the linears of a loaded float `model` as `config` says, calibrating block by block."""
     start = time.perf_counter()
     targets = calibration_targets(model, config, modules_to_not_convert)
-    if not targets:
+    experts = expert_targets(model, config, modules_to_not_convert)
+    if not targets and not experts:
         raise ValueError(
             f"hf_quant found no nn.Linear or Conv1D weight to quantize in {type(model).__name__} "
             f"(modules_to_not_convert={config.modules_to_not_convert}, overrides={config.overrides})"
@@ -442,6 +461,9 @@ def quantize_with_calibration(
             ) from None
     token_ids = calibration_token_ids(tokenizer, config) if needs_data else torch.empty(0, 0, dtype=torch.long)
 
+    if experts and hasattr(model, "set_experts_implementation"):
+        # The eager experts loop indexes one expert at a time, which packed experts support (and the hooks see).
+        model.set_experts_implementation("eager")
     was_training = model.training
     model.eval()
     attn_implementation = model.config._attn_implementation
@@ -462,8 +484,11 @@ def quantize_with_calibration(
             modules = {n: block.get_submodule(n) for n in local}
             gptq = {n for n, s in local.items() if s.method == "gptq"}
             awq = {n for n, s in local.items() if s.method == "awq"}
+            local_experts = {n[len(prefix):]: ps for n, ps in experts.items() if n.startswith(prefix)}
+            expert_stats = {n: ExpertHessians(prefix + n, block.get_submodule(n)) for n, ps in local_experts.items()
+                            if any(sc.method == "gptq" for sc in ps.values())}
             params: dict[str, dict[str, torch.Tensor]] = {}
-            if gptq or awq:
+            if gptq or awq or expert_stats:
                 stride = max(1, token_ids.numel() // _AWQ_TOKENS)
                 weighted = config.token_weighting is not None
                 collector = _InputCollector({n: modules[n] for n in gptq | awq}, gptq, awq, stride, weighted)
@@ -477,6 +502,8 @@ def quantize_with_calibration(
                     collector.remove()
                     if importance:
                         importance.remove()
+                    for stats in expert_stats.values():
+                        stats.remove()
                 peak_held = max(peak_held, _nbytes(s[0] for s in states) * 2 + collector.held_bytes())
                 if awq:
                     _apply_awq(block, awq, local, collector)
@@ -490,6 +517,15 @@ def quantize_with_calibration(
                         hessian = rotation.rotate_hessian(hessian)
                     params.update(_gptq_group(names, modules, local, hessian, config, rotation))
                 del collector
+            gptq_kwargs = dict(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups)
+            for n, schemes in local_experts.items():  # packed in place: the pass below already sees them quantized
+                module = block.get_submodule(n)
+                for pname, scheme in schemes.items():
+                    q = quantize_experts_param(module, pname, scheme, expert_stats.get(n), gptq_kwargs)
+                    del module._parameters[pname]
+                    module.add_module(pname, q)
+                    done += 1
+            expert_stats.clear()
             quantized = {n: _quantized_module(modules[n], scheme, params.get(n), rotations.get(prefix + n))
                          for n, scheme in local.items()}
             if needs_data and index + 1 < len(blocks):  # the last block's outputs are not needed
