@@ -15,6 +15,17 @@ def tiny_llama_folder(path, layers: int = 2):
     return path
 
 
+def assert_reload_identical(model, folder, ids):
+    """Save, reload: identical logits on `ids`; returns the reloaded model."""
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=0, atol=0)
+    return reloaded
+
+
 def check_round_trip(model, folder):
     """Save, reload (identical logits and storage), generate; returns the reloaded model."""
     model.save_pretrained(folder)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from extreme_helpers import assert_reload_identical
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_quant import HfQuantConfig, QuantLinear
@@ -579,12 +580,7 @@ def test_gptq_calibrates_fused_moe_experts(tiny_mixtral, tmp_path):
     assert len(experts) == 2 * 2 and all(m.scheme.method == "gptq" for m in experts)
     _, rtn = quantize(bits=3, group_size=32, method="rtn")
     assert gptq < rtn, (gptq, rtn)
-    with torch.no_grad():
-        logits = model(IDS).logits
-    model.save_pretrained(tmp_path / "q")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)
+    assert_reload_identical(model, tmp_path / "q", IDS)
 
 
 def test_gptq_experts_refuse_double_quant(tiny_mixtral):

@@ -4,6 +4,7 @@ quantized, saved and reloaded through from_pretrained."""
 
 import pytest
 import torch
+from extreme_helpers import assert_reload_identical
 from test_calibration import CALIBRATION_TEXTS, correlated_inputs, smollm2_tokenizer, tiny_llama  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM
 
@@ -107,12 +108,7 @@ def test_tiny_llama_gptq_extreme_formats_save_reload(tiny_llama, tmp_path, extra
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 14 and all(m.scheme.method == "gptq" for m in linears)
     ids = torch.randint(0, 1000, (1, 12))
-    with torch.no_grad():
-        logits = model(ids).logits
-    model.save_pretrained(tmp_path / "q")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=0, atol=0)
+    reloaded = assert_reload_identical(model, tmp_path / "q", ids)
     assert reloaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
 
 

@@ -20,6 +20,13 @@ def _cpu_float_reason(device, dtype) -> str | None:
     return None
 
 
+def cpu_format_reason(scheme, fmt: str, device, dtype) -> str | None:
+    """Why a CPU kernel for the code format `fmt` alone cannot run this layer (None: it can)."""
+    if scheme.format != fmt:
+        return f"{fmt} format only"
+    return _cpu_float_reason(device, dtype)
+
+
 @register_kernel
 class CpuInt4PackKernel(Kernel):
     """`aten._weight_int4pack_mm_for_cpu`: w = (q - 8) * s + m per group. Every affine int format of <= 4 bits

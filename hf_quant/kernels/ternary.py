@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.ternary import unpack_trits
-from .cpu import _cpu_float_reason
+from .cpu import cpu_format_reason
 from .registry import Kernel, register_kernel
 
 
@@ -48,9 +48,7 @@ class CpuTernaryKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        if scheme.format != "ternary":
-            return "ternary format only"
-        return _cpu_float_reason(device, dtype)
+        return cpu_format_reason(scheme, "ternary", device, dtype)
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.vq import VQ_CODES, VQ_DIM, decode_vectors, n_vectors
-from .cpu import _cpu_float_reason
+from .cpu import cpu_format_reason
 from .registry import Kernel, register_kernel
 
 # Above this many tokens, decoding the weight once beats gathering tables per token (measured on a 2-core CPU:
@@ -55,9 +55,7 @@ class CpuVqKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        if scheme.format != "vq":
-            return "vq format only"
-        return _cpu_float_reason(device, dtype)
+        return cpu_format_reason(scheme, "vq", device, dtype)
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
