@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from ..formats import QuantScheme, dequantize, tensor_specs
-from ..formats.scheme import EXTENSION_FIELDS
 
 SENSITIVITIES = ("weight", "activation", "fisher")
 MAX_CELLS = 1 << 22
@@ -125,7 +124,7 @@ class AllocationResult:
 def scheme_label(s: QuantScheme) -> str:
     from ..eval.storage import scheme_label as base_label
 
-    return base_label(s) + "".join(f" {k}={v}" for k, v in s.to_dict().items() if k in EXTENSION_FIELDS)
+    return base_label(s)  # names every non-default field, extension fields (planes, lowrank_rank, ...) included
 
 
 # --- the knapsack -----------------------------------------------------------------------------------------------
