@@ -6,6 +6,7 @@ perplexity is measured on its first --tokens tokens, so calibration and evaluati
 
     python benchmarks/calibration_smollm2.py [--tokens 1024] [--n-samples 16] [--seq-len 512] [--threads 1]
                                              [--only int3-g128 ...] [--methods gptq mse rtn]
+                                             [--rotation hadamard|residual]
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--only", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--rotation", choices=["hadamard", "residual"], default=None,
+                    help="quantize every configuration after this rotation (HfQuantConfig(rotation=...))")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a shared machine, thread hand-offs cost more than they gain)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
@@ -88,10 +91,12 @@ def main() -> None:
     for name in args.only:
         for method in args.methods:
             config = {**SETTINGS[name], "method": method}
+            if args.rotation:
+                config["rotation"] = args.rotation
             if method == "gptq":
                 config.update(n_samples=args.n_samples, seq_len=args.seq_len)
             r = measure(config)
-            print(f"| {name} | {method} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | "
+            print(f"| {name}{' + ' + args.rotation if args.rotation else ''} | {method} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | "
                   f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}% | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |",
                   flush=True)
 
