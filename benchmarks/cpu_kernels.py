@@ -79,6 +79,17 @@ def interleaved_ms(fns: dict[str, object], reps: int, min_seconds: float) -> dic
     return {name: 1e3 * statistics.median(s) for name, s in samples.items()}
 
 
+def random_vq_tensors(scheme: QuantScheme, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Stored VQ tensors of the right shapes and dtypes with random codes (speed does not depend on the values)."""
+    from hf_quant.formats import tensor_specs
+
+    specs = tensor_specs(scheme, shape)
+    gen = torch.Generator().manual_seed(0)
+    return {"qweight": torch.randint(0, 256, specs["qweight"][0], generator=gen, dtype=torch.uint8),
+            "codebook": (torch.randn(specs["codebook"][0], generator=gen) * 0.02).half(),
+            "scales": torch.ones(specs["scales"][0], dtype=torch.float16)}
+
+
 def bench_shape(out_f: int, in_f: int, tokens: list[int], schemes, reps: int, min_seconds: float, bandwidth: float):
     torch.manual_seed(0)
     weight = torch.randn(out_f, in_f) * 0.02
@@ -88,14 +99,17 @@ def bench_shape(out_f: int, in_f: int, tokens: list[int], schemes, reps: int, mi
     layers = []  # (label, kernel name, stored bytes, kernel, state)
     for scheme in schemes:
         rtn = QuantScheme(**{**scheme.to_dict(), "method": "rtn"})  # timing only: the codes do not matter
-        q = QuantLinear.from_float(dense, rtn)
-        tensors = q.packed_tensors()
+        if scheme.format == "vq":  # k-means on a 60M-weight matrix takes minutes: random codes time the same
+            tensors = random_vq_tensors(rtn, (out_f, in_f))
+        else:
+            q = QuantLinear.from_float(dense, rtn)
+            tensors = q.packed_tensors()
+            del q
         stored = sum(t.numel() * t.element_size() for t in tensors.values())
         for name, kernel in sorted(available_kernels().items()):
             if kernel.unsupported_reason(rtn, (out_f, in_f), torch.device("cpu"), torch.float32) is None:
                 state = kernel.prepare(rtn, tensors, (out_f, in_f), torch.float32)
                 layers.append((scheme_label(scheme), name, stored, kernel, state))
-        del q
     rows = []
     with torch.inference_mode():
         for m in tokens:
