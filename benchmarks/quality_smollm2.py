@@ -37,6 +37,16 @@ FORMATS: list[tuple[str, dict]] = [
     ("int2 g32", dict(bits=2, group_size=32)),
 ]
 QUICK_OURS = ["int4 g128 rtn", "int4 g128 mse", "int3 g64 mse", "int2 g32 mse"]
+# Calibrated configurations (GPTQ on 16 x 512 Botchan tokens after token 8192; minutes each on 2 cores): not part of
+# the full run, which must stay under 30 minutes. Run them with --only and merge with --render for the plot.
+CALIBRATED: dict[str, dict] = {
+    "int4 g128 gptq+hadamard": dict(bits=4, group_size=128, method="gptq", rotation="hadamard"),
+    "int3 g128 gptq+hadamard": dict(bits=3, group_size=128, method="gptq", rotation="hadamard"),
+    "nf4 g64 gptq": dict(format="nf4", group_size=64, method="gptq"),
+    "vq2 g128 gptq": dict(format="vq", planes=2, group_size=128, method="gptq"),
+    "vq1 g128 gptq": dict(format="vq", planes=1, group_size=128, method="gptq"),
+    "int2 g64 gptq": dict(bits=2, group_size=64, method="gptq"),
+}
 QUICK_PEERS = ["bnb nf4 b64", "hqq int4 g64", "quanto qint4 g128", "torchao intx4 g64"]
 FLOAT = "float32"
 
@@ -71,7 +81,7 @@ def _load_quantized(name: str, path, auto_cls):
     import hf_quant
     from benchmarks.peers import PEERS, library_version
 
-    ours = our_configs()
+    ours = {**our_configs(), **CALIBRATED}
     if name == FLOAT:
         return auto_cls.from_pretrained(path, dtype=torch.float32), None, "-", 32
     if name in ours:
@@ -197,7 +207,7 @@ def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) 
 
 def run_all(args) -> list[dict]:
     names = [FLOAT, *args.only] if args.only else all_names(args.quick)
-    known = set(all_names(False))
+    known = set(all_names(False)) | set(CALIBRATED)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {sorted(known)}")
@@ -219,7 +229,7 @@ def _results_from_logs(paths: list[str]) -> list[dict]:
                 result = json.loads(line)
                 if "error" not in result or "error" in by_name.get(result["name"], {"error": ""}):
                     by_name[result["name"]] = result
-    order = {name: i for i, name in enumerate(all_names(False))}
+    order = {name: i for i, name in enumerate(all_names(False) + list(CALIBRATED))}
     return sorted(by_name.values(), key=lambda r: order.get(r["name"], len(order)))
 
 
