@@ -32,6 +32,7 @@ SETTINGS = {
     "int2-g128-dq": dict(bits=2, group_size=128, double_quant=True),
 }
 METHODS = ("gptq", "mse", "rtn")
+ALL_METHODS = METHODS + ("awq",)
 
 
 def run_one(spec: dict) -> dict:
@@ -62,7 +63,9 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--only", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(ALL_METHODS))
+    ap.add_argument("--token-weighting", choices=["attention"], default=None,
+                    help="GPTQ rows: RSQ-style token weighting (HfQuantConfig(token_weighting=...))")
     ap.add_argument("--rotation", choices=["hadamard", "residual"], default=None,
                     help="quantize every configuration after this rotation (HfQuantConfig(rotation=...))")
     ap.add_argument("--threads", type=int, default=1,
@@ -93,8 +96,10 @@ def main() -> None:
             config = {**SETTINGS[name], "method": method}
             if args.rotation:
                 config["rotation"] = args.rotation
-            if method == "gptq":
+            if method in ("gptq", "awq"):
                 config.update(n_samples=args.n_samples, seq_len=args.seq_len)
+            if method == "gptq" and args.token_weighting:
+                config["token_weighting"] = args.token_weighting
             r = measure(config)
             print(f"| {name}{' + ' + args.rotation if args.rotation else ''} | {method} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | "
                   f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}% | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |",
