@@ -170,3 +170,16 @@ def test_cli_data_aware_sensitivity(tmp_path):
     assert report["config"]["target_bits"] == 3.0 and report["config"]["overrides"]  # the allocation is recorded
     with pytest.raises(SystemExit, match="--target-bits"):
         main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q2"), "--sensitivity", "fisher"])
+
+
+def test_allocated_layers_keep_the_configs_method(one_thread):
+    """The allocation picks formats from data-free errors; a GPTQ config must still calibrate those layers."""
+    from hf_quant.algorithms.allocation import config_with_allocation
+
+    torch.manual_seed(0)
+    weights = {"model.layers.0.mlp.up_proj": torch.randn(32, 64), "model.layers.0.mlp.down_proj": torch.randn(32, 64)}
+    result = allocate(weights, 3.0, candidates=CANDIDATES[:3])
+    config = config_with_allocation(HfQuantConfig(method="gptq", bits=4, group_size=32), result)
+    assert config.overrides and all(settings["method"] == "gptq" for settings in config.overrides.values())
+    for name in weights:
+        assert config.scheme_for(name).method == "gptq"

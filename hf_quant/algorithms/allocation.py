@@ -404,7 +404,10 @@ def config_with_allocation(config, result: AllocationResult):
     fields = config.to_dict()
     fields.pop("quant_method")
     overrides = [list(pair) for pair in fields["overrides"]]
-    overrides += [[pattern, settings] for pattern, settings in result.overrides().items()]
+    # The allocation chooses how each layer is stored; how its codes are computed stays the config's method (the
+    # errors were measured data-free, but a GPTQ config must calibrate the allocated layers, not round them).
+    overrides += [[pattern, {**settings, "method": config.method}]
+                  for pattern, settings in result.overrides().items()]
     fields["overrides"] = overrides
     fields["target_bits"] = result.target_bits
     return HfQuantConfig(**fields)
