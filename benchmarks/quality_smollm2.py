@@ -41,6 +41,7 @@ QUICK_OURS = ["int4 g128 rtn", "int4 g128 mse", "int3 g64 mse", "int2 g32 mse"]
 # the full run, which must stay under 30 minutes. Run them with --only and merge with --render for the plot.
 CALIBRATED: dict[str, dict] = {
     "int4 g128 gptq+hadamard": dict(bits=4, group_size=128, method="gptq", rotation="hadamard"),
+    "int4 g128 dq gptq+hadamard": dict(bits=4, group_size=128, double_quant=True, method="gptq", rotation="hadamard"),
     "int3 g128 gptq+hadamard": dict(bits=3, group_size=128, method="gptq", rotation="hadamard"),
     "nf4 g64 gptq": dict(format="nf4", group_size=64, method="gptq"),
     "vq2 g128 gptq": dict(format="vq", planes=2, group_size=128, method="gptq"),
