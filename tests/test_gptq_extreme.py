@@ -9,7 +9,7 @@ from test_calibration import CALIBRATION_TEXTS, correlated_inputs, smollm2_token
 from transformers import AutoModelForCausalLM
 
 from hf_quant import HfQuantConfig
-from hf_quant.algorithms import quantize_params, quantize_weight
+from hf_quant.algorithms import quantize_weight
 from hf_quant.algorithms.calibration import gptq_weight
 from hf_quant.algorithms.gptq import _ColumnRounder, gptq_blockwise, gptq_quantize
 from hf_quant.formats import QuantScheme, dequantize
@@ -112,10 +112,13 @@ def test_tiny_llama_gptq_extreme_formats_save_reload(tiny_llama, tmp_path, extra
     assert reloaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
 
 
-def test_quantize_params_unchanged_for_scalar_formats():
-    """Stacked scalar GPTQ still returns QuantParams-compatible tensors (the scalar path is untouched)."""
+def test_gptq_weight_scalar_path_is_plain_gptq():
+    """gptq_weight on a plain scalar scheme packs exactly what gptq_quantize returns (no extra processing)."""
+    from hf_quant.formats import pack
+
     weight, hessian, _ = layer(16, 64)
     scheme = QuantScheme(bits=4, group_size=32, method="gptq")
     tensors = gptq_weight(weight, hessian, scheme)
-    assert set(tensors) == set(quantize_weight(weight, QuantScheme(bits=4, group_size=32)))
-    assert quantize_params(weight, QuantScheme(bits=4, group_size=32)).codes.shape == (16, 64)
+    expected = pack(scheme, gptq_quantize(weight, hessian, scheme))
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
