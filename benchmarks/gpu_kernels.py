@@ -1,13 +1,14 @@
 """Triton kernel time at LLM layer shapes vs the fp16 cuBLAS matmul and vs the memory-bandwidth floor (GPU only).
 
-    python benchmarks/gpu_kernels.py [--formats int4-g128 nf4-g64 ...] [--tokens 1 16 512] [--moe]
+    python benchmarks/gpu_kernels.py [--formats int4-g128 nf4-g64 vq2-g128 ...] [--tokens 1 16 512] [--moe]
 
 For each (in x out) shape, token count and format it prints the kernel time, `fp16 / kernel` (how many times faster
 than `F.linear` on float16 weights, cuBLAS) and `floor / kernel` (the fraction of the memory-bandwidth floor reached:
 the bytes the kernel must read and write, divided by the device-to-device copy bandwidth measured in the same run).
 Times are CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so Python launch overhead is excluded; the first
 call of each configuration autotunes (cached on disk by triton). Each result is checked against the float16 matmul
-of the dequantized weight before it is timed.
+of the dequantized weight before it is timed. From DEQUANT_MIN_TOKENS tokens the kernel decodes the weight once and
+calls cuBLAS; those rows also time the fused tensor-core kernel (`fused (us)`) that the threshold replaces.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ FORMATS = {
     "nf4-g64": dict(format="nf4", bits=4, group_size=64),
     "fp4-g32": dict(format="fp4", bits=4, group_size=32),
     "fp8-g128": dict(format="fp8", bits=8, group_size=128),
+    "vq2-g128": dict(format="vq", bits=8, planes=2, group_size=128),
+    "ternary1-g128": dict(format="ternary", bits=2, planes=1, group_size=128),
+    "ternary2-g128": dict(format="ternary", bits=2, planes=2, group_size=128),
 }
 
 
@@ -51,7 +55,9 @@ def copy_bandwidth() -> float:
 
 
 def state_bytes(state: dict) -> int:
-    tensors = [*state["planes"], state["scale"], state["zero"]]
+    if "scale" not in state:  # ternary: one state per trit-plane
+        return sum(state_bytes(plane) for plane in state["planes"])
+    tensors = [*state["planes"], state["scale"], state["zero"], state["table"]]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -59,41 +65,59 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def quantized(w: torch.Tensor, name: str) -> tuple[dict, torch.Tensor]:
-    """The Triton state of `w` ([*experts, out, in]) in format `name`, and its float16 reference dequantization."""
+def random_vq_tensors(scheme, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Stored VQ tensors of the right shapes with random codes: k-means on a 60M-weight matrix takes minutes, and
+    the kernel's speed does not depend on the values."""
+    from hf_quant.formats import tensor_specs
+
+    specs = tensor_specs(scheme, shape)
+    return {"qweight": torch.randint(0, 256, specs["qweight"][0], dtype=torch.uint8, device="cuda"),
+            "codebook": (torch.randn(specs["codebook"][0], device="cuda") * 0.02).half(),
+            "scales": torch.ones(specs["scales"][0], dtype=torch.float16, device="cuda")}
+
+
+def quantized(w: torch.Tensor, name: str):
+    """(kernel, its state of `w` ([*experts, out, in]) in format `name`, float16 reference dequantization)."""
     from hf_quant.algorithms import quantize_weight
     from hf_quant.formats import QuantScheme, dequantize
-    from hf_quant.kernels.triton import TritonKernel
+    from hf_quant.kernels.triton import TritonKernel, TritonTernaryKernel, TritonVqKernel
 
     scheme = QuantScheme(method="rtn", **FORMATS[name])
-    tensors = quantize_weight(w, scheme)
-    state = TritonKernel.prepare(scheme, tensors, tuple(w.shape[-2:]), torch.float16)
-    return state, dequantize(scheme, tensors, w.shape[-1], torch.float16)
+    kernel = {"vq": TritonVqKernel, "ternary": TritonTernaryKernel}.get(scheme.format, TritonKernel)
+    tensors = random_vq_tensors(scheme, tuple(w.shape)) if scheme.format == "vq" else quantize_weight(w, scheme)
+    state = kernel.prepare(scheme, tensors, tuple(w.shape[-2:]), torch.float16)
+    return kernel, state, dequantize(scheme, tensors, w.shape[-1], torch.float16)
 
 
 def bench_linear(args, bandwidth: float) -> None:
     from triton.testing import do_bench_cudagraph
 
-    from hf_quant.kernels.triton import TritonKernel
+    import hf_quant.kernels.triton as triton_kernels
 
-    print("| in x out | tokens | format | kernel (us) | fp16 cuBLAS (us) | fp16 / kernel | floor / kernel |")
-    print("|---|---|---|---|---|---|---|")
+    print("| in x out | tokens | format | kernel (us) | fp16 cuBLAS (us) | fp16 / kernel | floor / kernel | fused (us) |")
+    print("|---|---|---|---|---|---|---|---|")
+    threshold = triton_kernels.DEQUANT_MIN_TOKENS
     for in_f, out_f in SHAPES:
         w = torch.randn(out_f, in_f, device="cuda") * 0.02
         dense = w.half()
         for name in args.formats:
-            state, w_ref = quantized(w, name)
+            kernel, state, w_ref = quantized(w, name)
             for m in args.tokens:
                 x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
-                err = rel_err(TritonKernel.linear(x, state), x @ w_ref.T)
+                err = rel_err(kernel.linear(x, state), x @ w_ref.T)
                 if err > 5e-3:
                     sys.exit(f"{name} {in_f}x{out_f} m={m}: relative error {err:.2e} against the reference; not timing")
-                t_kernel = do_bench_cudagraph(lambda: TritonKernel.linear(x, state)) * 1e3
+                t_kernel = do_bench_cudagraph(lambda: kernel.linear(x, state)) * 1e3
                 t_dense = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, dense)) * 1e3
+                fused = ""
+                if m >= threshold:  # what the decode-once path replaces
+                    triton_kernels.DEQUANT_MIN_TOKENS = 1 << 30
+                    fused = f"{do_bench_cudagraph(lambda: kernel.linear(x, state)) * 1e3:.1f}"
+                    triton_kernels.DEQUANT_MIN_TOKENS = threshold
                 moved = state_bytes(state) + x.numel() * 2 + m * out_f * 2
                 floor = moved / bandwidth * 1e6
                 print(f"| {in_f}x{out_f} | {m} | {name} | {t_kernel:.1f} | {t_dense:.1f} | "
-                      f"{t_dense / t_kernel:.2f} | {floor / t_kernel:.2f} |", flush=True)
+                      f"{t_dense / t_kernel:.2f} | {floor / t_kernel:.2f} | {fused} |", flush=True)
 
 
 def bench_moe(args) -> None:
@@ -108,7 +132,9 @@ def bench_moe(args) -> None:
     print("\n| MoE experts x in x out | tokens | format | fused kernel (us) | fp16 per-expert loop (us) | ratio |")
     print("|---|---|---|---|---|---|")
     for name in args.formats:
-        state, w_ref = quantized(w, name)
+        if FORMATS[name].get("format") in ("vq", "ternary"):  # no fused-experts kernel (eager experts loop)
+            continue
+        _, state, w_ref = quantized(w, name)
         for m in args.tokens:
             x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
             ids = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(m)])
@@ -133,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="*", default=["int4-g128", "int3-g128", "int8-channel", "nf4-g64", "fp8-g128"],
                     choices=sorted(FORMATS))
-    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 512])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 128, 512])
     ap.add_argument("--moe", action="store_true", help="also time the fused MoE experts kernel")
     args = ap.parse_args()
     require_gpu()

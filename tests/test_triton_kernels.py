@@ -51,8 +51,15 @@ def test_registry_declares_cuda_only():
     for other in (QuantScheme(format="ternary", bits=2, group_size=128), QuantScheme(format="vq", bits=8, group_size=128)):
         # formats with their own code layouts are never decoded as a codebook
         assert "not supported" in TritonKernel.unsupported_reason(other, shape, torch.device("cuda"), torch.float16)
-    # preferred over every other kernel wherever it is eligible
-    assert TritonKernel.priority > max(k.priority for k in available_kernels().values() if k is not TritonKernel)
+    # the formats with layouts of their own have Triton kernels of their own, also CUDA only
+    for name, fmt in (("triton_vq", "vq"), ("triton_ternary", "ternary")):
+        own = available_kernels()[name]
+        assert own.unsupported_reason(QuantScheme(format=fmt, bits=8 if fmt == "vq" else 2), shape,
+                                      torch.device("cpu"), torch.float32) == "CUDA only"
+        assert "not supported" in own.unsupported_reason(scheme, shape, torch.device("cuda"), torch.float16)
+    # preferred over every other kernel wherever they are eligible
+    gpu = {"triton", "triton_vq", "triton_ternary"}
+    assert TritonKernel.priority > max(k.priority for n, k in available_kernels().items() if n not in gpu)
     with pytest.raises(ValueError, match="triton"):  # forcing it on the CPU is an error, not a fallback
         select_kernel(scheme, shape, torch.device("cpu"), torch.float32, prefer="triton")
 
@@ -112,6 +119,11 @@ GPU_VARIANTS = [
                                     TILE_IN_GROUP=False)),
     (("fp16", "fp16", "fp16"), dict(W0=4, W1=0, MODE=2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, WORD_TILE=True,
                                     TILE_IN_GROUP=True, MOE=True, TOP_K=2)),
+    # VQ with two codebooks: uint8 index planes
+    (("bf16", "bf16", "fp16", "u8"), dict(W0=8, W1=8, MODE=3, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, WORD_TILE=False,
+                                          TILE_IN_GROUP=True)),
+    (("fp16", "fp16", "fp16", "u8"), dict(W0=8, W1=8, MODE=3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, WORD_TILE=False,
+                                          TILE_IN_GROUP=False)),
 ]
 
 
@@ -128,8 +140,9 @@ def test_kernel_compiles_for_h100(dtypes, constants):
     from hf_quant.kernels.triton import jit
 
     fn = jit.qmm_kernel
-    x, y, param = dtypes
-    pointer = {"x_ptr": x, "y_ptr": y, "s_ptr": param, "z_ptr": param, "table_ptr": "fp32"}
+    x, y, param, *codes = dtypes
+    pointer = {"x_ptr": x, "y_ptr": y, "s_ptr": param, "z_ptr": param, "table_ptr": "fp32",
+               **({"p0_ptr": codes[0], "p1_ptr": codes[0]} if codes else {})}
     constants = {"SYM_ZERO": 8.0, "MOE": False, "TOP_K": 1, "F32_DOT": x == "fp32", **constants}
     def arg_type(name: str, constexpr: bool) -> str:
         return "constexpr" if constexpr else f"*{pointer.get(name, 'i32')}" if name.endswith("_ptr") else "i32"
@@ -138,3 +151,29 @@ def test_kernel_compiles_for_h100(dtypes, constants):
     kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4, "num_stages": 3})
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024  # H100's shared memory per block
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the GPU kernel, not the interpreter's")
+@pytest.mark.parametrize("out_dtype,codes,constants", [
+    ("fp16", "i32", dict(W0=2, W1=1, MODE=0, TILE_IN_GROUP=True)),
+    ("bf16", "i32", dict(W0=4, W1=0, MODE=2, TILE_IN_GROUP=False)),
+    ("fp16", "u8", dict(W0=8, W1=8, MODE=3, TILE_IN_GROUP=True)),
+])
+def test_dequant_kernel_compiles_for_h100(out_dtype, codes, constants):
+    """The prefill path's decode kernel, compiled to an sm_90 cubin like the fused kernel above."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_quant.kernels.triton import DEQUANT_BLOCK_K, DEQUANT_BLOCK_N, jit
+
+    fn = jit.dequant_kernel
+    pointer = {"p0_ptr": codes, "p1_ptr": codes, "s_ptr": "fp16", "z_ptr": "fp16", "table_ptr": "fp32",
+               "w_ptr": out_dtype}
+    signature = {p.name: "constexpr" if p.is_constexpr else f"*{pointer[p.name]}" if p.name.endswith("_ptr") else "i32"
+                 for p in fn.params}
+    constants = {"SYM_ZERO": 1.0, "BLOCK_K": DEQUANT_BLOCK_K, "BLOCK_N": DEQUANT_BLOCK_N, **constants}
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": 1})
+    assert kernel.asm["cubin"]

@@ -6,7 +6,8 @@ implementations and a fullgraph torch.compile.
 Not collected by the main pytest run (the name does not match test_*.py): TRITON_INTERPRET=1 must be set before
 triton is first imported (torch imports it when installed), so tests/test_triton_kernels.py runs this file in a child
 pytest with the variable set. By hand: TRITON_INTERPRET=1 python -m pytest tests/triton_interpreter_cases.py
-Speed is not measured here (benchmarks/gpu_kernels.py, on a GPU).
+On a machine with a CUDA GPU and without TRITON_INTERPRET, the same cases run the compiled kernels on the GPU:
+python -m pytest tests/triton_interpreter_cases.py. Speed is not measured here (benchmarks/gpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import torch
 
 from hf_quant.algorithms import quantize_weight
 from hf_quant.formats import QuantScheme, dequantize
-from hf_quant.kernels.triton import MOE_BLOCK_M, PLANES, TritonKernel, jit, op_args, prepare_weight
+import hf_quant.kernels.triton as triton_kernels
+from hf_quant.kernels.triton import (MOE_BLOCK_M, PLANES, TritonKernel, TritonTernaryKernel, TritonVqKernel, jit,
+                                     op_args, prepare_weight)
 
 # Fail loudly rather than test compiled GPU kernels that cannot run here.
-assert jit.INTERPRETED and type(jit.qmm_kernel).__name__ == "InterpretedFunction", "set TRITON_INTERPRET=1 first"
+assert jit.INTERPRETED or torch.cuda.is_available(), "set TRITON_INTERPRET=1 first (or run on a CUDA GPU)"
+assert not jit.INTERPRETED or type(jit.qmm_kernel).__name__ == "InterpretedFunction"
+DEVICE = torch.device("cpu" if jit.INTERPRETED else "cuda")
 
 OUT = 48
 # Relative error of the output against float64 x @ W_ref^T. 16-bit inputs multiply weights rounded to the input
@@ -46,11 +51,17 @@ def word_tile(enabled: bool):
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+    y, ref = y.double().cpu(), ref.double().cpu()
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def on_device(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.to(DEVICE) for name, t in tensors.items()}
 
 
 def scheme_id(s: QuantScheme) -> str:
     fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
+    fmt += f"{s.planes}" if s.format in ("vq", "ternary") else ""
     return f"{fmt}-g{s.group_size}{'-dq' if s.double_quant else ''}"
 
 
@@ -58,7 +69,7 @@ def quantized(scheme: QuantScheme, shape: tuple[int, ...], seed: int = 0):
     gen = torch.Generator().manual_seed(seed + 1000 * scheme.bits + shape[-1])
     w = torch.randn(*shape, generator=gen)
     tensors = quantize_weight(w, scheme)
-    return tensors, dequantize(scheme, tensors, shape[-1]).double()
+    return on_device(tensors), dequantize(scheme, tensors, shape[-1]).double()
 
 
 # Every int width the kernel takes (and so every bit-plane split), symmetric and not, grouped and per channel,
@@ -94,9 +105,58 @@ def test_linear_matches_reference(scheme):
         state = states.setdefault(dtype, TritonKernel.prepare(scheme, tensors, shape, dtype))
         x = torch.randn(m, in_features, generator=gen).to(dtype)
         with word_tile(tile):
-            y = TritonKernel.linear(x, state)
+            y = TritonKernel.linear(x.to(DEVICE), state)
         assert y.shape == (m, OUT) and y.dtype == dtype
         assert rel_err(y, x.double() @ w_ref.T) < BOUNDS[dtype], (dtype, m, tile)
+
+
+# VQ (1 and 2 codebooks) and ternary (1 and 2 trit-planes): groups of 32 in 100 inputs (a short last group and,
+# for VQ, a short last 8-vector), and one group per row.
+OWN_LAYOUTS = [
+    QuantScheme(format=f, bits=8 if f == "vq" else 2, planes=planes, group_size=g)
+    for f in ("vq", "ternary") for planes, g in ((1, 32), (2, -1), (2, 32))
+]
+
+
+def kernel_of(scheme: QuantScheme):
+    return {"vq": TritonVqKernel, "ternary": TritonTernaryKernel}.get(scheme.format, TritonKernel)
+
+
+@pytest.mark.parametrize("scheme", OWN_LAYOUTS, ids=scheme_id)
+def test_vq_and_ternary_match_reference(scheme):
+    in_features = 100
+    shape = (OUT, in_features)
+    tensors, w_ref = quantized(scheme, shape)
+    kernel = kernel_of(scheme)
+    gen = torch.Generator().manual_seed(7)
+    runs = [(torch.float32, m) for m in (1, 3, 33)] + [(torch.float16, 1), (torch.bfloat16, 17)]
+    for dtype, m in runs:
+        state = kernel.prepare(scheme, tensors, shape, dtype)
+        x = torch.randn(m, in_features, generator=gen).to(dtype)
+        y = kernel.linear(x.to(DEVICE), state)
+        assert y.shape == (m, OUT) and y.dtype == dtype
+        assert rel_err(y, x.double() @ w_ref.T) < BOUNDS[dtype], (dtype, m)
+
+
+@pytest.mark.parametrize("scheme", [
+    QuantScheme(bits=4, group_size=32, method="rtn"),
+    QuantScheme(bits=3, symmetric=True, group_size=-1, double_quant=True, method="rtn"),
+    QuantScheme(format="nf4", group_size=32, method="rtn"),
+    *OWN_LAYOUTS[1:3],
+], ids=scheme_id)
+def test_prefill_decodes_once_then_multiplies(scheme, monkeypatch):
+    """From DEQUANT_MIN_TOKENS tokens on, the weight is decoded by `dequant_kernel` and multiplied by torch: the
+    same result within the dtype's bound (the threshold is lowered so that small shapes take that path)."""
+    monkeypatch.setattr(triton_kernels, "DEQUANT_MIN_TOKENS", 4)
+    in_features = 100
+    tensors, w_ref = quantized(scheme, (OUT, in_features))
+    kernel = kernel_of(scheme)
+    gen = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        state = kernel.prepare(scheme, tensors, (OUT, in_features), dtype)
+        x = torch.randn(5, in_features, generator=gen).to(dtype)
+        y = kernel.linear(x.to(DEVICE), state)
+        assert y.dtype == dtype and rel_err(y, x.double() @ w_ref.T) < BOUNDS[dtype], dtype
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
@@ -117,7 +177,7 @@ def test_split_k_matches_reference(scheme, split_k):
     for m in (1, 16):
         x = torch.randn(m, in_features)
         with word_tile(split_k == 3):
-            y = TritonKernel.linear(x, state, split_k=split_k)
+            y = TritonKernel.linear(x.to(DEVICE), state, split_k=split_k)
         assert rel_err(y, x.double() @ w_ref.T) < 1e-5
 
 
@@ -127,7 +187,7 @@ def test_automatic_split_k_on_a_long_reduction():
     tensors, w_ref = quantized(scheme, (40, in_features))
     state = TritonKernel.prepare(scheme, tensors, (40, in_features), torch.float32)
     x = torch.randn(1, in_features)
-    assert rel_err(TritonKernel.linear(x, state), x.double() @ w_ref.T) < 1e-5
+    assert rel_err(TritonKernel.linear(x.to(DEVICE), state), x.double() @ w_ref.T) < 1e-5
 
 
 def test_bit_planes_hold_exactly_b_bits():
@@ -163,12 +223,13 @@ def test_fused_moe_matches_reference(scheme):
         assert tokens < 20 or counts.max() > MOE_BLOCK_M
         x = torch.randn(tokens, in_features, generator=gen)
         with word_tile(tokens == 7):
-            y = TritonKernel.moe_linear(x, ids, state)
+            y = TritonKernel.moe_linear(x.to(DEVICE), ids.to(DEVICE), state)
         ref = torch.einsum("tk,tjnk->tjn", x.double(), w_ref[ids])
         assert y.shape == (tokens, top_k, OUT)
         assert rel_err(y, ref) < 1e-5, tokens
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on CUDA a bad id is a device-side assert (see _route)")
 def test_moe_rejects_out_of_range_experts():
     scheme = QuantScheme(bits=4, group_size=32, method="rtn")
     state = TritonKernel.prepare(scheme, quantized(scheme, (3, OUT, 64))[0], (OUT, 64), torch.float32)
@@ -182,10 +243,11 @@ def test_custom_ops_pass_opcheck():
     state = TritonKernel.prepare(scheme, quantized(scheme, (2, 40, 64))[0], (40, 64), torch.float32)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.hf_quant.triton_moe_linear.default,
-                          (torch.randn(3, 64), torch.tensor([[0, 1], [1, 0], [1, 1]]), *op_args(state)),
+                          (torch.randn(3, 64, device=DEVICE), torch.tensor([[0, 1], [1, 0], [1, 1]], device=DEVICE),
+                           *op_args(state)),
                           test_utils=tests)
     single = prepare_weight(scheme, quantized(scheme, (40, 64))[0], 64)
-    torch.library.opcheck(torch.ops.hf_quant.triton_linear.default, (torch.randn(5, 64), *op_args(single)),
+    torch.library.opcheck(torch.ops.hf_quant.triton_linear.default, (torch.randn(5, 64, device=DEVICE), *op_args(single)),
                           test_utils=tests)
 
 
@@ -201,8 +263,8 @@ def test_compiles_fullgraph():
     x = torch.randn(5, 96)
     torch._dynamo.reset()
     compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x), mlp(x))
-    assert rel_err(compiled(x), torch.nn.functional.silu(x.double() @ w_ref.T) * 2) < 1e-5
+    assert torch.equal(compiled(x.to(DEVICE)), mlp(x.to(DEVICE)))
+    assert rel_err(compiled(x.to(DEVICE)), torch.nn.functional.silu(x.double() @ w_ref.T) * 2) < 1e-5
 
 
 def quantized_mixtral_experts(scheme: QuantScheme):
@@ -236,7 +298,7 @@ def test_fused_experts_forward_matches_eager(scheme):
 
     block = quantized_mixtral_experts(scheme)
     gate_up, down = block.gate_up_proj, block.down_proj
-    states = [TritonKernel.prepare(scheme, w.packed_tensors(), w.quantized_shape[-2:], torch.float32)
+    states = [TritonKernel.prepare(scheme, on_device(w.packed_tensors()), w.quantized_shape[-2:], torch.float32)
               for w in (gate_up, down)]
     gen = torch.Generator().manual_seed(5)
     for tokens in (1, 6):
@@ -245,7 +307,7 @@ def test_fused_experts_forward_matches_eager(scheme):
         weights = torch.softmax(torch.randn(tokens, 2, generator=gen), -1)
         with torch.no_grad():
             eager = block(x, ids, weights)
-            fused = fused_experts(x, ids, weights, *states, block._apply_gate)
+            fused = fused_experts(x.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), *states, block._apply_gate)
         assert fused.shape == eager.shape == (tokens, 64)
         assert rel_err(fused, eager) < 1e-5, tokens
 

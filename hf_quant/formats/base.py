@@ -170,7 +170,7 @@ def dq_encode(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     step = torch.where(step > 0, step, torch.ones_like(step))
     for _ in range(2):  # float16 rounding of step can still leave hi just out of range
         too_small = offset + 255 * step < hi
-        step = torch.where(too_small, torch.nextafter(step.half(), torch.tensor(torch.inf, dtype=torch.half)).float(), step)
+        step = torch.where(too_small, torch.nextafter(step.half(), torch.full_like(step.half(), torch.inf)).float(), step)
     codes = torch.clamp(torch.round((blocks - offset[:, None]) / step[:, None]), 0, 255).to(torch.uint8)
     meta = torch.stack((step, offset), 1).to(torch.float16)
     return codes.reshape(-1)[: flat.numel()].reshape(values.shape), meta

@@ -1,5 +1,11 @@
 """Fused dequantize-matmul GPU kernels in Triton, for every format: affine int 2/3/4/5/6/8 bits (grouped or per
-channel, symmetric or not, double-quantized scales), NF4 / FP4 codebooks and FP8 (E4M3), plus fused MoE experts.
+channel, symmetric or not, double-quantized scales), NF4 / FP4 codebooks and FP8 (E4M3), plus fused MoE experts
+(`TritonKernel`); vector-quantized codes (`TritonVqKernel`) and ternary trit-planes (`TritonTernaryKernel`), whose
+layouts differ, through the same kernel. Sparse outliers and low-rank terms add their products after any kernel
+(formats/sparse.py, formats/lowrank.py).
+
+From DEQUANT_MIN_TOKENS tokens on (prefill), the weight is decoded once per call by the same tile decoder and the
+product is cuBLAS's: tensor-core GEMM with the decode inside the K loop is slower there (benchmarks/gpu_kernels.py).
 
 Triton is optional (`pip install hf-quant[triton]`): this module imports without it, and the kernel declares itself
 unsupported until triton imports and the device is CUDA. The Triton code (`jit.py`) is imported on first use, so
@@ -19,14 +25,17 @@ import torch
 
 from ...formats.base import codebook_values, decode_params
 from ...formats.packing import unpack_bits
+from ...formats.ternary import unpack_trits
 from ..registry import Kernel, register_kernel
 
 # Bit planes a code width is split into: every plane width divides 32, so words hold whole codes and b-bit codes
 # take exactly b bits in memory (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2).
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FORMATS = ("int", "nf4", "fp4", "fp8")  # ternary / vq codes have layouts of their own (their CPU kernels)
+_FORMATS = ("int", "nf4", "fp4", "fp8")  # ternary / vq codes have layouts of their own (their own kernel classes)
 MOE_BLOCK_M = 16  # rows per expert block in fused MoE (each expert's tokens are padded to a multiple of it)
+# From this many tokens, decode the weight once and let cuBLAS multiply (measured on an H100: benchmarks/gpu_kernels.py).
+DEQUANT_MIN_TOKENS = 128
 
 
 @functools.cache
@@ -52,6 +61,24 @@ def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
     return word.transpose(-1, -2).contiguous()
 
 
+def _bit_planes(codes: torch.Tensor, widths: tuple[int, ...], in_features: int) -> list[torch.Tensor]:
+    """Codes [*lead, out, in] -> one packed word plane per width (low bits first), K padded to 32."""
+    codes = codes.to(torch.int32)
+    codes = torch.nn.functional.pad(codes, (0, -(-in_features // 32) * 32 - in_features))
+    planes, low = [], 0
+    for width in widths:
+        planes.append(_pack_plane((codes >> low) & ((1 << width) - 1), width))
+        low += width
+    return planes
+
+
+def _state(planes, widths, scale: torch.Tensor, group_size: int, in_features: int, mode: int, **extra) -> dict:
+    """A prepared weight; `scale` [*lead, out, groups] (stored as [*lead, groups, out] for coalesced loads)."""
+    return {"planes": planes, "widths": widths, "scale": scale.transpose(-1, -2).contiguous(), "zero": None,
+            "table": None, "sym_zero": 0.0, "group_size": group_size, "in_features": in_features,
+            "out_features": scale.shape[-2], "mode": mode, **extra}
+
+
 def prepare_weight(scheme, tensors: dict[str, torch.Tensor], in_features: int) -> dict:
     """Canonical tensors of a [*lead, out, in] weight -> the Triton layout (see jit.py): bit-plane words [*lead,
     K_words, out], scales and zero-points [*lead, groups, out] (float16 as stored; float32 when double-quantized,
@@ -63,36 +90,42 @@ def prepare_weight(scheme, tensors: dict[str, torch.Tensor], in_features: int) -
     bits = scheme.bits
     widths = PLANES[bits] if scheme.format == "int" else (bits,)
     g, _, _ = scheme.group_layout(in_features)
-    codes = unpack_bits(tensors["qweight"], bits, in_features).to(torch.int32)
-    k_padded = -(-in_features // 32) * 32
-    codes = torch.nn.functional.pad(codes, (0, k_padded - in_features))
-    planes, low = [], 0
-    for width in widths:
-        planes.append(_pack_plane((codes >> low) & ((1 << width) - 1), width))
-        low += width
+    planes = _bit_planes(unpack_bits(tensors["qweight"], bits, in_features), widths, in_features)
     scale, zero = decode_params(scheme, tensors)
     param_dtype = torch.float32 if scheme.double_quant else torch.float16
-    state = {
-        "planes": planes,
-        "widths": widths,
-        "scale": scale.transpose(-1, -2).to(param_dtype).contiguous(),
-        "zero": None,
-        "table": None,
-        "sym_zero": 0.0,
-        "group_size": g,
-        "in_features": in_features,
-        "out_features": scale.shape[-2],
-    }
+    state = _state(planes, widths, scale.to(param_dtype), g, in_features, jit.AFFINE)
     if scheme.format != "int":
         state["mode"] = jit.CODEBOOK
-        state["table"] = codebook_values(scheme.format, device=codes.device)
+        state["table"] = codebook_values(scheme.format, device=scale.device)
     elif scheme.symmetric:
         state["mode"] = jit.AFFINE_SYMMETRIC
         state["sym_zero"] = float(1 << (bits - 1))
     else:
-        state["mode"] = jit.AFFINE
         state["zero"] = zero.transpose(-1, -2).to(param_dtype).contiguous()
     return state
+
+
+def prepare_vq(scheme, tensors: dict[str, torch.Tensor], in_features: int) -> dict:
+    """VQ codes [out, stages, in / 8] -> one uint8 index plane [in / 8, out] per stage; the codebooks (float32,
+    [stages * 256 * 8]) as the value table; scales [groups, out] float16."""
+    g, _, _ = scheme.group_layout(in_features)
+    codes = tensors["qweight"]
+    planes = [codes[:, p].t().contiguous() for p in range(codes.shape[1])]
+    return _state(planes, (8,) * len(planes), tensors["scales"], g, in_features, _jit().VQ,
+                  table=tensors["codebook"].float().reshape(-1).contiguous())
+
+
+def prepare_ternary(scheme, tensors: dict[str, torch.Tensor], in_features: int) -> list[dict]:
+    """Trit-planes -> one state per plane: the trits t as 2-bit codes t + 1, decoded as symmetric int with zero
+    point 1 and the plane's scales (so each plane runs as a 2-bit weight; 2 bits in memory against 1.6 on disk)."""
+    g, _, _ = scheme.group_layout(in_features)
+    trits = unpack_trits(tensors["qweight"], in_features)  # [out, planes, in]
+    states = []
+    for p in range(trits.shape[1]):
+        planes = _bit_planes(trits[:, p] + 1, (2,), in_features)
+        states.append(_state(planes, (2,), tensors["scales"][:, p], g, in_features, _jit().AFFINE_SYMMETRIC,
+                             sym_zero=1.0))
+    return states
 
 
 def _token_bucket(m: int) -> int:
@@ -128,6 +161,9 @@ def _launch(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, o
     p1 = planes[1] if len(planes) > 1 else p0
     dummy = scale  # pointer arguments the selected MODE never reads
     moe = rows is not None
+    if not moe and m >= DEQUANT_MIN_TOKENS:
+        w = _dequantize(x.dtype, planes, widths, scale, zero, table, mode, sym_zero, group_size, k, n)
+        return x @ w
     if moe:
         split_k = 1
     elif split_k <= 0:
@@ -161,6 +197,25 @@ def _launch(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, o
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+DEQUANT_BLOCK_K, DEQUANT_BLOCK_N = 64, 128
+
+
+def _dequantize(dtype, planes, widths, scale, zero, table, mode, sym_zero, group_size, k, n) -> torch.Tensor:
+    """The weight decoded as [K, N] in `dtype` (W^T, so that x @ it is the product)."""
+    jit = _jit()
+    w = torch.empty(k, n, dtype=dtype, device=scale.device)
+    block_k, block_n = (32, 32) if jit.INTERPRETED else (DEQUANT_BLOCK_K, DEQUANT_BLOCK_N)
+    p0 = planes[0]
+    grid = (triton_cdiv(k, block_k), triton_cdiv(n, block_n))
+    jit.dequant_kernel[grid](
+        p0, planes[1] if len(planes) > 1 else p0, scale, scale if zero is None else zero,
+        scale if table is None else table, w, n, k, group_size,
+        W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, MODE=mode, SYM_ZERO=sym_zero,
+        BLOCK_K=block_k, BLOCK_N=block_n, TILE_IN_GROUP=group_size % block_k == 0,
+    )
+    return w
 
 
 # Library-defined ops (not `custom_op`): they run once per layer per decoded token, and a Library op dispatches in
@@ -241,6 +296,26 @@ def op_args(state: dict) -> tuple:
             state["sym_zero"], state["group_size"], state["out_features"])
 
 
+def gpu_reason(scheme, formats: tuple[str, ...], device, dtype) -> str | None:
+    """Why a Triton kernel for `formats` cannot run `scheme` on `device` in `dtype` (None: it can)."""
+    if not triton_available():
+        return "triton is not installed (pip install 'hf-quant[triton]')"
+    if scheme.format not in formats:
+        return f"format {scheme.format!r} not supported (only {', '.join(formats)})"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "CUDA only"
+    if dtype not in _FLOAT_DTYPES:
+        return f"dtype {dtype} not supported"
+    if not torch.cuda.is_available():
+        return "no CUDA device available"
+    # tensor-core dot of 16-bit inputs needs Volta (float16) / Ampere (bfloat16) or newer
+    needed = (8, 0) if dtype == torch.bfloat16 else (7, 0)
+    if torch.cuda.get_device_capability(device) < needed:
+        return f"{dtype} needs compute capability >= {needed[0]}.{needed[1]}"
+    return None
+
+
 @register_kernel
 class TritonKernel(Kernel):
     """Fused dequantize + matmul on CUDA GPUs in Triton (GEMV for one token, split-K skinny GEMM up to 16, tiled
@@ -253,24 +328,10 @@ class TritonKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        if not triton_available():
-            return "triton is not installed (pip install 'hf-quant[triton]')"
-        if scheme.format not in _FORMATS:
-            return f"format {scheme.format!r} not supported (only {', '.join(_FORMATS)})"
-        device = torch.device(device)
-        if device.type != "cuda":
-            return "CUDA only"
-        if dtype not in _FLOAT_DTYPES:
-            return f"dtype {dtype} not supported"
-        if not torch.cuda.is_available():
-            return "no CUDA device available"
-        # tensor-core dot of 16-bit inputs needs Volta (float16) / Ampere (bfloat16) or newer
-        needed = (8, 0) if dtype == torch.bfloat16 else (7, 0)
-        if torch.cuda.get_device_capability(device) < needed:
-            return f"{dtype} needs compute capability >= {needed[0]}.{needed[1]}"
-        if scheme.format == "int" and scheme.bits not in PLANES:
+        reason = gpu_reason(scheme, _FORMATS, device, dtype)
+        if reason is None and scheme.format == "int" and scheme.bits not in PLANES:
             return f"{scheme.bits}-bit codes not supported"
-        return None
+        return reason
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
@@ -287,8 +348,57 @@ class TritonKernel(Kernel):
 
 
 
+@register_kernel
+class TritonVqKernel(Kernel):
+    """Vector-quantized weights (formats/vq.py) in the fused kernel: each tile gathers its weights from the codebooks
+    (held in L1/L2) by the 8-bit indices, one index per 8 weights and stage. Precision as `TritonKernel`'s. Fused MoE
+    experts in VQ run the model's eager experts loop (the experts implementation refuses them)."""
+
+    name = "triton_vq"
+    priority = 200
+
+    @classmethod
+    def unsupported_reason(cls, scheme, shape, device, dtype):
+        return gpu_reason(scheme, ("vq",), device, dtype)
+
+    @classmethod
+    def prepare(cls, scheme, tensors, shape, dtype):
+        return prepare_vq(scheme, tensors, shape[1])
+
+    @classmethod
+    def linear(cls, x, state):
+        return triton_linear(x, *op_args(state))
+
+
+@register_kernel
+class TritonTernaryKernel(Kernel):
+    """Ternary trit-planes (formats/ternary.py): each plane runs the fused kernel as a 2-bit symmetric weight with
+    zero-point 1 (codes t + 1), and the planes' products add. Precision as `TritonKernel`'s (the trits are exact in
+    every dtype; the scales are rounded to the input dtype with the decoded weight)."""
+
+    name = "triton_ternary"
+    priority = 200
+
+    @classmethod
+    def unsupported_reason(cls, scheme, shape, device, dtype):
+        return gpu_reason(scheme, ("ternary",), device, dtype)
+
+    @classmethod
+    def prepare(cls, scheme, tensors, shape, dtype):
+        return {"planes": prepare_ternary(scheme, tensors, shape[1])}
+
+    @classmethod
+    def linear(cls, x, state):
+        y = None
+        for plane in state["planes"]:
+            part = triton_linear(x, *op_args(plane))
+            y = part if y is None else y + part
+        return y
+
+
 from . import experts  # noqa: E402  (needs TritonKernel; registers the "hf_quant_triton" experts implementation)
 
 experts.register()
 
-__all__ = ["TritonKernel", "op_args", "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]
+__all__ = ["TritonKernel", "TritonTernaryKernel", "TritonVqKernel", "op_args", "prepare_ternary", "prepare_vq",
+           "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]

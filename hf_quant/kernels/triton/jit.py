@@ -13,9 +13,16 @@ One kernel serves decode, prefill and fused MoE experts:
 Weight layout (see `prepare` in __init__.py): codes split into at most two bit planes of widths W0, W1 (e.g. 3 = 2 + 1
 bits, so 3-bit weights take exactly 3 bits in memory), each plane packed 32 // width codes per int32 word along K,
 stored [K_words, N] so that consecutive programs' loads along N coalesce. Scales (and zero-points) are [groups, N].
+Vector-quantized weights (MODE VQ) instead hold one uint8 codeword index per 8 weights and residual stage, [K / 8, N]
+per stage (W0 = 8, W1 = 8 with a second stage), and the codebooks as the value table.
+
+Prefill (many tokens) can also decode the weight once (`dequant_kernel`, tile by tile with the same decoder) and
+leave the product to cuBLAS; __init__.py chooses by token count.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -31,7 +38,7 @@ def f32_dot(dtype) -> bool:
     bfloat16 values are exact in float32, so the interpreter computes what the GPU's bfloat16 dot does."""
     return dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16)
 
-AFFINE, AFFINE_SYMMETRIC, CODEBOOK = 0, 1, 2
+AFFINE, AFFINE_SYMMETRIC, CODEBOOK, VQ = 0, 1, 2, 3
 
 
 @triton.jit
@@ -67,9 +74,18 @@ def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, 
     """Float32 weights w[k, n] of a [BLOCK_K, BLOCK_N] tile starting at k0; finite everywhere and zero outside
     n_ok (callers zero x where k_ok is false)."""
     mask = k_ok[:, None] & n_ok[None, :]
-    code = _plane(p0_ptr, k0, offs_k, offs_n, mask, N, K, W0, BLOCK_K, BLOCK_N, WORD_TILE)
-    if W1 > 0:
-        code = code | (_plane(p1_ptr, k0, offs_k, offs_n, mask, N, K, W1, BLOCK_K, BLOCK_N, WORD_TILE) << W0)
+    if MODE == 3:  # VQ: codeword c of stage p holds 8 consecutive weights, table [stages, 256, 8]
+        vector = (offs_k // 8)[:, None] * N + offs_n[None, :]  # each index is read by its 8 rows (from L1)
+        within = (offs_k % 8)[:, None]
+        code = tl.load(p0_ptr + vector, mask=mask, other=0).to(tl.int32)
+        value = tl.load(table_ptr + code * 8 + within, mask=mask, other=0.0)
+        if W1 > 0:
+            code = tl.load(p1_ptr + vector, mask=mask, other=0).to(tl.int32)
+            value += tl.load(table_ptr + 2048 + code * 8 + within, mask=mask, other=0.0)
+    else:
+        code = _plane(p0_ptr, k0, offs_k, offs_n, mask, N, K, W0, BLOCK_K, BLOCK_N, WORD_TILE)
+        if W1 > 0:
+            code = code | (_plane(p1_ptr, k0, offs_k, offs_n, mask, N, K, W1, BLOCK_K, BLOCK_N, WORD_TILE) << W0)
     if TILE_IN_GROUP:  # the whole tile lies in one group: one row of scales, broadcast over k
         param = (k0 // group_size) * N + offs_n[None, :]
         param_mask = n_ok[None, :]
@@ -82,8 +98,10 @@ def _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, 
         w = (code.to(tl.float32) - zero) * scale
     elif MODE == 1:  # affine symmetric: the zero-point is 2**(bits-1)
         w = (code.to(tl.float32) - SYM_ZERO) * scale
-    else:  # codebook: NF4 / FP4 / FP8 value table
+    elif MODE == 2:  # codebook: NF4 / FP4 / FP8 value table
         w = tl.load(table_ptr + code, mask=mask, other=0.0) * scale
+    else:
+        w = value * scale
     return w
 
 
@@ -139,6 +157,22 @@ def qmm_kernel(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, y_ptr, rows_ptr, 
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def dequant_kernel(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, w_ptr, N, K, group_size,
+                   W0: tl.constexpr, W1: tl.constexpr, MODE: tl.constexpr, SYM_ZERO: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TILE_IN_GROUP: tl.constexpr):
+    """The decoded weight, written [K, N] in w_ptr's dtype (the prefill path: decode once, cuBLAS multiplies)."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    n_ok = offs_n < N
+    w = _dequantize_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, table_ptr, k0, offs_k, k_ok, offs_n, n_ok, N, K, group_size,
+                         W0, W1, MODE, SYM_ZERO, TILE_IN_GROUP, BLOCK_K, BLOCK_N, True)
+    tl.store(w_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=k_ok[:, None] & n_ok[None, :])
+
+
 def _configs(block_m, shapes):
     return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "WORD_TILE": t}, num_warps=w, num_stages=s)
             for n, k, w, s in shapes for t in (False, True)]
@@ -154,6 +188,12 @@ _PREFILL = [*_configs(64, [(128, 64, 4, 4)]), *_configs(128, [(128, 64, 8, 4), (
 INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32, "WORD_TILE": False}
 
 
+def tuning_enabled() -> bool:
+    """HF_QUANT_TRITON_TUNE=0 takes the first candidate of each token regime instead of timing them all: for test
+    runs on a GPU, which compile many (format, shape) keys once each and time nothing."""
+    return os.environ.get("HF_QUANT_TRITON_TUNE", "1") != "0"
+
+
 def _select_configs(configs, named_args, **kwargs):
     """The candidates of the token regime (BLOCK_M 1 for one token, 16 up to 16 tokens, 64/128 beyond); MoE fixes
     BLOCK_M itself (rows are padded per expert to it), so its candidates drop that key."""
@@ -163,6 +203,8 @@ def _select_configs(configs, named_args, **kwargs):
     picked = [c for c in configs if c.kwargs["BLOCK_M"] in wanted]
     if INTERPRETED:
         picked = [triton.Config({**picked[0].kwargs, **INTERPRETER_BLOCKS}, num_warps=1)]
+    elif not tuning_enabled():
+        picked = picked[:1]
     if given:
         picked = [triton.Config({k: v for k, v in c.kwargs.items() if k != "BLOCK_M"}, num_warps=c.num_warps,
                                 num_stages=c.num_stages) for c in picked]
