@@ -157,7 +157,8 @@ def bench_moe(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--formats", nargs="*", default=["int4-g128", "int3-g128", "int8-channel", "nf4-g64", "fp8-g128"],
+    ap.add_argument("--formats", nargs="*", default=["int4-g128", "int3-g128", "int8-channel", "nf4-g64", "fp8-g128",
+                                                     "vq2-g128", "ternary2-g128"],
                     choices=sorted(FORMATS))
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 128, 512])
     ap.add_argument("--moe", action="store_true", help="also time the fused MoE experts kernel")

@@ -31,7 +31,8 @@ def triton_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     from ...nn import QuantExpertWeight
 
-    if self.has_bias or self.has_post_expert_norm or not self.has_gate:
+    # (transformers releases before 5.2x have no has_post_expert_norm)
+    if self.has_bias or getattr(self, "has_post_expert_norm", False) or not self.has_gate:
         raise NotImplementedError(f"experts implementation {EXPERTS_IMPLEMENTATION!r} supports gated experts without "
                                   f"bias or post-expert norm; use set_experts_implementation('eager') for this model")
     states = []

@@ -180,16 +180,18 @@ def _configs(block_m, shapes):
 
 # Small candidate sets per token regime: autotuning compiles and times each once per (shape bucket, dtype, GPU);
 # triton caches the winners on disk (`cache_results`, under TRITON_CACHE_DIR, default ~/.triton/cache).
+# The last of the tensor-core candidates is small enough for shared memory in every case (float32 inputs and two
+# bit planes included): on an H100 some larger ones overflow it there, and the autotuner then skips them.
 _GEMV = _configs(1, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3)])
-_SKINNY = _configs(16, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3)])
-_PREFILL = [*_configs(64, [(128, 64, 4, 4)]), *_configs(128, [(128, 64, 8, 4), (128, 128, 8, 3)])]
+_SKINNY = _configs(16, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 64, 4, 2)])
+_PREFILL = [*_configs(64, [(128, 64, 4, 4), (64, 64, 4, 2)]), *_configs(128, [(128, 64, 8, 4), (128, 128, 8, 3)])]
 # The interpreter (CPU correctness checks) runs one small config: several programs per axis, several K steps.
 # Tests switch WORD_TILE here (and clear `qmm.cache`) to check both ways of reading the codes.
 INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32, "WORD_TILE": False}
 
 
 def tuning_enabled() -> bool:
-    """HF_QUANT_TRITON_TUNE=0 takes the first candidate of each token regime instead of timing them all: for test
+    """HF_QUANT_TRITON_TUNE=0 takes the smallest candidate of each token regime instead of timing them all: for test
     runs on a GPU, which compile many (format, shape) keys once each and time nothing."""
     return os.environ.get("HF_QUANT_TRITON_TUNE", "1") != "0"
 
@@ -204,11 +206,17 @@ def _select_configs(configs, named_args, **kwargs):
     if INTERPRETED:
         picked = [triton.Config({**picked[0].kwargs, **INTERPRETER_BLOCKS}, num_warps=1)]
     elif not tuning_enabled():
-        picked = picked[:1]
+        picked = [min(picked, key=_footprint)]
     if given:
         picked = [triton.Config({k: v for k, v in c.kwargs.items() if k != "BLOCK_M"}, num_warps=c.num_warps,
                                 num_stages=c.num_stages) for c in picked]
     return picked
+
+
+def _footprint(config) -> int:
+    """Relative shared memory of a candidate: the pipelined x and weight tiles."""
+    k = config.kwargs
+    return (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * config.num_stages
 
 
 _KEY = ["tune_key", "N", "K", "W0", "W1", "MODE", "MOE"]
