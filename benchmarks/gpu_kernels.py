@@ -8,7 +8,7 @@ the bytes the kernel must read and write, divided by the device-to-device copy b
 Times are CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so Python launch overhead is excluded; the first
 call of each configuration autotunes (cached on disk by triton). Each result is checked against the float16 matmul
 of the dequantized weight before it is timed. From DEQUANT_MIN_TOKENS tokens the kernel decodes the weight once and
-calls cuBLAS; those rows also time the fused tensor-core kernel (`fused (us)`) that the threshold replaces.
+calls cuBLAS (VQ from 2 tokens); those rows also time the fused tensor-core kernel (`fused (us)`) it replaces.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def bench_linear(args, bandwidth: float) -> None:
 
     print("| in x out | tokens | format | kernel (us) | fp16 cuBLAS (us) | fp16 / kernel | floor / kernel | fused (us) |")
     print("|---|---|---|---|---|---|---|---|")
-    threshold = triton_kernels.DEQUANT_MIN_TOKENS
+    thresholds = {"": triton_kernels.DEQUANT_MIN_TOKENS, "_VQ": triton_kernels.DEQUANT_MIN_TOKENS_VQ}
     for in_f, out_f in SHAPES:
         w = torch.randn(out_f, in_f, device="cuda") * 0.02
         dense = w.half()
@@ -110,10 +110,11 @@ def bench_linear(args, bandwidth: float) -> None:
                 t_kernel = do_bench_cudagraph(lambda: kernel.linear(x, state)) * 1e3
                 t_dense = do_bench_cudagraph(lambda: torch.nn.functional.linear(x, dense)) * 1e3
                 fused = ""
-                if m >= threshold:  # what the decode-once path replaces
-                    triton_kernels.DEQUANT_MIN_TOKENS = 1 << 30
+                suffix = "_VQ" if FORMATS[name].get("format") == "vq" else ""
+                if m >= thresholds[suffix]:  # what the decode-once path replaces
+                    setattr(triton_kernels, f"DEQUANT_MIN_TOKENS{suffix}", 1 << 30)
                     fused = f"{do_bench_cudagraph(lambda: kernel.linear(x, state)) * 1e3:.1f}"
-                    triton_kernels.DEQUANT_MIN_TOKENS = threshold
+                    setattr(triton_kernels, f"DEQUANT_MIN_TOKENS{suffix}", thresholds[suffix])
                 moved = state_bytes(state) + x.numel() * 2 + m * out_f * 2
                 floor = moved / bandwidth * 1e6
                 print(f"| {in_f}x{out_f} | {m} | {name} | {t_kernel:.1f} | {t_dense:.1f} | "

@@ -148,6 +148,7 @@ def test_prefill_decodes_once_then_multiplies(scheme, monkeypatch):
     """From DEQUANT_MIN_TOKENS tokens on, the weight is decoded by `dequant_kernel` and multiplied by torch: the
     same result within the dtype's bound (the threshold is lowered so that small shapes take that path)."""
     monkeypatch.setattr(triton_kernels, "DEQUANT_MIN_TOKENS", 4)
+    monkeypatch.setattr(triton_kernels, "DEQUANT_MIN_TOKENS_VQ", 4)
     in_features = 100
     tensors, w_ref = quantized(scheme, (OUT, in_features))
     kernel = kernel_of(scheme)

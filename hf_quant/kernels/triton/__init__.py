@@ -4,8 +4,9 @@ channel, symmetric or not, double-quantized scales), NF4 / FP4 codebooks and FP8
 layouts differ, through the same kernel. Sparse outliers and low-rank terms add their products after any kernel
 (formats/sparse.py, formats/lowrank.py).
 
-From DEQUANT_MIN_TOKENS tokens on (prefill), the weight is decoded once per call by the same tile decoder and the
-product is cuBLAS's: tensor-core GEMM with the decode inside the K loop is slower there (benchmarks/gpu_kernels.py).
+From DEQUANT_MIN_TOKENS tokens on (prefill; VQ from DEQUANT_MIN_TOKENS_VQ), the weight is decoded once per call by
+the same tile decoder and the product is cuBLAS's: tensor-core GEMM with the decode inside the K loop is slower there
+(benchmarks/gpu_kernels.py).
 
 Triton is optional (`pip install hf-quant[triton]`): this module imports without it, and the kernel declares itself
 unsupported until triton imports and the device is CUDA. The Triton code (`jit.py`) is imported on first use, so
@@ -34,8 +35,11 @@ PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FORMATS = ("int", "nf4", "fp4", "fp8")  # ternary / vq codes have layouts of their own (their own kernel classes)
 MOE_BLOCK_M = 16  # rows per expert block in fused MoE (each expert's tokens are padded to a multiple of it)
-# From this many tokens, decode the weight once and let cuBLAS multiply (measured on an H100: benchmarks/gpu_kernels.py).
+# From this many tokens, decode the weight once and let cuBLAS multiply (measured on an H100: benchmarks/gpu_kernels.py;
+# BENCHMARKS.md). VQ sooner: its tensor-core path gathers codebook entries per tile and took 0.13x fp16 cuBLAS time at
+# 16 tokens, where decoding once took 0.34x at 128.
 DEQUANT_MIN_TOKENS = 128
+DEQUANT_MIN_TOKENS_VQ = 2
 
 
 @functools.cache
@@ -161,7 +165,7 @@ def _launch(x, planes, widths, scale, zero, table, mode, sym_zero, group_size, o
     p1 = planes[1] if len(planes) > 1 else p0
     dummy = scale  # pointer arguments the selected MODE never reads
     moe = rows is not None
-    if not moe and m >= DEQUANT_MIN_TOKENS:
+    if not moe and m >= (DEQUANT_MIN_TOKENS_VQ if mode == jit.VQ else DEQUANT_MIN_TOKENS):
         w = _dequantize(x.dtype, planes, widths, scale, zero, table, mode, sym_zero, group_size, k, n)
         return x @ w
     if moe:
