@@ -30,6 +30,10 @@ SETTINGS = {
     "ternary1-g128": dict(format="ternary", planes=1, group_size=128),
     "ternary2-g128": dict(format="ternary", planes=2, group_size=128),
     "int2-g128-dq": dict(bits=2, group_size=128, double_quant=True),
+    # What the extra bits of SpQR-style outliers and a low-rank correction buy at 3 bits, beside smaller groups.
+    "int3-g64": dict(bits=3, group_size=64),
+    "int3-g128-outliers4": dict(bits=3, group_size=128, outliers_per_row=4),
+    "int3-g128-lowrank8": dict(bits=3, group_size=128, lowrank_rank=8),
 }
 METHODS = ("gptq", "mse", "rtn")
 ALL_METHODS = METHODS + ("awq",)

@@ -351,19 +351,25 @@ class TritonKernel(Kernel):
         return triton_moe_linear(x, expert_ids, *op_args(state))
 
 
+class _OwnLayoutKernel(Kernel):
+    """A Triton kernel for formats whose codes have a layout of their own (no fused MoE experts: the experts
+    implementation refuses them, and the model's eager experts loop runs them)."""
 
-@register_kernel
-class TritonVqKernel(Kernel):
-    """Vector-quantized weights (formats/vq.py) in the fused kernel: each tile gathers its weights from the codebooks
-    (held in L1/L2) by the 8-bit indices, one index per 8 weights and stage. Precision as `TritonKernel`'s. Fused MoE
-    experts in VQ run the model's eager experts loop (the experts implementation refuses them)."""
-
-    name = "triton_vq"
     priority = 200
+    formats: tuple[str, ...] = ()
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        return gpu_reason(scheme, ("vq",), device, dtype)
+        return gpu_reason(scheme, cls.formats, device, dtype)
+
+
+@register_kernel
+class TritonVqKernel(_OwnLayoutKernel):
+    """Vector-quantized weights (formats/vq.py) in the fused kernel: each tile gathers its weights from the codebooks
+    (held in L1/L2) by the 8-bit indices, one index per 8 weights and stage. Precision as `TritonKernel`'s."""
+
+    name = "triton_vq"
+    formats = ("vq",)
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
@@ -375,17 +381,13 @@ class TritonVqKernel(Kernel):
 
 
 @register_kernel
-class TritonTernaryKernel(Kernel):
+class TritonTernaryKernel(_OwnLayoutKernel):
     """Ternary trit-planes (formats/ternary.py): each plane runs the fused kernel as a 2-bit symmetric weight with
     zero-point 1 (codes t + 1), and the planes' products add. Precision as `TritonKernel`'s (the trits are exact in
     every dtype; the scales are rounded to the input dtype with the decoded weight)."""
 
     name = "triton_ternary"
-    priority = 200
-
-    @classmethod
-    def unsupported_reason(cls, scheme, shape, device, dtype):
-        return gpu_reason(scheme, ("ternary",), device, dtype)
+    formats = ("ternary",)
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
