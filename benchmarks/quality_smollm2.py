@@ -50,6 +50,7 @@ CALIBRATED: dict[str, dict] = {
     "vq2 g128 gptq+hadamard": dict(format="vq", planes=2, group_size=128, method="gptq", rotation="hadamard"),
     "int2 g64 gptq+hadamard": dict(bits=2, group_size=64, method="gptq", rotation="hadamard"),
     "int8-sym ch gptq": dict(bits=8, group_size=-1, symmetric=True, method="gptq"),
+    "int8 g128 gptq": dict(bits=8, group_size=128, method="gptq"),
 }
 QUICK_PEERS = ["bnb nf4 b64", "hqq int4 g64", "quanto qint4 g128", "torchao intx4 g64"]
 FLOAT = "float32"

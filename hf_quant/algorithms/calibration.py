@@ -360,14 +360,14 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme
     """Canonical tensors of one weight [out, in] quantized by GPTQ against `hessian`, for every format and additive
     term: VQ vectors and trit-planes take GPTQ's error feedback through their own rounding (GPTVQ); sparse outliers
     are ranked by |w| sqrt(H_ii) (SpQR's diagonal sensitivity) and the low-rank factors are fitted to the residual
-    whitened by sqrt(H_ii), both around GPTQ-quantized codes."""
+    in the metric of the (damped) Hessian itself, both around GPTQ-quantized codes."""
     importance = torch.diagonal(hessian).float().clamp_min(0)
 
     def quantize(w: torch.Tensor, s: QuantScheme) -> dict[str, torch.Tensor]:
         if s.outliers_per_row:
             return quantize_weight_outliers(w, s, importance=importance, quantize=quantize)
         if s.lowrank_rank:
-            return quantize_weight_lowrank(w, s, input_scale=importance.sqrt(), quantize=quantize)
+            return quantize_weight_lowrank(w, s, quantize=quantize, input_whitening=_whitening(hessian, damp))
         if s.format == "vq":
             return gptq_quantize_vq(w, hessian, s, damp=damp, act_order=act_order)
         if s.format == "ternary":
@@ -375,6 +375,15 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme
         return pack(s, gptq_quantize(w, hessian, s, damp=damp, act_order=act_order, static_groups=static_groups))
 
     return quantize(weight, scheme)
+
+
+def _whitening(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Lower Cholesky factor C of H + damp * mean(diag H) I (H = C C^T), damped as GPTQ damps H."""
+    h = hessian.double()
+    diag = torch.diagonal(h)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean = float(diag.clamp_min(0).mean())
+    return torch.linalg.cholesky(h + max(damp * mean, 1e-12) * eye).float()
 
 
 def _stackable(scheme: QuantScheme) -> bool:
