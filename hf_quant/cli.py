@@ -35,10 +35,11 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision: one scheme per layer so the average true bits per weight is at most this "
                    "(e.g. 2.5); the other scheme flags set what every candidate inherits")
     p.add_argument("--lowrank-rank", type=int, default=0, help="low-rank error correction W ~ Q(W) + U V of this rank")
-    p.add_argument("--sensitivity", choices=["weight", "activation", "fisher"], default="weight",
+    p.add_argument("--sensitivity", choices=["weight", "activation", "fisher", "gptq"], default="weight",
                    help="--target-bits: what ranks layers. weight (data-free, default) allocates while loading; "
-                        "activation (input second moments) and fisher (squared LM-loss gradients) first run the float "
-                        "model on the calibration text (--calibration, --n-samples x --seq-len)")
+                        "activation (input second moments), fisher (squared LM-loss gradients) and gptq (the output "
+                        "error of GPTQ codes for each candidate; slow: one GPTQ run per layer and candidate) first "
+                        "run the float model on the calibration text (--calibration, --n-samples x --seq-len)")
     p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes; vq: 1 or 2 codebooks")
     p.add_argument("--outliers-per-row", type=int, default=0, help="keep this many weights per row exactly (sparse)")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")

@@ -183,3 +183,36 @@ def test_allocated_layers_keep_the_configs_method(one_thread):
     assert config.overrides and all(settings["method"] == "gptq" for settings in config.overrides.values())
     for name in weights:
         assert config.scheme_for(name).method == "gptq"
+
+
+def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
+    """sensitivity="gptq": each candidate is quantized by GPTQ against the layer's Hessian and scored by the output
+    error tr(E H E^T), which is that of `gptq_weight`'s codes exactly, and below data-free rounding's in the same
+    metric where inputs are correlated. With such inputs on one layer only, that layer gets the bits."""
+    from hf_quant.algorithms import quantize_weight
+    from hf_quant.algorithms.allocation import hessian_error, measure_layers
+    from hf_quant.algorithms.calibration import gptq_weight
+    from hf_quant.formats import dequantize
+
+    gen = torch.Generator().manual_seed(2)
+    weights = {"a": torch.randn(32, 64, generator=gen), "b": torch.randn(32, 64, generator=gen)}
+    x = torch.randn(512, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.05 * torch.randn(512, 64,
+                                                                                                    generator=gen)
+    loud = x.T @ x / 512
+    hessians = {"a": loud, "b": 1e-3 * torch.eye(64)}
+    table = measure_layers(weights, HfQuantConfig(), CANDIDATES[:3], {"gptq": hessians, "weight": None})
+    for j, name in enumerate(table.names):
+        for k, scheme in enumerate(table.schemes):
+            gptq = dequantize(scheme, gptq_weight(weights[name], hessians[name],
+                                                  QuantScheme(**{**scheme.to_dict(), "method": "gptq"})), 64)
+            assert table.errors["gptq"][j][k] == pytest.approx(hessian_error(weights[name], gptq, hessians[name]))
+            rounded = dequantize(scheme, quantize_weight(weights[name], scheme), 64)
+            data_free = hessian_error(weights[name], rounded, hessians[name])
+            if name == "a":  # error feedback pays with correlated inputs
+                assert table.errors["gptq"][j][k] < 0.9 * data_free
+            else:  # an isotropic Hessian leaves GPTQ nothing to feed back: the same codes
+                assert table.errors["gptq"][j][k] == pytest.approx(data_free)
+    target = (stored_bits(QuantScheme(bits=2, group_size=32), (32, 64))
+              + stored_bits(QuantScheme(bits=4, group_size=32), (32, 64))) / (2 * 32 * 64)
+    chosen = {c.name: c.scheme.bits for c in table.choose(target, "gptq").layers}
+    assert chosen["a"] > chosen["b"], chosen

@@ -7,6 +7,8 @@ For every layer j and candidate scheme s we know
                  "weight"      sum (W - Q(W))^2                       data-free
                  "activation"  sum_j E[x_j^2] * sum_i (W - Q(W))_ij^2  diagonal of the layer Hessian X^T X
                  "fisher"      sum F_ij (W - Q(W))_ij^2               empirical Fisher (squared loss gradients)
+                 "gptq"        tr((W - Q(W)) H (W - Q(W))^T)          Q by GPTQ against the layer Hessian H = X^T X / n:
+                                                                      the error of the codes a GPTQ config will store
 and pick s_j minimising sum_j error[j, s_j] subject to sum_j cost[j, s_j] <= target_bits * n_weights.
 
 The dynamic programme runs over the budget in units of the greatest common divisor of all costs, so it is exact
@@ -17,6 +19,7 @@ coarser unit (still never over budget; `AllocationResult.exact` says which).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from fractions import Fraction
@@ -29,7 +32,7 @@ import torch
 
 from ..formats import QuantScheme, dequantize, tensor_specs
 
-SENSITIVITIES = ("weight", "activation", "fisher")
+SENSITIVITIES = ("weight", "activation", "fisher", "gptq")
 MAX_CELLS = 1 << 22
 # Default candidate settings (merged into the config's own settings): double-quantized scales keep the overhead
 # low, and group 64 variants give the allocator steps between whole bit widths.
@@ -185,6 +188,12 @@ def weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, importance: 
     return float(diff2.sum(dtype=torch.float64))
 
 
+def hessian_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(E H E^T) with E = W - Q(W): the mean squared output error over the inputs H was measured on."""
+    e = (weight.float() - dequantized.float()).double()
+    return float(((e @ hessian.double()) * e).sum())
+
+
 @dataclass
 class LayerTable:
     """Cost and error of every candidate for every layer, measured once and solvable for any target."""
@@ -239,12 +248,14 @@ def measure_layers(
     config: the HfQuantConfig whose fields every candidate inherits, as an override would (default HfQuantConfig()).
     candidates: settings dicts, each a valid override (default: the config's `allocation_candidates`, else
         `DEFAULT_CANDIDATES`).
-    importances: sensitivity name -> (layer name -> per-weight importance, [in] or [out, in]; None for "weight").
-        Default {"weight": None} (data-free).
+    importances: sensitivity name -> (layer name -> per-weight importance, [in] or [out, in]; None for "weight";
+        the Hessian [in, in] for "gptq", whose candidates are quantized by GPTQ against it). Default {"weight": None}
+        (data-free).
     fixed: layers quantized with a scheme not up to the allocator (name -> (scheme, shape)); their bits count.
     """
     from ..config import HfQuantConfig
     from . import quantize_weight
+    from .calibration import gptq_weight
 
     importances = {"weight": None} if importances is None else dict(importances)
     for sens, imp in importances.items():
@@ -266,9 +277,17 @@ def measure_layers(
             raise ValueError(f"allocation handles 2-D weights; {name} has shape {tuple(weight.shape)}")
         rows = {sens: [] for sens in importances}
         for scheme in schemes:
-            deq = dequantize(scheme, quantize_weight(weight, scheme), weight.shape[1])
-            for sens, imp in importances.items():
+            data_free = [sens for sens in importances if sens != "gptq"]
+            if data_free:
+                rounding = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
+                deq = dequantize(scheme, quantize_weight(weight, rounding), weight.shape[1])
+            for sens in data_free:
+                imp = importances[sens]
                 rows[sens].append(weighted_error(weight, deq, None if imp is None else imp[name]))
+            if "gptq" in importances:
+                h = importances["gptq"][name]
+                codes = gptq_weight(weight, h, dataclasses.replace(scheme, method="gptq"))
+                rows["gptq"].append(hessian_error(weight, dequantize(scheme, codes, weight.shape[1]), h))
         table.names.append(name)
         table.shapes.append(tuple(weight.shape))
         table.costs.append([stored_bits(scheme, weight.shape) for scheme in schemes])
@@ -313,6 +332,17 @@ def calibration_batches(tokenizer, text: str, n_sequences: int = 8, seq_len: int
 @torch.no_grad()
 def activation_importance(model: torch.nn.Module, batches, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """E[x_j^2] over calibration tokens for the input of each named linear layer (the diagonal of X^T X / n)."""
+    return _input_moments(model, batches, names, lambda x: x.pow(2).sum(0))
+
+
+def hessian_importance(model: torch.nn.Module, batches, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """X^T X / n over calibration tokens for the input of each named linear layer ([in, in], float32), measured on
+    the float model (GPTQ proper measures each layer's inputs after the earlier layers are quantized)."""
+    return _input_moments(model, batches, names, lambda x: x.T @ x)
+
+
+def _input_moments(model: torch.nn.Module, batches, names: Iterable[str], moment) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of moment(x) for the [tokens, in] input x of each named module."""
     names = set(names)
     sums: dict[str, torch.Tensor] = {}
     counts: Counter = Counter()
@@ -321,7 +351,7 @@ def activation_importance(model: torch.nn.Module, batches, names: Iterable[str])
     def hook(name):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            sums[name] = sums.get(name, 0) + moment(x)
             counts[name] += x.shape[0]
         return fn
 
@@ -434,7 +464,8 @@ def measure_model(
             raise ValueError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sens!r}")
         if sens != "weight" and batches is None:
             raise ValueError(f"sensitivity={sens!r} needs calibration batches (see calibration_batches)")
-        collect = {"weight": None, "activation": activation_importance, "fisher": fisher_importance}[sens]
+        collect = {"weight": None, "activation": activation_importance, "fisher": fisher_importance,
+                   "gptq": hessian_importance}[sens]
         importances[sens] = None if collect is None else collect(model, batches, free)
     modules = dict(model.named_modules())
     weights = {name: float_weight_of(modules[name]) for name in free}
