@@ -35,11 +35,13 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision: one scheme per layer so the average true bits per weight is at most this "
                    "(e.g. 2.5); the other scheme flags set what every candidate inherits")
     p.add_argument("--lowrank-rank", type=int, default=0, help="low-rank error correction W ~ Q(W) + U V of this rank")
-    p.add_argument("--sensitivity", choices=["weight", "activation", "fisher", "gptq"], default="weight",
+    p.add_argument("--sensitivity", choices=["weight", "activation", "fisher", "gptq", "gptq_fisher"],
+                   default="weight",
                    help="--target-bits: what ranks layers. weight (data-free, default) allocates while loading; "
-                        "activation (input second moments), fisher (squared LM-loss gradients) and gptq (the output "
-                        "error of GPTQ codes for each candidate; slow: one GPTQ run per layer and candidate) first "
-                        "run the float model on the calibration text (--calibration, --n-samples x --seq-len)")
+                        "activation (input second moments), fisher (squared LM-loss gradients), gptq (each layer's "
+                        "output error with GPTQ codes) and gptq_fisher (GPTQ codes scored by the Fisher) first run "
+                        "the float model on the calibration text (--calibration, --n-samples x --seq-len); the gptq "
+                        "ones run GPTQ once per layer and candidate (minutes)")
     p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes; vq: 1 or 2 codebooks")
     p.add_argument("--outliers-per-row", type=int, default=0, help="keep this many weights per row exactly (sparse)")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
@@ -144,9 +146,13 @@ def _data_aware_allocation(model_path: str, config, args):
 
     if args.target_bits is None:
         raise SystemExit(f"--sensitivity {args.sensitivity} ranks layers for --target-bits; give --target-bits too")
+    if args.sensitivity.startswith("gptq") and config.method != "gptq":
+        raise SystemExit(f"--sensitivity {args.sensitivity} scores the codes GPTQ would store, but --method is "
+                         f"{config.method}: add --method gptq, or use --sensitivity fisher")
     float_model, causal = _load(model_path, dtype=torch.float32)
-    if not causal and args.sensitivity == "fisher":
-        raise SystemExit("--sensitivity fisher needs a causal LM (it uses the LM loss); use activation")
+    if not causal and args.sensitivity in ("fisher", "gptq_fisher"):
+        raise SystemExit(f"--sensitivity {args.sensitivity} needs a causal LM (it uses the LM loss); use activation "
+                         "or gptq")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     text, _ = calibration_text(config)
     skip = 0

@@ -145,8 +145,10 @@ def test_cli_flags_reach_the_config():
     assert _config_from_args(args).default_scheme.planes == 2
 
 
-def test_cli_data_aware_sensitivity(tmp_path):
-    """--sensitivity fisher measures the float model on calibration text, then allocates under --target-bits."""
+@pytest.mark.parametrize("sensitivity", ["fisher", "gptq_fisher"])
+def test_cli_data_aware_sensitivity(tmp_path, sensitivity):
+    """--sensitivity fisher (or gptq_fisher) measures the float model on calibration text, then allocates under
+    --target-bits."""
     import json
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -162,14 +164,19 @@ def test_cli_data_aware_sensitivity(tmp_path):
     tok.save_pretrained(tmp_path / "float")
     (tmp_path / "cal.txt").write_text("Calibration text about quantization and rounding errors. " * 200)
     rc = main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--target-bits", "3.0",
-               "--sensitivity", "fisher", "--calibration", str(tmp_path / "cal.txt"), "--n-samples", "2",
-               "--seq-len", "32", "--group-size", "32", "--eval-tokens", "0", "--json", str(tmp_path / "r.json")])
+               "--sensitivity", sensitivity, "--calibration", str(tmp_path / "cal.txt"), "--n-samples", "2",
+               "--seq-len", "32", "--group-size", "32", "--eval-tokens", "0", "--json", str(tmp_path / "r.json"),
+               *(["--method", "gptq"] if sensitivity == "gptq_fisher" else [])])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["bits_per_weight"] <= 3.0
     assert report["config"]["target_bits"] == 3.0 and report["config"]["overrides"]  # the allocation is recorded
     with pytest.raises(SystemExit, match="--target-bits"):
-        main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q2"), "--sensitivity", "fisher"])
+        main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q2"), "--sensitivity", sensitivity])
+    if sensitivity == "gptq_fisher":  # GPTQ codes scored, data-free codes stored: refused with the fix
+        with pytest.raises(SystemExit, match="--method gptq"):
+            main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q3"), "--sensitivity", sensitivity,
+                  "--target-bits", "3.0"])
 
 
 def test_allocated_layers_keep_the_configs_method(one_thread):
@@ -186,11 +193,11 @@ def test_allocated_layers_keep_the_configs_method(one_thread):
 
 
 def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
-    """sensitivity="gptq": each candidate is quantized by GPTQ against the layer's Hessian and scored by the output
+    """sensitivity="gptq" (and "gptq_fisher"): each candidate is quantized by GPTQ against the layer's Hessian and scored by the output
     error tr(E H E^T), which is that of `gptq_weight`'s codes exactly, and below data-free rounding's in the same
     metric where inputs are correlated. With such inputs on one layer only, that layer gets the bits."""
     from hf_quant.algorithms import quantize_weight
-    from hf_quant.algorithms.allocation import hessian_error, measure_layers
+    from hf_quant.algorithms.allocation import hessian_error, measure_layers, weighted_error
     from hf_quant.algorithms.calibration import gptq_weight
     from hf_quant.formats import dequantize
 
@@ -200,12 +207,17 @@ def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
                                                                                                     generator=gen)
     loud = x.T @ x / 512
     hessians = {"a": loud, "b": 1e-3 * torch.eye(64)}
-    table = measure_layers(weights, HfQuantConfig(), CANDIDATES[:3], {"gptq": hessians, "weight": None})
+    fisher = {name: torch.rand(32, 64, generator=gen) for name in weights}
+    table = measure_layers(weights, HfQuantConfig(), CANDIDATES[:3],
+                           {"gptq": hessians, "weight": None,
+                            "gptq_fisher": {n: (hessians[n], fisher[n]) for n in weights}})
     for j, name in enumerate(table.names):
         for k, scheme in enumerate(table.schemes):
             gptq = dequantize(scheme, gptq_weight(weights[name], hessians[name],
                                                   QuantScheme(**{**scheme.to_dict(), "method": "gptq"})), 64)
             assert table.errors["gptq"][j][k] == pytest.approx(hessian_error(weights[name], gptq, hessians[name]))
+            # "gptq_fisher": the same GPTQ codes, scored by the Fisher
+            assert table.errors["gptq_fisher"][j][k] == pytest.approx(weighted_error(weights[name], gptq, fisher[name]))
             rounded = dequantize(scheme, quantize_weight(weights[name], scheme), 64)
             data_free = hessian_error(weights[name], rounded, hessians[name])
             if name == "a":  # error feedback pays with correlated inputs

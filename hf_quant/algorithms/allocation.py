@@ -9,6 +9,9 @@ For every layer j and candidate scheme s we know
                  "fisher"      sum F_ij (W - Q(W))_ij^2               empirical Fisher (squared loss gradients)
                  "gptq"        tr((W - Q(W)) H (W - Q(W))^T)          Q by GPTQ against the layer Hessian H = X^T X / n:
                                                                       the error of the codes a GPTQ config will store
+                 "gptq_fisher" sum F_ij (W - Q(W))_ij^2               the same GPTQ codes, scored by the Fisher
+("gptq" is each layer's own output error, which does not say how much that error costs the loss; the Fisher does,
+which is why "gptq_fisher" allocates GPTQ configs better on SmolLM2: BENCHMARKS.md)
 and pick s_j minimising sum_j error[j, s_j] subject to sum_j cost[j, s_j] <= target_bits * n_weights.
 
 The dynamic programme runs over the budget in units of the greatest common divisor of all costs, so it is exact
@@ -32,7 +35,8 @@ import torch
 
 from ..formats import QuantScheme, dequantize, tensor_specs
 
-SENSITIVITIES = ("weight", "activation", "fisher", "gptq")
+SENSITIVITIES = ("weight", "activation", "fisher", "gptq", "gptq_fisher")
+GPTQ_SENSITIVITIES = ("gptq", "gptq_fisher")  # their candidates are quantized by GPTQ
 MAX_CELLS = 1 << 22
 # Default candidate settings (merged into the config's own settings): double-quantized scales keep the overhead
 # low, and group 64 variants give the allocator steps between whole bit widths.
@@ -249,8 +253,8 @@ def measure_layers(
     candidates: settings dicts, each a valid override (default: the config's `allocation_candidates`, else
         `DEFAULT_CANDIDATES`).
     importances: sensitivity name -> (layer name -> per-weight importance, [in] or [out, in]; None for "weight";
-        the Hessian [in, in] for "gptq", whose candidates are quantized by GPTQ against it). Default {"weight": None}
-        (data-free).
+        the Hessian [in, in] for "gptq", whose candidates are quantized by GPTQ against it; the pair (Hessian,
+        Fisher [out, in]) for "gptq_fisher"). Default {"weight": None} (data-free).
     fixed: layers quantized with a scheme not up to the allocator (name -> (scheme, shape)); their bits count.
     """
     from ..config import HfQuantConfig
@@ -277,17 +281,23 @@ def measure_layers(
             raise ValueError(f"allocation handles 2-D weights; {name} has shape {tuple(weight.shape)}")
         rows = {sens: [] for sens in importances}
         for scheme in schemes:
-            data_free = [sens for sens in importances if sens != "gptq"]
+            data_free = [sens for sens in importances if sens not in GPTQ_SENSITIVITIES]
             if data_free:
                 rounding = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
                 deq = dequantize(scheme, quantize_weight(weight, rounding), weight.shape[1])
             for sens in data_free:
                 imp = importances[sens]
                 rows[sens].append(weighted_error(weight, deq, None if imp is None else imp[name]))
+            calibrated = [sens for sens in importances if sens in GPTQ_SENSITIVITIES]
+            if calibrated:
+                imp = importances[calibrated[0]][name]
+                h = imp[0] if calibrated[0] == "gptq_fisher" else imp
+                codes = gptq_weight(weight, h, dataclasses.replace(scheme, method="gptq"))  # once for both
+                deq_gptq = dequantize(scheme, codes, weight.shape[1])
             if "gptq" in importances:
-                h = importances["gptq"][name]
-                codes = gptq_weight(weight, h, dataclasses.replace(scheme, method="gptq"))
-                rows["gptq"].append(hessian_error(weight, dequantize(scheme, codes, weight.shape[1]), h))
+                rows["gptq"].append(hessian_error(weight, deq_gptq, importances["gptq"][name]))
+            if "gptq_fisher" in importances:
+                rows["gptq_fisher"].append(weighted_error(weight, deq_gptq, importances["gptq_fisher"][name][1]))
         table.names.append(name)
         table.shapes.append(tuple(weight.shape))
         table.costs.append([stored_bits(scheme, weight.shape) for scheme in schemes])
@@ -339,6 +349,12 @@ def hessian_importance(model: torch.nn.Module, batches, names: Iterable[str]) ->
     """X^T X / n over calibration tokens for the input of each named linear layer ([in, in], float32), measured on
     the float model (GPTQ proper measures each layer's inputs after the earlier layers are quantized)."""
     return _input_moments(model, batches, names, lambda x: x.T @ x)
+
+
+def _hessian_and_fisher(model: torch.nn.Module, batches, names: Iterable[str]) -> dict[str, tuple]:
+    names = list(names)
+    hessians, fisher = hessian_importance(model, batches, names), fisher_importance(model, batches, names)
+    return {name: (hessians[name], fisher[name]) for name in names}
 
 
 def _input_moments(model: torch.nn.Module, batches, names: Iterable[str], moment) -> dict[str, torch.Tensor]:
@@ -465,7 +481,7 @@ def measure_model(
         if sens != "weight" and batches is None:
             raise ValueError(f"sensitivity={sens!r} needs calibration batches (see calibration_batches)")
         collect = {"weight": None, "activation": activation_importance, "fisher": fisher_importance,
-                   "gptq": hessian_importance}[sens]
+                   "gptq": hessian_importance, "gptq_fisher": _hessian_and_fisher}[sens]
         importances[sens] = None if collect is None else collect(model, batches, free)
     modules = dict(model.named_modules())
     weights = {name: float_weight_of(modules[name]) for name in free}
