@@ -249,7 +249,9 @@ def main() -> None:
     ap.add_argument("--render", nargs="*", metavar="LOG",
                     help="only rebuild the table, JSON and plot from the result lines of earlier runs' output")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
-    ap.add_argument("--plot", default=str(HERE / "plot" / "pareto_smollm2.png"))
+    ap.add_argument("--plot", default=None,
+                    help="Pareto plot path (default: benchmarks/plot/pareto_smollm2.png, or OUT/pareto_smollm2.png "
+                         "when --out names another folder, so side runs leave the committed plot alone)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tokens is None:
@@ -270,7 +272,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"tokens": args.tokens, "results": results}, indent=1) + "\n")
     (out / "quality.md").write_text(table + "\n")
-    pareto_plot(results, base, Path(args.plot),
+    plot = args.plot or (HERE / "plot" / "pareto_smollm2.png" if out.resolve() == (HERE / "results").resolve()
+                         else out / "pareto_smollm2.png")
+    pareto_plot(results, base, Path(plot),
                 f"SmolLM2-135M, Botchan {args.tokens} tokens: perplexity vs true bits per weight")
 
 
