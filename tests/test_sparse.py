@@ -49,6 +49,21 @@ def test_sparse_add_is_exact():
     assert torch.equal(SPARSE_OUTLIERS.linear(x, tensors), x @ dense.t())
 
 
+def test_sparse_add_in_slices_for_long_inputs(monkeypatch):
+    """Past GATHER_ELEMENTS the gather runs in slices of k: the same exact result, with a bounded block."""
+    import hf_quant.formats.sparse as sparse
+
+    torch.manual_seed(1)
+    cols = torch.stack([torch.randperm(203)[:7].sort().values for _ in range(31)]).to(torch.int16)
+    values = (torch.randint(-8, 9, (31, 7)).float() / 4).half()
+    tensors = {"outlier_cols": cols, "outlier_values": values}
+    x = torch.randint(-4, 5, (40, 203)).float()
+    whole = SPARSE_OUTLIERS.linear(x, tensors)
+    monkeypatch.setattr(sparse, "GATHER_ELEMENTS", 40 * 31 * 3)  # slices of 3, 3 and 1
+    assert torch.equal(SPARSE_OUTLIERS.linear(x, tensors), whole)
+    assert torch.equal(whole, x @ SPARSE_OUTLIERS.dense(QuantScheme(outliers_per_row=7), tensors, 203).t())
+
+
 def test_outliers_are_kept_and_help(one_thread):
     w = outlier_weight(64, 192)
     plain = QuantScheme(bits=3, group_size=64)
