@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_quant
 from hf_quant.algorithms.allocation import calibration_batches, config_with_allocation, measure_model
+from hf_quant.algorithms.evolution import evolve_allocation
 from hf_quant.assets import botchan_text, smollm2_path
 from hf_quant.eval import perplexity
 from hf_quant.eval.storage import model_storage
@@ -65,6 +66,10 @@ def main() -> None:
     ap.add_argument("--on-load-targets", type=float, nargs="*", default=[],
                     help="also quantize with HfQuantConfig(target_bits=T) (data-free allocation inside from_pretrained)")
     ap.add_argument("--ladder", choices=["scalar", "vq"], default="scalar", help="allocation candidates")
+    ap.add_argument("--evolve", type=int, default=0, metavar="GENERATIONS",
+                    help="also refine each allocation by this many generations of evolutionary search on calibration "
+                         "loss (data-free codes; hf_quant.algorithms.evolution)")
+    ap.add_argument("--evolve-sequences", type=int, default=2, help="calibration sequences (x 512 tokens) it scores on")
     ap.add_argument("--method", choices=["mse", "gptq"], default="mse",
                     help="how the chosen schemes are quantized (gptq: 16 x 512 Botchan tokens after token 8192)")
     args = ap.parse_args()
@@ -85,7 +90,8 @@ def main() -> None:
         table = measure_model(model, hf_quant.HfQuantConfig(), args.sensitivities, batches, candidates)
         print(f"measured {len(table.names)} layers x {len(table.candidates)} candidates in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-    del model
+    if not args.evolve:
+        del model
 
     print("| configuration | bits/weight (all stored) | perplexity | vs float32 | quantize time (s) |")
     print("|---|---|---|---|---|")
@@ -113,6 +119,16 @@ def main() -> None:
             print(f"| allocated ({args.ladder} ladder, {args.method}), target {target}, {sens} sensitivity | {bpw:.3f} | {ppl:.2f} | "
                   f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
             print("\n".join("    " + line for line in result.summary().splitlines()), flush=True)
+            if args.evolve:
+                start = time.perf_counter()
+                evolved = evolve_allocation(model, table, result, batches[: args.evolve_sequences],
+                                            generations=args.evolve)
+                took = time.perf_counter() - start
+                config = config_with_allocation(hf_quant.HfQuantConfig(method=args.method), evolved)
+                bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
+                print(f"| ... + {args.evolve} generations of evolution ({took:.0f} s) | {bpw:.3f} | {ppl:.2f} | "
+                      f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
+                print("\n".join("    " + line for line in evolved.summary().splitlines()), flush=True)
 
 
 LAYER_SCHEMES = [

@@ -11,6 +11,7 @@ from extreme_helpers import check_round_trip, tiny_llama_folder
 from transformers import AutoModelForCausalLM
 
 from hf_quant import HfQuantConfig
+from hf_quant.algorithms import quantize_weight
 from hf_quant.algorithms.allocation import allocate, solve_budget, stored_bits
 from hf_quant.eval.storage import model_storage
 from hf_quant.formats import QuantScheme, bits_per_weight
@@ -228,3 +229,37 @@ def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
               + stored_bits(QuantScheme(bits=4, group_size=32), (32, 64))) / (2 * 32 * 64)
     chosen = {c.name: c.scheme.bits for c in table.choose(target, "gptq").layers}
     assert chosen["a"] > chosen["b"], chosen
+
+
+def test_evolution_refines_within_the_budget_and_restores_the_model(tmp_path, one_thread):
+    """evolve_allocation keeps the budget, never ends above the knapsack's calibration loss, leaves the float
+    model's weights as they were, and names what it cannot swap."""
+    from hf_quant.algorithms.allocation import measure_model
+    from hf_quant.algorithms.evolution import evolve_allocation
+    from hf_quant.formats import dequantize
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_folder(tmp_path / "f")).eval()
+    batches = [torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    table = measure_model(model, HfQuantConfig(), ("weight",), candidates=CANDIDATES[:3])
+    start = table.choose(3.0, "weight")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def loss(result):  # the model with every allocated layer at its chosen candidate, dequantized
+        modules = dict(model.named_modules())
+        saved = {c.name: modules[c.name].weight.data for c in result.layers}
+        for c in result.layers:
+            w = saved[c.name]
+            modules[c.name].weight.data = dequantize(c.scheme, quantize_weight(w, c.scheme), w.shape[1])
+        value = sum(float(model(input_ids=ids, labels=ids).loss) for ids in batches) / len(batches)
+        for name, w in saved.items():
+            modules[name].weight.data = w
+        return value
+
+    evolved = evolve_allocation(model, table, start, batches, generations=6, offspring=4, seed=1)
+    assert evolved.bits_per_weight <= 3.0
+    assert loss(evolved) <= loss(start) + 1e-6
+    assert evolved.sensitivity == "weight + evolution" and len(evolved.layers) == len(start.layers)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="calibration batches"):
+        evolve_allocation(model, table, start, [])

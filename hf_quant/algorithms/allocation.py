@@ -215,18 +215,31 @@ class LayerTable:
         if sensitivity not in self.errors:
             raise ValueError(f"sensitivity {sensitivity!r} was not measured; measured: {sorted(self.errors)}")
         errors = self.errors[sensitivity]
-        fixed_bits = sum(stored_bits(sc, shp) for sc, shp in self.fixed.values())
-        n_weights = sum(math.prod(sh) for sh in self.shapes) + sum(math.prod(shp) for _, shp in self.fixed.values())
-        # The budget in whole bits, in exact arithmetic (2.5 means 5/2, not the nearest double), floored.
-        budget = math.floor(Fraction(str(target_bits)) * n_weights) - fixed_bits
+        budget = self.budget(target_bits)
         try:
             picks, exact = solve_budget(self.costs, errors, budget)
         except ValueError as e:
-            cheapest = (sum(min(c) for c in self.costs) + fixed_bits) / max(n_weights, 1)
+            fixed_bits = sum(stored_bits(sc, shp) for sc, shp in self.fixed.values())
+            cheapest = (sum(min(c) for c in self.costs) + fixed_bits) / max(self.n_weights, 1)
             raise ValueError(
                 f"target_bits={target_bits} is below what the candidates can reach ({cheapest:.4f} bits per weight "
                 f"at the cheapest): raise target_bits or add cheaper candidates ({e})"
             ) from None
+        return self.result(target_bits, sensitivity, picks, exact)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(math.prod(sh) for sh in self.shapes) + sum(math.prod(shp) for _, shp in self.fixed.values())
+
+    def budget(self, target_bits: float) -> int:
+        """The bits the allocated layers may take: target_bits per weight over every weight, in exact arithmetic
+        (2.5 means 5/2, not the nearest double), floored, less the fixed layers' bits."""
+        fixed_bits = sum(stored_bits(sc, shp) for sc, shp in self.fixed.values())
+        return math.floor(Fraction(str(target_bits)) * self.n_weights) - fixed_bits
+
+    def result(self, target_bits: float, sensitivity: str, picks: Sequence[int], exact: bool = True) -> AllocationResult:
+        """The allocation choosing candidate picks[j] for layer j (errors reported under `sensitivity`)."""
+        errors = self.errors[sensitivity]
         result = AllocationResult(float(target_bits), sensitivity, self.candidates, exact=exact)
         for j, name in enumerate(self.names):
             k = picks[j]
