@@ -42,6 +42,9 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                         "output error with GPTQ codes) and gptq_fisher (GPTQ codes scored by the Fisher) first run "
                         "the float model on the calibration text (--calibration, --n-samples x --seq-len); the gptq "
                         "ones run GPTQ once per layer and candidate (minutes)")
+    p.add_argument("--evolve", type=int, default=0, metavar="GENERATIONS",
+                   help="--target-bits with a data-aware --sensitivity: refine the allocation by this many generations "
+                        "of evolutionary search on calibration loss (EvoPress style; data-free codes, causal LMs)")
     p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes; vq: 1 or 2 codebooks")
     p.add_argument("--outliers-per-row", type=int, default=0, help="keep this many weights per row exactly (sparse)")
     p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
@@ -97,7 +100,7 @@ def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
-    if args.sensitivity != "weight":
+    if args.sensitivity != "weight" or args.evolve:
         config = _data_aware_allocation(model_path, config, args)
     model, causal = _load(model_path, quantization_config=config, dtype=dtype)
     quant_seconds = time.perf_counter() - start
@@ -146,6 +149,9 @@ def _data_aware_allocation(model_path: str, config, args):
 
     if args.target_bits is None:
         raise SystemExit(f"--sensitivity {args.sensitivity} ranks layers for --target-bits; give --target-bits too")
+    if args.evolve and (args.sensitivity == "weight" or args.sensitivity.startswith("gptq") or config.method == "gptq"):
+        raise SystemExit("--evolve refines an allocation of data-free codes measured on calibration text: use it with "
+                         "--sensitivity fisher or activation, and a data-free --method (mse or rtn)")
     if args.sensitivity.startswith("gptq") and config.method != "gptq":
         raise SystemExit(f"--sensitivity {args.sensitivity} scores the codes GPTQ would store, but --method is "
                          f"{config.method}: add --method gptq, or use --sensitivity fisher")
@@ -161,7 +167,17 @@ def _data_aware_allocation(model_path: str, config, args):
 
         text, skip = botchan_text(), BOTCHAN_EVAL_TOKENS
     batches = calibration_batches(tokenizer, text, config.n_samples, config.seq_len, skip_tokens=skip)
-    result = allocate_model(float_model, config, args.target_bits, args.sensitivity, batches)
+    if args.evolve:
+        if not causal:
+            raise SystemExit("--evolve scores the LM loss: it needs a causal LM")
+        from .algorithms.allocation import measure_model
+        from .algorithms.evolution import evolve_allocation
+
+        table = measure_model(float_model, config, (args.sensitivity,), batches)
+        result = evolve_allocation(float_model, table, table.choose(args.target_bits, args.sensitivity), batches,
+                                   generations=args.evolve)
+    else:
+        result = allocate_model(float_model, config, args.target_bits, args.sensitivity, batches)
     print(result.summary())
     return config_with_allocation(config, result)
 

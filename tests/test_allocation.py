@@ -146,10 +146,11 @@ def test_cli_flags_reach_the_config():
     assert _config_from_args(args).default_scheme.planes == 2
 
 
-@pytest.mark.parametrize("sensitivity", ["fisher", "gptq_fisher"])
+@pytest.mark.parametrize("sensitivity", ["fisher", "gptq_fisher", "fisher+evolve"])
 def test_cli_data_aware_sensitivity(tmp_path, sensitivity):
     """--sensitivity fisher (or gptq_fisher) measures the float model on calibration text, then allocates under
-    --target-bits."""
+    --target-bits (and --evolve refines that allocation on calibration loss)."""
+    sensitivity, _, evolve = sensitivity.partition("+")
     import json
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -167,13 +168,17 @@ def test_cli_data_aware_sensitivity(tmp_path, sensitivity):
     rc = main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--target-bits", "3.0",
                "--sensitivity", sensitivity, "--calibration", str(tmp_path / "cal.txt"), "--n-samples", "2",
                "--seq-len", "32", "--group-size", "32", "--eval-tokens", "0", "--json", str(tmp_path / "r.json"),
-               *(["--method", "gptq"] if sensitivity == "gptq_fisher" else [])])
+               *(["--method", "gptq"] if sensitivity == "gptq_fisher" else []), *(["--evolve", "2"] if evolve else [])])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["bits_per_weight"] <= 3.0
     assert report["config"]["target_bits"] == 3.0 and report["config"]["overrides"]  # the allocation is recorded
     with pytest.raises(SystemExit, match="--target-bits"):
         main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q2"), "--sensitivity", sensitivity])
+    if evolve:  # evolution scores data-free codes: refused for a GPTQ config, with the fix
+        with pytest.raises(SystemExit, match="--evolve"):
+            main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q4"), "--sensitivity", sensitivity,
+                  "--target-bits", "3.0", "--evolve", "2", "--method", "gptq"])
     if sensitivity == "gptq_fisher":  # GPTQ codes scored, data-free codes stored: refused with the fix
         with pytest.raises(SystemExit, match="--method gptq"):
             main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q3"), "--sensitivity", sensitivity,
