@@ -8,7 +8,9 @@ weights swapped into the float model, and keeps the best. Every score uses the s
 rises from the knapsack's (take them from text the evaluation does not read).
 
 Data-free codes only (the candidates are quantized with the config's data-free rounding, as the table was): the
-dequantized weight of each (layer, candidate) pair is computed once, when first needed, and cached.
+dequantized weight of each (layer, candidate) pair is computed once, when first needed, and cached, so memory grows
+to at most one float copy of the allocated weights per candidate (fine for small models; a larger model would keep
+packed codes instead).
 """
 
 from __future__ import annotations
