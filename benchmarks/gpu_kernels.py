@@ -55,8 +55,8 @@ def copy_bandwidth() -> float:
 
 
 def state_bytes(state: dict) -> int:
-    if "scale" not in state:  # ternary: one state per trit-plane
-        return sum(state_bytes(plane) for plane in state["planes"])
+    if "trit_planes" in state:  # ternary: one state per trit-plane
+        return sum(state_bytes(plane) for plane in state["trit_planes"])
     tensors = [*state["planes"], state["scale"], state["zero"], state["table"]]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

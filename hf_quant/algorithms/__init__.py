@@ -1,7 +1,15 @@
 """Algorithms that choose codes, scales and zero-points for a weight."""
 
+import dataclasses
+
 from ..formats import QuantScheme
 from .data_free import quantize_params
+
+
+def data_free_scheme(scheme: QuantScheme) -> QuantScheme:
+    """The scheme a data-free rounding of `scheme` uses: itself for "rtn"/"mse", else (calibrated methods, whose
+    scales the data-free search also starts from) its "mse" form."""
+    return scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
 
 
 def quantize_weight(weight, scheme: QuantScheme) -> dict:
@@ -33,4 +41,4 @@ def quantize_codes(weight, scheme: QuantScheme) -> dict:
     return quantize_scalar(weight, scheme)
 
 
-__all__ = ["quantize_params", "quantize_weight"]
+__all__ = ["data_free_scheme", "quantize_params", "quantize_weight"]

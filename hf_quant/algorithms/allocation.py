@@ -10,8 +10,9 @@ For every layer j and candidate scheme s we know
                  "gptq"        tr((W - Q(W)) H (W - Q(W))^T)          Q by GPTQ against the layer Hessian H = X^T X / n:
                                                                       the error of the codes a GPTQ config will store
                  "gptq_fisher" sum F_ij (W - Q(W))_ij^2               the same GPTQ codes, scored by the Fisher
-("gptq" is each layer's own output error, which does not say how much that error costs the loss; the Fisher does,
-which is why "gptq_fisher" allocates GPTQ configs better on SmolLM2: BENCHMARKS.md)
+("gptq" is each layer's own output error, which does not say how much that error costs the loss; the Fisher does.
+On SmolLM2 at 2.5 bits with GPTQ, "gptq_fisher" allocated better than "gptq" but not better than "fisher" on
+data-free codes: BENCHMARKS.md)
 and pick s_j minimising sum_j error[j, s_j] subject to sum_j cost[j, s_j] <= target_bits * n_weights.
 
 The dynamic programme runs over the budget in units of the greatest common divisor of all costs, so it is exact
@@ -271,7 +272,7 @@ def measure_layers(
     fixed: layers quantized with a scheme not up to the allocator (name -> (scheme, shape)); their bits count.
     """
     from ..config import HfQuantConfig
-    from . import quantize_weight
+    from . import data_free_scheme, quantize_weight
     from .calibration import gptq_weight
 
     importances = {"weight": None} if importances is None else dict(importances)
@@ -296,7 +297,7 @@ def measure_layers(
         for scheme in schemes:
             data_free = [sens for sens in importances if sens not in GPTQ_SENSITIVITIES]
             if data_free:
-                rounding = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
+                rounding = data_free_scheme(scheme)
                 deq = dequantize(scheme, quantize_weight(weight, rounding), weight.shape[1])
             for sens in data_free:
                 imp = importances[sens]

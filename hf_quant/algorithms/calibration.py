@@ -28,7 +28,7 @@ from ..config import CALIBRATION_METHODS
 from ..formats import QuantParams, QuantScheme, pack
 from ..formats.scheme import PLANE_FORMATS
 from ..nn import QuantLinear, float_weight_of
-from . import quantize_weight
+from . import data_free_scheme, quantize_weight
 from .experts import ExpertHessians, quantize_experts_param
 from .gptq import gptq_quantize
 from .lowrank import quantize_weight_lowrank
@@ -344,7 +344,7 @@ def _quantized_module(module: nn.Module, scheme: QuantScheme, packed: dict | Non
                     dtype=weight.dtype)
     if packed is None:
         # Rounding without calibrated codes: the data-free search (AWQ's scaled weights are rounded this way too).
-        data_free = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
+        data_free = data_free_scheme(scheme)
         packed = quantize_weight(weight, data_free)
     q.load_packed(packed)
     q.input_rotation = rotation

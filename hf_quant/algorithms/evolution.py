@@ -15,7 +15,6 @@ packed codes instead).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
@@ -32,7 +31,7 @@ def evolve_allocation(model: nn.Module, table: LayerTable, start: AllocationResu
                       progress: Callable[[str], None] | None = None) -> AllocationResult:
     """A refinement of `start` (an allocation of `table`'s layers) within its budget, by calibration loss of the
     float causal LM `model` (its allocated nn.Linear weights are swapped and restored; `batches` of token ids)."""
-    from . import quantize_weight
+    from . import data_free_scheme, quantize_weight
 
     if generations < 0 or offspring < 1 or max_switches < 1:
         raise ValueError(f"generations must be >= 0, offspring and max_switches >= 1; got {generations}, "
@@ -63,7 +62,7 @@ def evolve_allocation(model: nn.Module, table: LayerTable, start: AllocationResu
         if (j, k) not in cache:
             w = originals[j]
             scheme = table.schemes[k]
-            rounding = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
+            rounding = data_free_scheme(scheme)
             cache[j, k] = dequantize(scheme, quantize_weight(w, rounding), w.shape[1]).to(w.dtype)
         return cache[j, k]
 

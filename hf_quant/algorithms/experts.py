@@ -13,7 +13,6 @@ refused with the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -106,7 +105,7 @@ def quantize_experts_param(module: nn.Module, pname: str, scheme: QuantScheme, h
                            gptq_kwargs: dict) -> QuantExpertWeight:
     """The packed QuantExpertWeight of `module.<pname>`: GPTQ per expert where `hessians` has statistics (and the
     scheme's method is gptq), data-free otherwise."""
-    from . import quantize_weight
+    from . import data_free_scheme, quantize_weight
     from .calibration import gptq_weight
 
     param = getattr(module, pname)
@@ -116,7 +115,7 @@ def quantize_experts_param(module: nn.Module, pname: str, scheme: QuantScheme, h
     if calibrated and scheme.double_quant:
         raise ValueError(f"method='gptq' on fused experts ({pname}) cannot use double_quant=True (its 8-bit scale "
                          f"codes span the whole 3-D tensor); add overrides={{{pname!r}: {{'double_quant': False}}}}")
-    data_free = scheme if scheme.method in ("rtn", "mse") else dataclasses.replace(scheme, method="mse")
+    data_free = data_free_scheme(scheme)
     if not calibrated:
         weight = param.detach().float()
         packed = quantize_weight(weight.transpose(1, 2) if transposed else weight, data_free)

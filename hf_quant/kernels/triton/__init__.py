@@ -391,12 +391,12 @@ class TritonTernaryKernel(_OwnLayoutKernel):
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
-        return {"planes": prepare_ternary(scheme, tensors, shape[1])}
+        return {"trit_planes": prepare_ternary(scheme, tensors, shape[1])}
 
     @classmethod
     def linear(cls, x, state):
         y = None
-        for plane in state["planes"]:
+        for plane in state["trit_planes"]:
             part = triton_linear(x, *op_args(plane))
             y = part if y is None else y + part
         return y

@@ -180,8 +180,9 @@ def _configs(block_m, shapes):
 
 # Small candidate sets per token regime: autotuning compiles and times each once per (shape bucket, dtype, GPU);
 # triton caches the winners on disk (`cache_results`, under TRITON_CACHE_DIR, default ~/.triton/cache).
-# The last of the tensor-core candidates is small enough for shared memory in every case (float32 inputs and two
-# bit planes included): on an H100 some larger ones overflow it there, and the autotuner then skips them.
+# Each tensor-core regime has one small candidate ((32, 64, 4, 2) skinny, (64, 64, 4, 2) prefill) that fits shared
+# memory in every case, float32 inputs with two bit planes included: on an H100 the larger ones overflow it there, and
+# the autotuner skips them (HF_QUANT_TRITON_TUNE=0 picks the small one).
 _GEMV = _configs(1, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3)])
 _SKINNY = _configs(16, [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 64, 4, 2)])
 _PREFILL = [*_configs(64, [(128, 64, 4, 4), (64, 64, 4, 2)]), *_configs(128, [(128, 64, 8, 4), (128, 128, 8, 3)])]
