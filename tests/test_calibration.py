@@ -620,6 +620,44 @@ def test_gptq_with_device_map_cpu(tiny_llama):
 # --------------------------------------------------------------------------- RSQ token weighting
 
 
+def test_inputs_that_reuse_freed_memory_keep_their_own_hessian():
+    """A temporary fed to one linear and then freed may be reallocated for the next linear's input (as o_proj's or
+    gate_proj's input after q_proj's in a real block): each linear must still get its own Hessian. The module hands
+    out its scratch tensor again once nothing else holds it, as a caching allocator reuses freed memory."""
+    import sys
+
+    from hf_quant.algorithms.calibration import _InputCollector
+
+    class ReusesScratch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+            self.spare = None
+
+        def scratch(self, like):
+            if self.spare is None or sys.getrefcount(self.spare) > 2:  # 2: self.spare and getrefcount's argument
+                self.spare = torch.empty_like(like)
+            return self.spare
+
+        def forward(self, x):
+            a = torch.mul(x, 2, out=self.scratch(x))
+            out = self.first(a)
+            del a
+            return out + self.second(torch.sin(x, out=self.scratch(x)))
+
+    module = ReusesScratch()
+    x = torch.randn(3, 7, 16)
+    collector = _InputCollector({"first": module.first, "second": module.second}, {"first", "second"}, set(), 1)
+    with torch.no_grad():
+        collector.new_batch()
+        module(x)
+    collector.remove()
+    assert collector.leader == {"first": "first", "second": "second"}
+    rows = x.reshape(-1, 16)
+    torch.testing.assert_close(collector.hessian("first"), (2 * rows).t() @ (2 * rows) / rows.shape[0])
+    torch.testing.assert_close(collector.hessian("second"), rows.sin().t() @ rows.sin() / rows.shape[0])
+
+
 def test_token_weighted_hessian():
     from hf_quant.algorithms.calibration import _InputCollector
 

@@ -240,7 +240,10 @@ class _InputCollector:
         self.counts: dict[str, float] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
         self.hessian_of, self.sample_of, self.stride = hessian_of, sample_of, sample_stride
-        self._batch_inputs: dict[tuple, str] = {}
+        # (data_ptr, shape, stride) of each input seen in the current batch -> (first module fed it, the tensor). The
+        # tensor is held so that its memory cannot be freed and handed to a later input of the same shape (o_proj's
+        # or gate_proj's after q_proj's), which would then share the wrong module's statistics.
+        self._batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def new_batch(self) -> None:
@@ -265,7 +268,7 @@ class _InputCollector:
         def hook(_module, args, _output):
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            first = self._batch_inputs.setdefault(key, name)
+            first, _ = self._batch_inputs.setdefault(key, (name, x))
             leader = self.leader.setdefault(name, first)
             if leader != name:
                 return
