@@ -236,6 +236,28 @@ def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
     assert chosen["a"] > chosen["b"], chosen
 
 
+def test_measure_model_collects_each_statistic_once(tmp_path, one_thread, monkeypatch):
+    """gptq, gptq_fisher and fisher together: one pass for the Hessians and one for the Fisher, and the shared
+    Hessians score as each layer's own would."""
+    from hf_quant.algorithms import allocation
+
+    calls = []
+    for name in ("hessian_importance", "fisher_importance"):
+        real = getattr(allocation, name)
+        monkeypatch.setattr(allocation, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_folder(tmp_path / "f")).eval()
+    batches = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))]
+    config = HfQuantConfig(method="gptq")
+    table = allocation.measure_model(model, config, ("gptq", "gptq_fisher", "fisher"), batches,
+                                     candidates=CANDIDATES[:2])
+    assert sorted(calls) == ["fisher_importance", "hessian_importance"]
+    for name in table.names[:3]:
+        plain = allocation.measure_layers(
+            {name: dict(model.named_modules())[name].weight.detach()}, config, CANDIDATES[:2],
+            {"gptq": {name: allocation.hessian_importance(model, batches, [name])[name]}})
+        assert table.errors["gptq"][table.names.index(name)] == pytest.approx(plain.errors["gptq"][0])
+
+
 def test_evolution_refines_within_the_budget_and_restores_the_model(tmp_path, one_thread):
     """evolve_allocation keeps the budget, never ends above the knapsack's calibration loss, leaves the float
     model's weights as they were, and names what it cannot swap."""

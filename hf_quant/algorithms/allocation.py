@@ -365,12 +365,6 @@ def hessian_importance(model: torch.nn.Module, batches, names: Iterable[str]) ->
     return _input_moments(model, batches, names, lambda x: x.T @ x)
 
 
-def _hessian_and_fisher(model: torch.nn.Module, batches, names: Iterable[str]) -> dict[str, tuple]:
-    names = list(names)
-    hessians, fisher = hessian_importance(model, batches, names), fisher_importance(model, batches, names)
-    return {name: (hessians[name], fisher[name]) for name in names}
-
-
 def _input_moments(model: torch.nn.Module, batches, names: Iterable[str], moment) -> dict[str, torch.Tensor]:
     """Mean over calibration tokens of moment(x) for the [tokens, in] input x of each named module."""
     names = set(names)
@@ -488,15 +482,30 @@ def measure_model(
 
     skip = list(config.modules_to_not_convert or ["lm_head"]) if modules_to_not_convert is None else modules_to_not_convert
     free, fixed = plan_layers(model, config, skip)
-    importances = {}
     for sens in sensitivities:
         if sens not in SENSITIVITIES:
             raise ValueError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sens!r}")
         if sens != "weight" and batches is None:
             raise ValueError(f"sensitivity={sens!r} needs calibration batches (see calibration_batches)")
-        collect = {"weight": None, "activation": activation_importance, "fisher": fisher_importance,
-                   "gptq": hessian_importance, "gptq_fisher": _hessian_and_fisher}[sens]
-        importances[sens] = None if collect is None else collect(model, batches, free)
+    # Each statistic is collected once, however many sensitivities share it (gptq and gptq_fisher both need the
+    # Hessians; fisher and gptq_fisher the Fisher).
+    collected: dict[str, dict] = {}
+
+    def statistic(kind: str) -> dict:
+        if kind not in collected:
+            collect = {"activation": activation_importance, "fisher": fisher_importance, "hessian": hessian_importance}
+            collected[kind] = collect[kind](model, batches, free)
+        return collected[kind]
+
+    importances = {}
+    for sens in sensitivities:
+        if sens == "weight":
+            importances[sens] = None
+        elif sens == "gptq_fisher":
+            hessians, fisher = statistic("hessian"), statistic("fisher")
+            importances[sens] = {name: (hessians[name], fisher[name]) for name in free}
+        else:
+            importances[sens] = statistic({"gptq": "hessian"}.get(sens, sens))
     modules = dict(model.named_modules())
     weights = {name: float_weight_of(modules[name]) for name in free}
     return measure_layers(weights, config, candidates, importances, fixed, progress)
