@@ -4,6 +4,7 @@ inputs, calibration data, config fields, and end-to-end quantize / save / reload
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -275,6 +276,33 @@ def test_tiny_llama_quantize_save_reload(tiny_llama, tmp_path):
         torch.testing.assert_close(reloaded(IDS).logits, logits, rtol=0, atol=0)
     for (name, a), b in zip(model.named_buffers(), reloaded.buffers()):
         assert torch.equal(a, b), name
+
+
+def test_gptq_codes_do_not_depend_on_the_hash_seed(tiny_llama):
+    """Calibration must not depend on the iteration order of Python sets (randomised per process by
+    PYTHONHASHSEED): the same model and data give the same codes in processes with different seeds."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from hf_quant import HfQuantConfig\n"
+        "torch.set_num_threads(1)\n"
+        f"config = HfQuantConfig(**{dict(GPTQ_SETTINGS, bits=3)!r})\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config)\n"
+        "digest = hashlib.sha256()\n"
+        "for name, tensor in sorted(model.state_dict().items()):\n"
+        "    digest.update(name.encode()); digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())\n"
+        "print(digest.hexdigest())\n"
+    )
+    digests = set()
+    for seed in ("0", "1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.add(out.stdout.split()[-1])
+    assert len(digests) == 1, digests
 
 
 def test_tiny_llama_gptq_closer_to_float_than_rtn(tiny_llama):
