@@ -292,7 +292,8 @@ class _InputCollector:
         return torch.cat(self.samples[self.leader[name]])
 
     def held_bytes(self) -> int:
-        return _nbytes(self.hessians.values()) + _nbytes(t for ts in self.samples.values() for t in ts)
+        return (_nbytes(self.hessians.values()) + _nbytes(t for ts in self.samples.values() for t in ts)
+                + _nbytes(t for _, t in self._batch_inputs.values()))
 
     def remove(self) -> None:
         for h in self._handles:
