@@ -11,8 +11,8 @@ For every layer j and candidate scheme s we know
                                                                       the error of the codes a GPTQ config will store
                  "gptq_fisher" sum F_ij (W - Q(W))_ij^2               the same GPTQ codes, scored by the Fisher
 ("gptq" is each layer's own output error, which does not say how much that error costs the loss; the Fisher does.
-On SmolLM2 at 2.5 bits with GPTQ, "gptq_fisher" allocated better than "gptq" but not better than "fisher" on
-data-free codes: BENCHMARKS.md)
+On SmolLM2 at 2.5 bits with GPTQ, "gptq_fisher" allocated best, then "fisher" on data-free codes, then "gptq":
+BENCHMARKS.md)
 and pick s_j minimising sum_j error[j, s_j] subject to sum_j cost[j, s_j] <= target_bits * n_weights.
 
 The dynamic programme runs over the budget in units of the greatest common divisor of all costs, so it is exact
