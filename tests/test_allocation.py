@@ -199,10 +199,10 @@ def test_allocated_layers_keep_the_configs_method(one_thread):
 
 
 def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
-    """sensitivity="gptq" (and "gptq_fisher"): each candidate is quantized by GPTQ against the layer's Hessian and scored by the output
-    error tr(E H E^T), which is that of `gptq_weight`'s codes exactly, and below data-free rounding's in the same
-    metric where inputs are correlated. With such inputs on one layer only, that layer gets the bits."""
-    from hf_quant.algorithms import quantize_weight
+    """sensitivity="gptq" (and "gptq_fisher"): each candidate is quantized by GPTQ against the layer's Hessian and
+    scored by the output error tr(E H E^T), which is that of `gptq_weight`'s codes exactly, and below data-free
+    rounding's in the same metric where inputs are correlated. With such inputs on one layer only, that layer gets
+    the bits."""
     from hf_quant.algorithms.allocation import hessian_error, measure_layers, weighted_error
     from hf_quant.algorithms.calibration import gptq_weight
     from hf_quant.formats import dequantize
