@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import json
 
 import pytest
@@ -12,8 +14,10 @@ from transformers.quantizers.auto import AutoQuantizationConfig
 
 import hf_quant
 from hf_quant import FORMAT_VERSION, HfQuantConfig, QuantScheme
-from hf_quant.config import FIELDS
-from hf_quant.formats.scheme import METHODS
+from hf_quant import config as config_module
+from hf_quant.config import CALIBRATION_FIELDS, DECLARATIONS, FIELDS
+from hf_quant.formats.format import format_names
+from hf_quant.formats.scheme import METHODS, SCHEME_FIELDS
 
 ALLOWED_BITS = "[2, 3, 4, 5, 6, 8]"
 ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq']"
@@ -64,7 +68,7 @@ INVALID = [
     ({"quant_method": "gptq"}, ["quant_method", "'hf_quant'", "'gptq'"]),
     ({"format": "nf4", "bits": 3}, ["bits=3", "nf4", "4"]),
     ({"format": "fp8", "bits": 4}, ["bits=4", "fp8", "8"]),
-    ({"format": "nf4", "symmetric": True}, ["symmetric", "format='int'"]),
+    ({"format": "nf4", "symmetric": True}, ["symmetric=True", "format='nf4'", "['int']"]),
 ]
 
 
@@ -103,9 +107,9 @@ def test_changes_after_construction_are_validated_and_applied():
     config = HfQuantConfig()
     config.bits = 3  # attribute set directly: used (not silently ignored) ...
     assert config.scheme_for("model.layers.0.mlp.up_proj").bits == 3
-    config.bits = 7  # ... and validated when the config is next used
-    with pytest.raises(ValueError, match=r"bits must be .*\[2, 3, 4, 5, 6, 8\]"):
-        config.scheme_for("model.layers.0.mlp.up_proj")
+    with pytest.raises(ValueError, match=r"bits must be .*\[2, 3, 4, 5, 6, 8\].*got 7"):
+        config.bits = 7  # ... and validated when assigned
+    assert config.bits == 3 and config.scheme_for("a").bits == 3  # a rejected assignment changes nothing
 
     config = HfQuantConfig()
     assert config.update(group_size=64, cache_dir="x") == {"cache_dir": "x"}  # non-fields are returned unused
@@ -285,3 +289,117 @@ def test_saved_model_config_round_trips(tmp_path):
     reloaded.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
     assert again == saved
+
+
+# --- fields declared once ------------------------------------------------------------------------
+
+# A valid non-default value of every field (with what it needs of the others), for the round trip below.
+SAMPLES = {
+    "format": {"format": "nf4"},
+    "bits": {"bits": 3},
+    "group_size": {"group_size": 64},
+    "symmetric": {"symmetric": True},
+    "method": {"method": "rtn"},
+    "double_quant": {"double_quant": True},
+    "lowrank_rank": {"lowrank_rank": 4},
+    "planes": {"format": "ternary", "planes": 2},
+    "outliers_per_row": {"outliers_per_row": 2},
+    "modules_to_not_convert": {"modules_to_not_convert": ["lm_head"]},
+    "overrides": {"overrides": {"down": {"bits": 8}, "o_proj": None}},
+    "quantize_experts": {"quantize_experts": False},
+    "calibration": {"calibration": ["some text"]},
+    "calibration_dataset": {"calibration_dataset": {"path": "wikitext", "name": "wikitext-2-raw-v1"}},
+    "n_samples": {"n_samples": 4},
+    "seq_len": {"seq_len": 64},
+    "damp": {"damp": 0.1},
+    "act_order": {"act_order": False},
+    "static_groups": {"act_order": False, "static_groups": False},
+    "rotation": {"rotation": "hadamard"},
+    "rotation_seed": {"rotation_seed": 3},
+    "token_weighting": {"token_weighting": "attention"},
+    "target_bits": {"target_bits": 2.5},
+    "allocation_candidates": {"allocation_candidates": [{"bits": 2}, {"bits": 4, "double_quant": True}]},
+}
+
+
+def test_every_declared_field_round_trips():
+    assert set(SAMPLES) | {"format_version"} == set(FIELDS)  # format_version has one supported value
+    default = HfQuantConfig()
+    for name, kwargs in SAMPLES.items():
+        config = HfQuantConfig(**kwargs)
+        assert getattr(config, name) != getattr(default, name), name
+        d = config.to_dict()
+        again = HfQuantConfig.from_dict(json.loads(json.dumps(d)))
+        assert again == config and getattr(again, name) == getattr(config, name), name
+        assert again.to_dict() == d
+
+
+def test_fields_derive_from_the_declarations():
+    names = [f.name for f in DECLARATIONS]
+    assert len(set(names)) == len(names)
+    assert list(FIELDS) == names
+    assert list(HfQuantConfig().to_dict()) == ["quant_method", *names]  # quant_method first, then the table
+    assert list(inspect.signature(HfQuantConfig).parameters) == names  # the accepted kwargs
+    assert set(CALIBRATION_FIELDS) == {f.name for f in DECLARATIONS if f.group == "calibration"}
+    assert list(SCHEME_FIELDS) == [f.name for f in DECLARATIONS if f.group == "scheme"]
+    assert HfQuantConfig(**{f.name: f.default for f in DECLARATIONS}) == HfQuantConfig()
+    for name in names:  # the unknown-field hint offers every declared field
+        with pytest.raises(ValueError, match=rf"known fields: .*'{name}'"):
+            HfQuantConfig(**{name + "_x": 1})
+
+
+def test_docstring_documents_every_declared_field():
+    doc = HfQuantConfig.__doc__
+    for f in DECLARATIONS:
+        assert f"\n        {f.name}: " in doc, f.name
+        assert " ".join(f.doc.split()[:4]) in " ".join(doc.split()), f.name
+
+
+def test_attribute_assignment_is_validated():
+    config = HfQuantConfig(overrides={"down": {"bits": 8}})
+    for name, bad, match in [
+        ("n_samples", 0, "n_samples must be an int >= 1, got 0"),
+        ("group_size", 100, r"group_size must be one of .*got 100"),
+        ("rotation", "random", "rotation must be None, 'hadamard' or 'residual', got 'random'"),
+        ("overrides", {"a": {"bitz": 8}}, r"overrides\['a'\] has unknown setting"),
+        ("static_groups", False, "act_order=True needs static_groups"),  # rules between fields too
+        ("format", "fp8", "bits=4 does not fit format='fp8'"),
+    ]:
+        before = config.to_dict()
+        with pytest.raises(ValueError, match=match):
+            setattr(config, name, bad)
+        assert config.to_dict() == before, name  # a rejected assignment changes nothing
+    config.overrides = {"up": {"bits": 2}}  # a valid assignment takes effect at once
+    assert config.scheme_for("mlp.up").bits == 2 and config.scheme_for("mlp.down").bits == 4
+    config.method = "gptq"
+    assert config.needs_calibration and config.scheme_for("x").method == "gptq"
+    copied = copy.deepcopy(config)  # copies (as transformers makes) validate too
+    with pytest.raises(ValueError, match="seq_len"):
+        copied.seq_len = 1
+    config.not_a_field = 1  # other attributes are plain
+    assert "not_a_field" not in config.to_dict()
+
+
+def test_scheme_for_does_not_serialise(monkeypatch):
+    config = HfQuantConfig(overrides={"down": {"bits": 8}, "o_proj": None}, method="gptq")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("serialised")
+
+    monkeypatch.setattr(json, "dumps", boom)
+    monkeypatch.setattr(HfQuantConfig, "to_dict", boom)
+    for i in range(1000):
+        assert config.scheme_for(f"layers.{i}.mlp.down").bits == 8
+        assert config.scheme_for(f"layers.{i}.mlp.up").bits == 4
+    assert config.needs_calibration and config.quantizes_after_loading
+    assert config.scheme_with({"bits": 2}).bits == 2
+
+
+def test_config_code_names_no_format():
+    # Formats' names and rules are formats.scheme's: config.py's code holds no format name except the default
+    # value of `format` (documentation strings aside).
+    tree = ast.parse(inspect.getsource(config_module))
+    docs = {id(f.args[3]) for f in ast.walk(tree) if isinstance(f, ast.Call) and getattr(f.func, "id", "") == "Field"}
+    constants = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and id(n) not in docs]
+    assert [c for c in constants if c in format_names()] == ["int"]
