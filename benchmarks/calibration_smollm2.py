@@ -1,7 +1,7 @@
 """SmolLM2-135M Botchan perplexity of GPTQ against the data-free methods (rtn, mse) at equal true bits per weight,
 with quantization time and peak memory. Each configuration runs in its own subprocess, so its peak RSS is its own.
 
-GPTQ calibrates on Botchan after its first 8192 tokens (hf_quant.algorithms.calibration.BOTCHAN_EVAL_TOKENS);
+GPTQ calibrates on Botchan after its first 8192 tokens (hf_quant.pipeline.BOTCHAN_EVAL_TOKENS);
 perplexity is measured on its first --tokens tokens, so calibration and evaluation text are disjoint.
 
     python benchmarks/calibration_smollm2.py [--tokens 1024] [--n-samples 16] [--seq-len 512] [--threads 1]

@@ -7,16 +7,13 @@
 
 from .config import FORMAT_VERSION, HfQuantConfig
 from .formats import QuantScheme
+from .integrations import register as _register
 from .integrations.hub import push_to_hub
-from .integrations.peft import register as _register_peft
-from .integrations.transformers import register as _register
 from .nn import QuantExpertWeight, QuantLinear
 from .quantizer import HfQuantQuantizer, dequantize_model, packed_modules
+from .version import __version__  # noqa: F401
 
-__version__ = "0.1.0"
-
-_register()
-_register_peft()  # LoRA layers for hf_quant modules in every peft LoraConfig
+_register()  # transformers, PEFT and experts registrations: hf_quant/integrations/__init__.py
 
 __all__ = [
     "FORMAT_VERSION",

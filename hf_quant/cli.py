@@ -58,7 +58,7 @@ LM_HEAD_INT8 = {"bits": 8, "group_size": -1, "symmetric": True}
 
 
 def _config_from_args(args):
-    from . import HfQuantConfig
+    from .config import HfQuantConfig
 
     return HfQuantConfig(
         bits=args.bits, format=args.format, group_size=args.group_size, method=args.method,
@@ -145,7 +145,7 @@ def _data_aware_allocation(model_path: str, config, args):
     from transformers import AutoTokenizer
 
     from .algorithms.allocation import allocate_model, calibration_batches, config_with_allocation
-    from .algorithms.calibration import BOTCHAN_EVAL_TOKENS, calibration_text
+    from .pipeline import BOTCHAN_EVAL_TOKENS, calibration_text
 
     if args.target_bits is None:
         raise SystemExit(f"--sensitivity {args.sensitivity} ranks layers for --target-bits; give --target-bits too")
@@ -187,8 +187,10 @@ def _mb(n: int) -> str:
 
 
 def _print_report(r: dict) -> None:
+    from .config import HfQuantConfig
+
     c = r["config"]
-    fmt = f"int{c['bits']}{' sym' if c['symmetric'] else ''}" if c["format"] == "int" else c["format"]
+    fmt = HfQuantConfig.from_dict(c).default_scheme.label
     group = "per-channel" if c["group_size"] == -1 else f"group {c['group_size']}"
     print()
     print(f"hf_quant report: {fmt}, {group}, method {c['method']}{', double quant' if c['double_quant'] else ''}")

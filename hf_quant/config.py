@@ -248,7 +248,7 @@ DECLARATIONS: tuple[Field, ...] = (
           _overrides, _override_pairs),
     Field("quantize_experts", True, "placement",
           "also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).", _bool),
-    # Calibration fields (hf_quant.algorithms.calibration); data-free methods ignore them.
+    # Calibration fields (hf_quant.pipeline); data-free methods ignore them.
     Field("calibration", None, "calibration",
           'calibration-based methods only: None or "botchan" (default: the Botchan text after its first 8192 tokens, '
           "disjoint from hf_quant's perplexity evaluation), the path of a UTF-8 text file, or a list of texts. "

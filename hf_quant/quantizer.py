@@ -19,26 +19,21 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
-from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .algorithms import quantize_weight
 from .config import FORMAT_VERSION, HfQuantConfig
-from .integrations.checkpoint import check_checkpoint_files, check_model_packed_values
+from .model.checkpoint import (
+    METADATA_MODULES_KEY,
+    METADATA_VERSION_KEY,
+    check_checkpoint_files,
+    check_model_packed_values,
+)
+from .model import expert_params, find_targets, is_fused_experts, modules_kept_float, tied_linear_targets
 from .nn import PackedWeight, QuantExpertWeight, QuantLinear
 
 logger = logging.getLogger(__name__)
 
-METADATA_VERSION_KEY = "hf_quant_format_version"
-METADATA_MODULES_KEY = "hf_quant_modules"
-
-
-def is_fused_experts(module: nn.Module) -> bool:
-    """transformers v5 experts modules (decorated with `use_experts_implementation`) declare their layout."""
-    return hasattr(module, "is_transposed") and hasattr(module, "has_gate")
-
-
-def expert_params(module: nn.Module) -> list[str]:
-    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
 
 
 class HfQuantQuantizer(HfQuantizer):
@@ -73,7 +68,7 @@ class HfQuantQuantizer(HfQuantizer):
         if config.modules_to_not_convert is None:
             # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
             config.modules_to_not_convert = sorted(self.get_modules_to_not_convert(model, None, None))
-        self.modules_to_not_convert = list(config.modules_to_not_convert) + list(model._keep_in_fp32_modules or [])
+        self.modules_to_not_convert = modules_kept_float(model, config)
         if config.target_bits is not None and not self.pre_quantized:
             # Mixed precision: the per-layer choice becomes overrides, so the saved config describes the checkpoint.
             from .algorithms.allocation import allocate_from_checkpoint, config_with_allocation
@@ -85,12 +80,12 @@ class HfQuantQuantizer(HfQuantizer):
         if not self.pre_quantized:
             # A tied lm_head has no tensor of its own in the checkpoint: it is quantized from the tied embedding
             # after loading (and untied), so it is left out of the load-time conversion.
-            self.tied_to_quantize = tied_linears_to_quantize(model, config, self.modules_to_not_convert)
+            self.tied_to_quantize = tied_linear_targets(model, config, self.modules_to_not_convert)
             self.modules_to_not_convert += list(self.tied_to_quantize)
         if not self.pre_quantized and config.quantizes_after_loading:
             # Calibration and rotations need the float weights: they load unchanged and are quantized after loading
             # (`quantize_with_calibration`).
-            from .algorithms.calibration import check_calibration_supported
+            from .pipeline import check_calibration_supported
 
             check_calibration_supported(model, config)
             return
@@ -98,7 +93,7 @@ class HfQuantQuantizer(HfQuantizer):
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
         )
         if self.pre_quantized and config.rotation is not None:
-            from .algorithms.calibration import attach_rotations
+            from .pipeline import attach_rotations
 
             attach_rotations(model, config)
         if replaced == 0:
@@ -115,7 +110,7 @@ class HfQuantQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.__dict__.pop("initialize_weights", None)
         if not self.pre_quantized and self.quantization_config.quantizes_after_loading:
-            from .algorithms.calibration import quantize_with_calibration
+            from .pipeline import quantize_with_calibration
 
             self.calibration_report = quantize_with_calibration(model, self.quantization_config,
                                                                 self.modules_to_not_convert)
@@ -279,57 +274,27 @@ def install_quantized_modules(
     pending_experts: dict,
 ) -> int:
     """Swap the modules to quantize for packed modules on the meta device; returns how many were swapped."""
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if not name or not should_convert_module(name, modules_to_not_convert):
-            continue
-        if type(module) is nn.Linear or isinstance(module, Conv1D):
-            scheme = config.scheme_for(name)
-            if scheme is None:
-                continue
-            is_conv1d = isinstance(module, Conv1D)
-            in_f, out_f = (module.weight.shape if is_conv1d else (module.in_features, module.out_features))
+    targets = find_targets(model, config, modules_to_not_convert)
+    for t in targets:
+        module = model.get_submodule(t.module_name)
+        if not t.experts:
+            out_f, in_f = t.shape
             with torch.device("meta"):
-                q = QuantLinear(in_f, out_f, module.bias is not None, scheme, dtype=compute_dtype)
-            q.source_is_conv1d = is_conv1d
+                q = QuantLinear(in_f, out_f, module.bias is not None, t.scheme, dtype=compute_dtype)
+            q.source_is_conv1d = t.conv1d
             if not pre_quantized:
                 # Placeholder for the checkpoint's float weight; HfQuantQuantize replaces it by packed tensors.
                 q.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
             q.requires_grad_(False)
-            model.set_submodule(name, q)
-            replaced += 1
-        elif is_fused_experts(module) and config.quantize_experts:
-            for pname in expert_params(module):
-                scheme = config.scheme_for(f"{name}.{pname}")
-                if scheme is None:
-                    continue
-                transposed = bool(module.is_transposed)
-                shape = tuple(getattr(module, pname).shape)
-                if pre_quantized:
-                    with torch.device("meta"):
-                        q = QuantExpertWeight(*QuantExpertWeight.logical_shape(shape, transposed), scheme,
-                                              transposed, dtype=compute_dtype)
-                    del module._parameters[pname]
-                    module.add_module(pname, q)
-                else:
-                    pending_experts[f"{name}.{pname}"] = (scheme, transposed, compute_dtype)
-                replaced += 1
-    return replaced
-
-
-def tied_linears_to_quantize(model: nn.Module, config: HfQuantConfig, modules_to_not_convert: list[str]) -> dict:
-    """Linear layers to quantize whose weight is tied to another parameter (lm_head tied to the input embedding):
-    name -> scheme. The checkpoint stores only the tied source, so these cannot be quantized as they load."""
-    tied_targets = getattr(model, "all_tied_weights_keys", None) or {}
-    found = {}
-    for target in tied_targets:
-        name, _, pname = target.rpartition(".")
-        if pname != "weight" or not name or not should_convert_module(name, modules_to_not_convert):
-            continue
-        module = model.get_submodule(name)
-        if type(module) is nn.Linear and (scheme := config.scheme_for(name)) is not None:
-            found[name] = scheme
-    return found
+            model.set_submodule(t.module_name, q)
+        elif pre_quantized:
+            with torch.device("meta"):
+                q = QuantExpertWeight(*t.shape, t.scheme, t.transposed, dtype=compute_dtype)
+            del module._parameters[t.param]
+            module.add_module(t.param, q)
+        else:
+            pending_experts[t.name] = (t.scheme, t.transposed, compute_dtype)
+    return len(targets)
 
 
 @torch.no_grad()

@@ -204,7 +204,7 @@ def test_gptq_sensitivity_measures_the_codes_gptq_stores(one_thread):
     rounding's in the same metric where inputs are correlated. With such inputs on one layer only, that layer gets
     the bits."""
     from hf_quant.algorithms.allocation import hessian_error, measure_layers, weighted_error
-    from hf_quant.algorithms.calibration import gptq_weight
+    from hf_quant.algorithms.gptq import gptq_weight
     from hf_quant.formats import dequantize
 
     gen = torch.Generator().manual_seed(2)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_quant import HfQuantConfig, QuantLinear
-from hf_quant.integrations.checkpoint import (
+from hf_quant.model.checkpoint import (
     METADATA_VERSION_KEY,
     CheckpointError,
     check_model_packed_values,

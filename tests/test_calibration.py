@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from hf_quant import HfQuantConfig, QuantLinear
 from hf_quant.algorithms import quantize_params
-from hf_quant.algorithms.calibration import BOTCHAN_EVAL_TOKENS, calibration_token_ids
+from hf_quant.pipeline import BOTCHAN_EVAL_TOKENS, calibration_token_ids
 from hf_quant.algorithms.gptq import gptq_quantize, hessian_inverse_factor
 from hf_quant.formats import QuantScheme, dequantize_codes
 
@@ -527,7 +527,7 @@ def test_rotation_with_gptq_save_reload(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_residual_rotation_fold_is_exact(tied):
-    from hf_quant.algorithms.calibration import decoder_blocks
+    from hf_quant.model import decoder_blocks
     from hf_quant.algorithms.rotation import fold_residual_rotation
 
     torch.manual_seed(0)
@@ -654,7 +654,7 @@ def test_inputs_that_reuse_freed_memory_keep_their_own_hessian():
     out its scratch tensor again once nothing else holds it, as a caching allocator reuses freed memory."""
     import sys
 
-    from hf_quant.algorithms.calibration import _InputCollector
+    from hf_quant.pipeline.statistics import InputCollector as _InputCollector
 
     class ReusesScratch(torch.nn.Module):
         def __init__(self):
@@ -687,7 +687,7 @@ def test_inputs_that_reuse_freed_memory_keep_their_own_hessian():
 
 
 def test_token_weighted_hessian():
-    from hf_quant.algorithms.calibration import _InputCollector
+    from hf_quant.pipeline.statistics import InputCollector as _InputCollector
 
     layer = torch.nn.Linear(12, 4)
     collector = _InputCollector({"l": layer}, {"l"}, set(), 1, token_weights=True)

@@ -26,7 +26,7 @@ from hf_quant.formats import (
     unpack,
     unpack_bits,
 )
-from hf_quant.formats.base import DQ_BLOCK, dq_decode, dq_encode
+from hf_quant.formats.scalar import DQ_BLOCK, dq_decode, dq_encode
 
 # --------------------------------------------------------------------------------------------------------------
 # Independent definitions the implementation is checked against (written from the format specs, not the code).

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_quant import HfQuantConfig
 from hf_quant.algorithms import quantize_weight
-from hf_quant.algorithms.calibration import gptq_weight
-from hf_quant.algorithms.gptq import _ColumnRounder, gptq_blockwise, gptq_quantize
+from hf_quant.algorithms.gptq import gptq_weight
+from hf_quant.algorithms.gptq import gptq_blockwise, gptq_quantize
 from hf_quant.formats import QuantScheme, dequantize
 from hf_quant.nn import QuantLinear
 
@@ -38,7 +38,7 @@ def test_blockwise_driver_with_scalar_rounding_reproduces_gptq(act_order):
     scheme = QuantScheme(bits=3, group_size=32, method="gptq")
     reference = gptq_quantize(weight, hessian, scheme, act_order=act_order, static_groups=True)
     scale, zero = reference.scale, reference.zero
-    rounder = _ColumnRounder(scheme, weight.device)
+    rounder = scheme.codec.column_rounder(scheme, weight.device)
     codes = torch.empty_like(reference.codes)
 
     def round_block(j, x, metric):

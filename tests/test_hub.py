@@ -375,7 +375,7 @@ def test_optimum_cli_command_exits_with_the_hf_quant_status(checkpoint, capsys):
     from optimum.commands.base import RootOptimumCLICommand
     from optimum.commands.optimum_cli import register_optimum_cli_subcommand
 
-    from hf_quant.integrations.optimum_cli import HfQuantCommand
+    from hf_quant.optimum_cli import HfQuantCommand
 
     root = RootOptimumCLICommand("optimum-cli")
     register_optimum_cli_subcommand(HfQuantCommand, parent_command=root)

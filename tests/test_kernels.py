@@ -322,7 +322,8 @@ def dequantize_args(scheme: QuantScheme, shape, dtype=torch.float32):
     gen = torch.Generator().manual_seed(sum(shape))
     tensors = quantize_weight(torch.randn(shape, generator=gen), scheme)
     scale, zero = decode_params(scheme, tensors)
-    return tensors, (tensors["qweight"], scale, zero, scheme.format, scheme.bits, scheme.group_size, shape[-1], dtype)
+    table = scheme.codec.table()
+    return tensors, (tensors["qweight"], scale, zero, table, scheme.bits, scheme.group_size, shape[-1], dtype)
 
 
 DEQUANT_CASES = [

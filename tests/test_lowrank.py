@@ -1,4 +1,4 @@
-"""Low-rank error correction (formats/lowrank.py, algorithms/lowrank.py): stored factors, exact accounting,
+"""Low-rank error correction (formats/lowrank.py): stored factors, exact accounting,
 dequantize = codes + U V, the fused forward against the reference, save/reload/generate."""
 
 import dataclasses
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_quant import HfQuantConfig
 from hf_quant.algorithms import quantize_weight
-from hf_quant.algorithms.lowrank import quantize_weight_lowrank
+from hf_quant.formats.lowrank import quantize_weight_lowrank
 from hf_quant.formats import QuantScheme, bits_per_weight, dequantize, tensor_specs
 from hf_quant.nn import QuantExpertWeight, QuantLinear
 
@@ -152,9 +152,9 @@ def test_gptq_low_rank_fits_in_the_hessian_metric(bits, one_thread):
     """Around GPTQ codes, with correlated inputs (H far from diagonal), gptq_weight fits the factors in H's own
     metric: a lower output error tr(E H E^T) than factors fitted under the diagonal model (measured 0.57-0.88x
     here), far below GPTQ without them. Passing both weightings is an error."""
-    from hf_quant.algorithms.calibration import gptq_weight
+    from hf_quant.algorithms.gptq import gptq_weight
     from hf_quant.algorithms.gptq import gptq_quantize
-    from hf_quant.formats.base import pack
+    from hf_quant.formats import pack
 
     gen = torch.Generator().manual_seed(1)
     w = structured_weight(96, 160, seed=3)

@@ -1,4 +1,4 @@
-"""Sparse outliers (formats/sparse.py, algorithms/sparse.py): layout and true bits, the sparse add exact against a
+"""Sparse outliers (formats/sparse.py): layout and true bits, the sparse add exact against a
 dense scatter, outliers reproduced, the forward against the reference, save/reload/generate."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Ternary trit-planes (formats/ternary.py, algorithms/ternary.py, kernels/ternary.py): 5-trit packing exact,
+"""Ternary trit-planes (formats/ternary.py, kernels/ternary.py): 5-trit packing exact,
 dequantize against a plain reference, BitNet-format weights reproduced, the sign-sum kernel against the reference
 kernel, save/reload/generate."""
 

@@ -1,4 +1,4 @@
-"""Vector quantization (formats/vq.py, algorithms/vq.py): layout and true bits, dequantize against a plain
+"""Vector quantization (formats/vq.py): layout and true bits, dequantize against a plain
 reference, residual codebooks, nearest-code assignment, forward, save/reload/generate."""
 
 import pytest

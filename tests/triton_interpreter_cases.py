@@ -316,7 +316,7 @@ def test_fused_experts_forward_matches_eager(scheme):
 def test_experts_implementation_is_registered_and_refuses_the_cpu():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    from hf_quant.kernels.triton.experts import EXPERTS_IMPLEMENTATION, triton_experts_forward
+    from hf_quant.integrations.moe import EXPERTS_IMPLEMENTATION, triton_experts_forward
 
     assert ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] is triton_experts_forward
     block = quantized_mixtral_experts(QuantScheme(bits=4, group_size=32, method="rtn"))

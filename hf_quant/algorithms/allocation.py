@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..formats import QuantScheme, dequantize, tensor_specs
+from ..formats import QuantScheme, dequantize, stored_bits
 
 SENSITIVITIES = ("weight", "activation", "fisher", "gptq", "gptq_fisher")
 GPTQ_SENSITIVITIES = ("gptq", "gptq_fisher")  # their candidates are quantized by GPTQ
@@ -51,12 +51,6 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"bits": 6, "group_size": 128, "double_quant": True},
     {"bits": 8, "group_size": 128, "double_quant": True},
 )
-
-
-def stored_bits(scheme: QuantScheme, shape: Sequence[int]) -> int:
-    """Every stored bit of a weight of logical `shape` in `scheme` (the exact integer the budget counts)."""
-    return sum(math.prod(shp) * torch.empty(0, dtype=dtype).element_size() * 8
-               for shp, dtype in tensor_specs(scheme, tuple(shape)).values())
 
 
 @dataclass
@@ -130,9 +124,7 @@ class AllocationResult:
 
 
 def scheme_label(s: QuantScheme) -> str:
-    from ..eval.storage import scheme_label as base_label
-
-    return base_label(s)  # names every non-default field, extension fields (planes, lowrank_rank, ...) included
+    return s.describe()  # names every non-default field, extension fields (planes, lowrank_rank, ...) included
 
 
 # --- the knapsack -----------------------------------------------------------------------------------------------
@@ -273,7 +265,7 @@ def measure_layers(
     """
     from ..config import HfQuantConfig
     from . import data_free_scheme, quantize_weight
-    from .calibration import gptq_weight
+    from .gptq import gptq_weight
 
     importances = {"weight": None} if importances is None else dict(importances)
     for sens, imp in importances.items():
@@ -420,34 +412,16 @@ def fisher_importance(model: torch.nn.Module, batches, names: Iterable[str]) -> 
 def plan_layers(model: torch.nn.Module, config, modules_to_not_convert: Sequence[str]):
     """(names the allocator chooses for, {name: (scheme, shape)} of layers fixed by the config) for a model whose
     quantizable modules are still float (possibly on the meta device). A layer matched by one of the config's
-    overrides is fixed: the user chose its scheme (or kept it in float, then it is neither)."""
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    from ..quantizer import expert_params, is_fused_experts
+    overrides is fixed: the user chose its scheme (or kept it in float, then it is neither). Fused expert tensors
+    are fixed at the config's scheme."""
+    from ..model import find_targets
 
     free, fixed = [], {}
-    for name, module in model.named_modules():
-        if not name or not should_convert_module(name, list(modules_to_not_convert)):
-            continue
-        if type(module) is torch.nn.Linear or isinstance(module, Conv1D):
-            scheme = config.scheme_for(name)
-            if scheme is None:
-                continue
-            w = module.weight
-            shape = tuple(w.shape[::-1]) if isinstance(module, Conv1D) else tuple(w.shape)
-            if any(re.search(pattern, name) for pattern in config.overrides):
-                fixed[name] = (scheme, shape)
-            else:
-                free.append(name)
-        elif is_fused_experts(module) and config.quantize_experts:
-            for pname in expert_params(module):
-                scheme = config.scheme_for(f"{name}.{pname}")
-                if scheme is not None:
-                    shape = tuple(getattr(module, pname).shape)
-                    if bool(getattr(module, "is_transposed", False)):
-                        shape = (shape[0], shape[2], shape[1])
-                    fixed[f"{name}.{pname}"] = (scheme, shape)
+    for t in find_targets(model, config, list(modules_to_not_convert)):
+        if not t.experts and not any(re.search(pattern, t.name) for pattern in config.overrides):
+            free.append(t.name)
+        else:
+            fixed[t.name] = (t.scheme, t.shape)
     return free, fixed
 
 
@@ -480,7 +454,9 @@ def measure_model(
     from `calibration_batches`). Layers the config fixes (overrides) or keeps in float are respected."""
     from ..nn.quantized import float_weight_of
 
-    skip = list(config.modules_to_not_convert or ["lm_head"]) if modules_to_not_convert is None else modules_to_not_convert
+    from ..model import modules_kept_float
+
+    skip = modules_kept_float(model, config) if modules_to_not_convert is None else modules_to_not_convert
     free, fixed = plan_layers(model, config, skip)
     for sens in sensitivities:
         if sens not in SENSITIVITIES:
@@ -526,7 +502,7 @@ def allocate_from_checkpoint(model: torch.nn.Module, config, checkpoint_files: S
     from safetensors import safe_open
     from transformers.pytorch_utils import Conv1D
 
-    from ..integrations.checkpoint import _key_candidates
+    from ..model.checkpoint import _key_candidates
 
     if not checkpoint_files:
         raise ValueError("target_bits needs the float checkpoint's safetensors files to measure each layer")

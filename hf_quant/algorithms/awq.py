@@ -17,8 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..formats import QuantScheme, dequantize_codes
-from .data_free import quantize_params
+from ..formats import QuantScheme, dequantize_codes, quantize_params
 
 _GRID = 20
 # (preceding module, linears reading its output) inside a Llama-style block.

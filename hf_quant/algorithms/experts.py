@@ -106,7 +106,7 @@ def quantize_experts_param(module: nn.Module, pname: str, scheme: QuantScheme, h
     """The packed QuantExpertWeight of `module.<pname>`: GPTQ per expert where `hessians` has statistics (and the
     scheme's method is gptq), data-free otherwise."""
     from . import data_free_scheme, quantize_weight
-    from .calibration import gptq_weight
+    from .gptq import gptq_weight
 
     param = getattr(module, pname)
     transposed = bool(module.is_transposed)

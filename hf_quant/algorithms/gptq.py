@@ -1,261 +1,39 @@
-"""GPTQ (Frantar et al. 2022): second-order, layer-wise rounding of a weight against its input Hessian.
+"""GPTQ entry points: a weight quantized against its input Hessian in any format, with any additive terms.
 
-For a linear layer with calibration inputs X, GPTQ minimises ||W X - Q X||^2 over representable Q. It quantizes
-one input column at a time and spreads each column's rounding error over the columns not yet quantized, using the
-upper Cholesky factor U of the damped inverse Hessian (H + damp * mean(diag H) * I)^-1 = U^T U, with H = X X^T.
-Updates are applied lazily per block of columns (one rank-`block` update of the remaining weight per block).
-
-Every hf_quant format works: group parameters come from the data-free search of `data_free.py` (the `mse` range
-search), and each column is rounded with that format's own nearest-code assignment (integer grid or NF4/FP4/FP8
-codebook). The result is the format's ordinary stored tensors: nothing is added to the on-disk layout.
-
-- act_order: columns are visited in order of decreasing Hessian diagonal (most active inputs first). The format
-  has no per-column group index, so act_order needs static groups: every group's parameters are computed from the
-  original weight before any column is quantized.
-- static_groups=False (without act_order): a group's parameters are computed when GPTQ reaches its first column,
-  from the weight as already updated by the error of the previous groups (as in the reference implementation).
+The error-feedback solver is format-agnostic (hf_quant.solvers.gptq); each format supplies its rounding step
+(`Format.gptq`): the nearest grid code per column for int/NF4/FP4/FP8, GPTVQ's joint vector choice for VQ, trit pairs
+for ternary planes. Sparse outliers are ranked by |w| sqrt(H_ii) (SpQR's diagonal sensitivity) and the low-rank
+factors are fitted to the residual in the metric of the (damped) Hessian itself, both around GPTQ-quantized codes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import logging
-
 import torch
 
-from ..formats import QuantParams, QuantScheme, codebook_values, round_params
-from .data_free import _assign, _search, quantize_params
-
-logger = logging.getLogger(__name__)
+from ..formats import GPTQSettings, QuantParams, QuantScheme, quantize, quantize_stacked
+from ..solvers.gptq import gptq_blockwise, hessian_inverse_factor, single_thread
 
 
-@contextlib.contextmanager
-def single_thread():
-    """GPTQ's column loop runs thousands of tiny ops: thread hand-offs cost more than they save (20x slower with 2
-    threads on a loaded 2-core machine), so it runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-_MAX_DAMP_RETRIES = 6
-# How group scales/zero-points are chosen before GPTQ rounds against them (a data-free method of data_free.py).
-_GROUP_SEARCH = "mse"
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
+                  act_order: bool = True, static_groups: bool = True, block_size: int = 128) -> QuantParams:
+    """Codes, scales and zero-points (scales/zeros already rounded as stored) of a scalar-format weight [out, in]
+    given its Hessian [in, in] (proportional to X X^T of its inputs)."""
+    settings = GPTQSettings(damp=damp, act_order=act_order, static_groups=static_groups, block_size=block_size)
+    return scheme.codec.gptq_params(weight, hessian, scheme, settings)
 
 
-def hessian_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of the damped inverse Hessian, and the relative damping that made it positive definite.
-
-    `hessian` must already have dead channels (zero diagonal) set to 1. Damping starts at `damp` times the mean
-    diagonal and grows tenfold while the factorisation fails (ill-conditioned or rank-deficient inputs)."""
-    n = hessian.shape[0]
-    mean_diag = torch.diagonal(hessian).mean().clamp_min(1e-12)
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
-    rel = damp
-    for _ in range(_MAX_DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(hessian + rel * mean_diag * eye)
-        if info == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                if rel != damp:
-                    logger.warning("GPTQ: Hessian not positive definite with damp=%g; used damp=%g", damp, rel)
-                return upper, rel
-        rel *= 10
-    raise ValueError(
-        f"GPTQ: the Hessian ({n}x{n}) is not positive definite even with damp={rel / 10:g}; the calibration inputs "
-        "are degenerate (check the calibration data, or raise `damp`)"
-    )
+def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
+                act_order: bool = True, static_groups: bool = True) -> dict[str, torch.Tensor]:
+    """Canonical tensors of one weight [out, in] quantized by GPTQ against `hessian`, for every format and term."""
+    return quantize(weight, scheme, hessian, GPTQSettings(damp=damp, act_order=act_order, static_groups=static_groups))
 
 
-class _ColumnRounder:
-    """Nearest code of one column given its groups' scales (and zero-points): (codes, decoded values). The same
-    choice as `data_free._assign`, with the codebook's sorted table built once instead of once per column."""
-
-    def __init__(self, scheme: QuantScheme, device):
-        self.scheme = scheme
-        if scheme.format == "int":
-            self.maxq = (1 << scheme.bits) - 1
-            self.sym_zero = float(1 << (scheme.bits - 1))
-            return
-        table = codebook_values(scheme.format, device=device)
-        probe = torch.linspace(-2, 2, 4099, device=device) * table.abs().max()
-        codes = _assign(probe, torch.ones(()), None, scheme).long()  # which ids `_assign` may emit
-        used = torch.unique(codes)
-        values, order = torch.sort(table[used])
-        self.values, self.ids = values, used[order]
-        self.mids = ((values[1:] + values[:-1]) / 2).contiguous()
-
-    def __call__(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None):
-        if self.scheme.format == "int":
-            zz = self.sym_zero if z is None else z
-            q = torch.clamp(torch.round(w / s + zz), 0, self.maxq)
-            return q.to(torch.uint8), (q - zz).mul_(s)
-        idx = torch.bucketize(w / s, self.mids)
-        return self.ids[idx].to(torch.uint8), self.values[idx].mul_(s)
+def gptq_weights(weights: list[torch.Tensor], hessian: torch.Tensor, scheme: QuantScheme,
+                 settings: GPTQSettings) -> list[dict[str, torch.Tensor]]:
+    """GPTQ of weights sharing one Hessian (q/k/v): stacked into one pass where the format allows it (the same
+    result as quantizing each alone)."""
+    return quantize_stacked(weights, hessian, scheme, settings)
 
 
-@torch.no_grad()
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    scheme: QuantScheme,
-    *,
-    damp: float = 0.01,
-    act_order: bool = True,
-    static_groups: bool = True,
-    block_size: int = 128,
-) -> QuantParams:
-    """Quantize `weight` [out, in] given the Hessian `hessian` [in, in] (proportional to X X^T of its inputs).
-
-    Returns the codes, scales and zero-points of `scheme` (scales/zeros already rounded as stored)."""
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"GPTQ needs weight [out, in] and Hessian [in, in], got {tuple(weight.shape)}, {tuple(hessian.shape)}"
-        )
-    if act_order and not static_groups:
-        raise ValueError("act_order=True needs static_groups=True: the stored formats have no per-column group index")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf; refusing to quantize it")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("GPTQ: the Hessian has NaN or Inf entries (the calibration activations overflowed)")
-    with single_thread():
-        return _gptq(weight, hessian, scheme, damp, act_order, static_groups, block_size)
-
-
-def _gptq(weight, hessian, scheme, damp, act_order, static_groups, block_size) -> QuantParams:
-    rows, cols = weight.shape
-    g, n_groups, _ = scheme.group_layout(cols)
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    # Inputs that are always zero carry no information: their weights cannot change the output, so zero them
-    # (their codes then round 0) and give the Hessian a unit diagonal there so it stays invertible.
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    search_scheme = dataclasses.replace(scheme, method=_GROUP_SEARCH)
-    static = static_groups or scheme.group_size == -1 or scheme.double_quant
-    # Per-group parameters, codes and weight are held transposed ([group or column, row]): each step of the column
-    # loop then reads and writes contiguous memory.
-    scale = torch.empty(n_groups, rows, device=W.device)
-    zero = torch.empty(n_groups, rows, device=W.device) if scheme.has_zero else None
-    if static:
-        params = quantize_params(W, search_scheme)
-        scale.copy_(params.scale.t())
-        if zero is not None:
-            zero.copy_(params.zero.t())
-
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv, _ = hessian_inverse_factor(H, damp)
-    del H
-    group_of = torch.arange(cols, device=W.device) // g
-    if perm is not None:
-        group_of = group_of[perm]
-    codes = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
-    rounder = _ColumnRounder(scheme, W.device)
-    Wt = W.t().contiguous()
-    del W
-    block = block_size if g >= cols else max(block_size // g, 1) * g  # groups never straddle a block
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            grp = int(group_of[col])
-            if not static and col % g == 0:
-                s, z = _search(W1[i : i + g].t().contiguous().unsqueeze(1), search_scheme)
-                s, z = round_params(scheme, s.view(rows), None if z is None else z.view(rows))
-                scale[grp] = s
-                if zero is not None:
-                    zero[grp] = z
-            w = W1[i]
-            q, deq = rounder(w, scale[grp], None if zero is None else zero[grp])
-            codes[col] = q
-            err = deq.sub_(w).neg_().div_(Hinv1[i, i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-            Err1[i] = err
-        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
-
-    if perm is not None:
-        codes = codes[torch.argsort(perm)]
-    return QuantParams(codes.t().contiguous(), scale.t().contiguous(), None if zero is None else zero.t().contiguous())
-
-
-@torch.no_grad()
-def gptq_blockwise(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    width: int,
-    round_block,
-    *,
-    damp: float = 0.01,
-    act_order: bool = True,
-    block_size: int = 128,
-) -> None:
-    """GPTQ's error feedback for formats that round `width` consecutive input columns jointly (a VQ vector, or
-    width 1 for per-weight codes that are not a scalar grid, such as trit pairs).
-
-    `round_block(j, x, metric)` rounds input columns [j * width, j * width + width) (the last block may be
-    shorter): x [out, w] is their current, error-updated weight, and it returns the decoded values [out, w] it
-    chose (recording its codes itself). The choice should minimise ||(x - q) @ metric||^2 per row: metric = U^-1
-    for the block's w x w block U of the inverse Hessian's upper Cholesky factor, which is exactly the output
-    error that fixing these columns adds (GPTQ's err / U_ii for width 1; the joint form of GPTVQ for vectors).
-    act_order visits blocks by decreasing summed Hessian diagonal; columns of a block stay together."""
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"GPTQ needs weight [out, in] and Hessian [in, in], got {tuple(weight.shape)}, {tuple(hessian.shape)}"
-        )
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf; refusing to quantize it")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("GPTQ: the Hessian has NaN or Inf entries (the calibration activations overflowed)")
-    with single_thread():
-        _gptq_blockwise(weight, hessian, width, round_block, damp, act_order, block_size)
-
-
-def _gptq_blockwise(weight, hessian, width, round_block, damp, act_order, block_size) -> None:
-    cols = weight.shape[1]
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = torch.diagonal(H) == 0  # as in _gptq: no information, zero weight, unit diagonal
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    spans = [(j, j * width, min(j * width + width, cols)) for j in range(-(-cols // width))]
-    if act_order:
-        diag = torch.diagonal(H)
-        spans.sort(key=lambda sp: -float(diag[sp[1] : sp[2]].sum()))
-    perm = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, _ = hessian_inverse_factor(H, damp)
-    del H
-    per_block = max(block_size // width, 1)
-    pos = 0
-    for b0 in range(0, len(spans), per_block):
-        chunk = spans[b0 : b0 + per_block]
-        i1, i2 = pos, pos + sum(b - a for _, a, b in chunk)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        lo = 0
-        for j, a, b in chunk:
-            hi = lo + (b - a)
-            metric = torch.linalg.solve_triangular(
-                Hinv1[lo:hi, lo:hi], torch.eye(hi - lo, device=W.device), upper=True)
-            x = W1[:, lo:hi]
-            err = (x - round_block(j, x.clone(), metric)) @ metric
-            W1[:, hi:].addmm_(err, Hinv1[lo:hi, hi:], alpha=-1)
-            Err1[:, lo:hi] = err
-            lo = hi
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-        pos = i2
-
-
-__all__ = ["gptq_blockwise", "gptq_quantize", "hessian_inverse_factor"]
+__all__ = ["gptq_blockwise", "gptq_quantize", "gptq_weight", "gptq_weights", "hessian_inverse_factor",
+           "single_thread"]

@@ -86,7 +86,7 @@ def evaluate_encoder(
 
 def make_record(model: str, quantization_config: Mapping, storage: StorageReport,
                 quality: Sequence[QualityResult]) -> dict:
-    from .. import __version__
+    from ..version import __version__
 
     record = {
         "hf_quant_version": __version__,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,18 +36,9 @@ __all__ = [
 ]
 
 
-_LABELLED_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
-
-
 def scheme_label(scheme: QuantScheme | Mapping) -> str:
-    """Short name of a stored format, e.g. 'int4 g128', 'int8-sym ch', 'nf4 g64 dq', 'int4 g64 lowrank_rank=8'
-    (any other setting that differs from its default is appended as name=value)."""
-    s = scheme if isinstance(scheme, QuantScheme) else QuantScheme(**scheme)
-    fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
-    group = "ch" if s.group_size == -1 else f"g{s.group_size}"
-    extra = "".join(f" {f.name}={getattr(s, f.name)}" for f in fields(s)
-                    if f.name not in _LABELLED_FIELDS and getattr(s, f.name) != f.default)
-    return f"{fmt} {group}{' dq' if s.double_quant else ''}{extra}"
+    """Short name of a stored format, e.g. 'int4 g128', 'int8-sym ch', 'nf4 g64 dq' (`QuantScheme.describe`)."""
+    return (scheme if isinstance(scheme, QuantScheme) else QuantScheme(**scheme)).describe()
 
 
 @dataclass(frozen=True)
@@ -240,7 +231,7 @@ def model_storage(
 
 def checkpoint_storage(folder: str | os.PathLike) -> StorageReport:
     """Storage of a saved hf_quant checkpoint, from its safetensors headers only (no model is built)."""
-    from ..quantizer import METADATA_MODULES_KEY
+    from ..model.checkpoint import METADATA_MODULES_KEY
 
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -281,6 +272,6 @@ def _float_itemsize(folder: Path) -> int:
 
 
 def _dtype(st_dtype: str) -> torch.dtype:
-    from ..integrations.checkpoint import SAFETENSORS_DTYPES
+    from ..model.checkpoint import SAFETENSORS_DTYPES
 
     return SAFETENSORS_DTYPES[st_dtype]

@@ -1,39 +1,70 @@
-"""Packed weight formats: one canonical on-disk layout per format (see `base` for the layout)."""
+"""Weight formats: one `Format` object per format (format.py) owning its canonical on-disk layout, coding and
+checks, registered by name; additive terms (sparse outliers, low-rank factors) stored beside any format's codes."""
 
-from .base import (
+from .format import (
+    FORMATS,
+    AdditiveTerm,
+    Format,
+    GPTQSettings,
+    format_names,
+    get_format,
+    register_additive_term,
+    register_format,
+    unregister_format,
+)
+from .scheme import CALIBRATION_METHODS, GROUP_SIZES, METHODS, SCHEME_FIELDS, QuantScheme, resolve_scheme
+from .packing import pack_bits, packed_length, unpack_bits
+from .base import bits_per_weight, stored_bits, dequantize, dequantize_expert, expert_tensors, quantize, quantize_stacked, tensor_specs, value_checks
+from .scalar import (
     QuantParams,
-    bits_per_weight,
+    ScalarFormat,
     codebook_values,
     decode_params,
-    dequantize,
     dequantize_codes,
     pack,
+    quantize_params,
     round_params,
-    tensor_specs,
     unpack,
 )
-from . import lowrank, sparse, ternary, vq  # noqa: F401  (register the additive terms and code formats)
-from .packing import pack_bits, packed_length, unpack_bits
-from .scheme import CODEBOOK_BITS, FORMATS, GROUP_SIZES, INT_BITS, METHODS, QuantScheme
+# The built-in formats register themselves on import (registration order is the order error messages list them).
+from . import ternary, vq  # noqa: E402,F401
+from . import lowrank, sparse  # noqa: E402,F401  (additive terms; lowrank first: storage order)
 
 __all__ = [
-    "CODEBOOK_BITS",
+    "AdditiveTerm",
+    "CALIBRATION_METHODS",
     "FORMATS",
+    "Format",
+    "GPTQSettings",
     "GROUP_SIZES",
-    "INT_BITS",
     "METHODS",
     "QuantParams",
     "QuantScheme",
+    "SCHEME_FIELDS",
+    "ScalarFormat",
     "bits_per_weight",
     "codebook_values",
     "decode_params",
     "dequantize",
     "dequantize_codes",
+    "dequantize_expert",
+    "expert_tensors",
+    "format_names",
+    "get_format",
     "pack",
     "pack_bits",
     "packed_length",
+    "quantize",
+    "quantize_params",
+    "quantize_stacked",
+    "register_additive_term",
+    "register_format",
+    "resolve_scheme",
     "round_params",
+    "stored_bits",
     "tensor_specs",
     "unpack",
     "unpack_bits",
+    "unregister_format",
+    "value_checks",
 ]

@@ -1,25 +1,29 @@
-"""`QuantScheme`: the settings one weight tensor is quantized with, resolved from `HfQuantConfig`."""
+"""`QuantScheme`: the settings one weight tensor is quantized with, resolved from `HfQuantConfig`.
+
+Format-specific rules (which bits, planes, symmetric and double_quant values a format accepts) belong to the format
+object (`format.Format.validate`); this module checks the fields every format shares."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-FORMATS = ("int", "nf4", "fp4", "fp8", "ternary", "vq")
-INT_BITS = (2, 3, 4, 5, 6, 8)
+from .format import Format, format_names, get_format
+
 GROUP_SIZES = (32, 64, 128, 256, -1)
 METHODS = ("rtn", "mse", "gptq", "awq")
-# Bit width each codebook format is fixed to.
-# ternary: 2-bit codes unpacked, 5 trits a byte stored; vq: 8-bit indices of 8-weight vectors (1 bit per weight)
-CODEBOOK_BITS = {"nf4": 4, "fp4": 4, "fp8": 8, "ternary": 2, "vq": 8}
-# Formats made of additive stages (`planes`): ternary trit-planes, residual VQ codebooks.
-PLANE_FORMATS = ("ternary", "vq")
+CALIBRATION_METHODS = ("gptq", "awq")
+MAX_OUTLIERS_PER_ROW = 1024
+MAX_LOWRANK_RANK = 1024
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     """How one weight is stored.
 
-    format: "int" (affine integer), "nf4", "fp4" (E2M1) or "fp8" (E4M3) codebooks.
+    format: the name of a registered `Format`: "int" (affine integer), "nf4", "fp4" (E2M1), "fp8" (E4M3) codebooks,
+        "ternary" trit-planes or "vq" vector codebooks.
     bits: code width; for codebook formats it is implied by the format.
     group_size: weights along the input dimension sharing one scale; -1 means one scale per output channel.
     symmetric: int only; zero-point fixed at 2**(bits-1) and not stored.
@@ -49,27 +53,30 @@ class QuantScheme:
     outliers_per_row: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("format", self.format, FORMATS)
-        if self.format == "int":
-            check_choice("bits", self.bits, INT_BITS)
-        elif self.bits != CODEBOOK_BITS[self.format]:
-            raise ValueError(
-                f"bits={self.bits!r} does not fit format={self.format!r}: {self.format} codes are "
-                f"{CODEBOOK_BITS[self.format]} bits (leave `bits` unset or set it to {CODEBOOK_BITS[self.format]})"
-            )
-        check_choice("group_size", self.group_size, GROUP_SIZES)
-        check_choice("method", self.method, METHODS)
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
-        if not isinstance(self.double_quant, bool):
-            raise ValueError(f"double_quant must be a bool, got {self.double_quant!r}")
-        if self.symmetric and self.format != "int":
-            raise ValueError(f"symmetric=True only applies to format='int'; {self.format} codebooks are symmetric already")
-        check_extension_fields(self)
+        for f in fields(self):
+            check_scheme_field(f.name, getattr(self, f.name))
+        self.codec.validate(self)
+
+    @property
+    def codec(self) -> Format:
+        """The registered `Format` object of this scheme's format (its layout, coding and checks)."""
+        return get_format(self.format)
 
     @property
     def has_zero(self) -> bool:
-        return self.format == "int" and not self.symmetric
+        return self.codec.has_zero(self)
+
+    @property
+    def label(self) -> str:
+        return self.codec.label(self)
+
+    def describe(self) -> str:
+        """Short name of the stored form, e.g. 'int4 g128', 'int8-sym ch', 'nf4 g64 dq', 'int4 g64 lowrank_rank=8'
+        (any other setting that differs from its default is appended as name=value)."""
+        group = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        extra = "".join(f" {f.name}={getattr(self, f.name)}" for f in fields(self)
+                        if f.name not in _DESCRIBED_FIELDS and getattr(self, f.name) != f.default)
+        return f"{self.label} {group}{' dq' if self.double_quant else ''}{extra}"
 
     def group_layout(self, in_features: int) -> tuple[int, int, int]:
         """(group size, number of groups, padded in_features). Padding is zero-filled and cropped on dequantize."""
@@ -85,24 +92,13 @@ class QuantScheme:
         return d
 
 
+SCHEME_FIELDS = tuple(f.name for f in fields(QuantScheme))
+_DESCRIBED_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
 EXTENSION_FIELDS = ("lowrank_rank", "planes", "outliers_per_row")
-MAX_OUTLIERS_PER_ROW = 1024
-MAX_LOWRANK_RANK = 1024
 
 
-def check_extension_fields(scheme: QuantScheme) -> None:
-    r = scheme.lowrank_rank
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_LOWRANK_RANK:
-        raise ValueError(f"lowrank_rank must be an int in [0, {MAX_LOWRANK_RANK}] (0: no low-rank correction), got {r!r}")
-    k = scheme.outliers_per_row
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_OUTLIERS_PER_ROW:
-        raise ValueError(f"outliers_per_row must be an int in [0, {MAX_OUTLIERS_PER_ROW}] (0: none), got {k!r}")
-    if isinstance(scheme.planes, bool) or scheme.planes not in (1, 2):
-        raise ValueError(f"planes must be 1 or 2 (ternary trit-planes / vq codebooks), got {scheme.planes!r}")
-    if scheme.planes != 1 and scheme.format not in PLANE_FORMATS:
-        raise ValueError(f"planes={scheme.planes} only applies to formats {list(PLANE_FORMATS)} (got format={scheme.format!r})")
-    if scheme.format in PLANE_FORMATS and scheme.double_quant:
-        raise ValueError(f"double_quant=True does not apply to format={scheme.format!r} (its scales are float16); leave it False")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_choice(field: str, value, allowed) -> None:
@@ -110,3 +106,61 @@ def check_choice(field: str, value, allowed) -> None:
         raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
     if value not in allowed:
         raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def _bits_choices() -> list[int]:
+    return sorted({b for name in format_names() for b in get_format(name).bits})
+
+
+def check_scheme_field(name: str, value: Any) -> None:
+    """Type and range check of one scheme field on its own (the rules between fields are the format's)."""
+    if name == "format":
+        get_format(value)
+    elif name == "bits":
+        if not _is_int(value) or value not in _bits_choices():
+            per_format = ", ".join(f"{n}: {sorted(get_format(n).bits)}" for n in format_names())
+            raise ValueError(f"bits must be an int accepted by the format ({per_format}), got {value!r}")
+    elif name == "group_size":
+        if not _is_int(value) or value not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {list(GROUP_SIZES)} (-1: one group per row), got {value!r}")
+    elif name == "method":
+        if not isinstance(value, str) or value not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {value!r}")
+    elif name in ("symmetric", "double_quant"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+    elif name == "lowrank_rank":
+        if not _is_int(value) or not 0 <= value <= MAX_LOWRANK_RANK:
+            raise ValueError(f"lowrank_rank must be an int in [0, {MAX_LOWRANK_RANK}] (0: no low-rank correction), "
+                             f"got {value!r}")
+    elif name == "outliers_per_row":
+        if not _is_int(value) or not 0 <= value <= MAX_OUTLIERS_PER_ROW:
+            raise ValueError(f"outliers_per_row must be an int in [0, {MAX_OUTLIERS_PER_ROW}] (0: none), got {value!r}")
+    elif name == "planes":
+        if not _is_int(value) or value not in (1, 2):
+            raise ValueError(f"planes must be 1 or 2 (ternary trit-planes / vq codebooks), got {value!r}")
+    else:
+        raise ValueError(f"unknown scheme field {name!r}; fields: {list(SCHEME_FIELDS)}")
+
+
+def default_bits(format_name: str) -> int:
+    return get_format(format_name).default_bits
+
+
+def resolve_scheme(inherited: Mapping[str, Any], settings: Mapping[str, Any]) -> QuantScheme:
+    """The scheme of `settings` (an override, a candidate) over the `inherited` field values. Switching format
+    takes the new format's default width, and drops inherited `symmetric` / `planes` values it does not accept
+    (given explicitly they are an error, not dropped)."""
+    for name, value in settings.items():
+        check_scheme_field(name, value)
+    values = {f: inherited[f] for f in SCHEME_FIELDS}
+    if "format" in settings:
+        fmt = get_format(settings["format"])
+        if "bits" not in settings and len(fmt.bits) == 1:  # a codebook's fixed width; int keeps the inherited one
+            values["bits"] = fmt.default_bits
+        if "symmetric" not in settings and values["symmetric"] not in fmt.symmetric:
+            values["symmetric"] = fmt.symmetric[0]
+        if "planes" not in settings and values["planes"] not in fmt.planes:
+            values["planes"] = fmt.planes[0]
+    values.update(settings)
+    return QuantScheme(**values)

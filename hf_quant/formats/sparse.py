@@ -7,22 +7,26 @@ A fixed count per row (ELLPACK layout) keeps every stored shape a function of th
 int16 columns limit in_features to 32767. Cost: 32 k / in bits per weight. The forward adds
 sum_k x[:, cols[o, k]] * values[o, k] for every output o: a gather and a k-term sum, exact in the compute dtype
 (for long prefills in slices of k, so the gathered block stays under GATHER_ELEMENTS).
+
+Fitting: the k largest-magnitude weights of each output row are taken out before the low-bit codes are fitted (so
+they no longer stretch their groups' ranges), and stored exactly as float16 residuals w - decode(code) at their
+positions. With calibration, weights are ranked by |w| * sqrt(H_ii) instead (H the input Hessian), the
+diagonal-Hessian sensitivity of SpQR.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import AdditiveTerm, register_additive_term
-from .scheme import QuantScheme
+from .base import dequantize, quantize as quantize_data_free
+from .format import AdditiveTerm, register_additive_term
 
 MAX_COLUMNS = 32767
 GATHER_ELEMENTS = 1 << 24  # largest gathered [M, out, k-slice] block of the forward (64 MiB in float32)
 
 
 class SparseOutlierTerm(AdditiveTerm):
-    def active(self, scheme: QuantScheme) -> bool:
-        return scheme.outliers_per_row > 0
+    field = "outliers_per_row"
 
     def specs(self, scheme, shape):
         *lead, out, _ = shape
@@ -47,5 +51,33 @@ class SparseOutlierTerm(AdditiveTerm):
             y = part if y is None else y + part
         return y
 
+    @torch.no_grad()
+    def fit(self, weight, scheme, quantize_rest, hessian, settings):
+        importance = None if hessian is None else torch.diagonal(hessian).float().clamp_min(0)
+        return quantize_weight_outliers(weight, scheme, importance, quantize_rest)
+
 
 SPARSE_OUTLIERS = register_additive_term(SparseOutlierTerm())
+
+
+@torch.no_grad()
+def quantize_weight_outliers(weight: torch.Tensor, scheme, importance: torch.Tensor | None = None,
+                             quantize=None) -> dict[str, torch.Tensor]:
+    """Canonical tensors of `weight` [*lead, out, in]: the inner scheme's (codes, ... and any low-rank factors) plus
+    `outlier_cols` / `outlier_values`. `quantize(weight, scheme)` quantizes the rest under the scheme without
+    outliers (default: data-free); `importance` [in] ranks weights by |w| sqrt(importance)."""
+    quantize = quantize or quantize_data_free
+    k = scheme.outliers_per_row
+    in_features = weight.shape[-1]
+    if in_features > MAX_COLUMNS:
+        raise ValueError(f"outliers_per_row needs in_features <= {MAX_COLUMNS} (int16 columns), got {in_features}")
+    if k > in_features:
+        raise ValueError(f"outliers_per_row={k} exceeds in_features={in_features}")
+    w = weight.detach().float()
+    score = w.abs() if importance is None else w.abs() * importance.float().clamp_min(0).sqrt()
+    cols = score.topk(k, dim=-1).indices.sort(-1).values
+    inner = SPARSE_OUTLIERS.inner(scheme)
+    packed = quantize(w.scatter(-1, cols, 0.0), inner)
+    decoded = dequantize(inner, packed, in_features)
+    values = (w.gather(-1, cols) - decoded.gather(-1, cols)).to(torch.float16)
+    return {**packed, "outlier_cols": cols.to(torch.int16).contiguous(), "outlier_values": values.contiguous()}

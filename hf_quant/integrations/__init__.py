@@ -1,1 +1,22 @@
-"""Integrations with the Hugging Face ecosystem (transformers registration, checkpoint checks)."""
+"""Integrations with the Hugging Face ecosystem: transformers (config + quantizer, fused-experts forward), PEFT
+(LoRA layers for packed modules), the Hub (cards, push).
+
+`register()` is every side effect importing hf_quant has, in one place. Each goes through the other library's own
+extension point where one exists; where none does, the comment names the upstream hook that would replace it.
+"""
+
+
+def register() -> None:
+    """Idempotent: safe to call many times."""
+    from . import moe, peft, transformers
+
+    # transformers' public registries: `register_quantization_config` / `register_quantizer` (also reached without
+    # importing hf_quant by the tiny hf_quant_autoload finder) ...
+    transformers.register()
+    # ... and `ALL_EXPERTS_FUNCTIONS.register` for the "hf_quant_triton" experts implementation.
+    moe.register()
+    # PEFT maps custom module types to LoRA layers per LoraConfig only (`LoraConfig._register_custom_module`); configs
+    # PEFT builds itself (`PeftModel.from_pretrained`) would not know ours, so `LoraConfig.__post_init__` is wrapped
+    # to register them on every config. A global custom-module registry in PEFT (the dispatchers of
+    # `LoraModel._create_new_module`) would replace this wrapper.
+    peft.register()

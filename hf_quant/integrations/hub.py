@@ -343,16 +343,29 @@ def _summary(groups: list[dict]) -> str:
 
 def _tags(groups: list[dict]) -> list[str]:
     """hf_quant, quantized, and per stored format e.g. int4 and 4-bit (labels are like 'int4-sym g128')."""
-    from ..formats.scheme import CODEBOOK_BITS
-
     tags = ["hf_quant", "quantized"]
     for g in groups:
-        fmt = g["format"].split()[0].removesuffix("-sym")
-        bits = int(fmt[3:]) if fmt.startswith("int") else CODEBOOK_BITS.get(fmt)
+        fmt, bits = _label_format(g["format"].split()[0])
         for tag in (fmt, f"{bits}-bit" if bits else None):
             if tag and tag not in tags:
                 tags.append(tag)
     return tags
+
+
+def _label_format(label: str) -> tuple[str, int | None]:
+    """(format tag, code width) of a format label ('int4-sym' -> ('int4', 4), 'nf4' -> ('nf4', 4)): the registered
+    format whose name starts the label, its width following the name when the format has several."""
+    from ..formats import format_names, get_format
+
+    tag = label.removesuffix("-sym")
+    for name in sorted(format_names(), key=len, reverse=True):
+        fmt = get_format(name)
+        width = tag[len(name):]
+        if tag == name and len(fmt.bits) == 1:
+            return tag, fmt.bits[0]
+        if tag.startswith(name) and width.isdigit() and int(width) in fmt.bits:
+            return tag, int(width)
+    return tag, None
 
 
 def _eval_result(q: dict, pipeline_tag: str | None):
@@ -372,6 +385,6 @@ def _template_dir() -> Path:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__

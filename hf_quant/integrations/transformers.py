@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def register() -> None:
+    """Add hf_quant's config and quantizer to transformers' quantization registries (their public extension points)."""
     from transformers.quantizers import auto
 
     from ..config import QUANT_METHOD, HfQuantConfig

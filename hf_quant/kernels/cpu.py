@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import torch
 
+from ..formats import decode_params
 from ..formats.packing import unpack_bits
-from .ops import int4pack_linear, int8pack_linear
-from ..formats.base import decode_params
+from .ops import implement
 from .registry import Kernel, register_kernel
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@implement("int4pack_linear", "CPU")
+def int4pack_linear(x, packed, scale_zeros, group_size: int, out_features: int):
+    """x [M, K] @ W^T with W in torch's CPU int4 tile layout; output columns past `out_features` (padding) dropped."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
+    # contiguous: the fake implementation (and callers) expect a dense [M, out_features] result, not a strided slice
+    return y[:, :out_features].contiguous() if y.shape[1] != out_features else y
+
+
+@implement("int8pack_linear", "CPU")
+def int8pack_linear(x, weight, scale, zero_term):
+    """x [M, K] @ (weight_int8 * scale)^T, plus sum(x) * zero_term for asymmetric per-channel codes."""
+    y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+    if zero_term is not None:
+        y = y + x.sum(-1, keepdim=True) * zero_term
+    return y
 
 
 def _cpu_float_reason(device, dtype) -> str | None:
@@ -20,10 +37,10 @@ def _cpu_float_reason(device, dtype) -> str | None:
     return None
 
 
-def cpu_format_reason(scheme, fmt: str, device, dtype) -> str | None:
-    """Why a CPU kernel for the code format `fmt` alone cannot run this layer (None: it can)."""
-    if scheme.format != fmt:
-        return f"{fmt} format only"
+def cpu_format_reason(scheme, layout: type, device, dtype) -> str | None:
+    """Why a CPU kernel reading the codes of the `layout` Format class alone cannot run this layer (None: it can)."""
+    if not isinstance(scheme.codec, layout):
+        return f"{layout.name} format only"
     return _cpu_float_reason(device, dtype)
 
 
@@ -46,7 +63,7 @@ class CpuInt4PackKernel(Kernel):
     def unsupported_reason(cls, scheme, shape, device, dtype):
         if (reason := _cpu_float_reason(device, dtype)) is not None:
             return reason
-        if scheme.format != "int" or scheme.bits > 4:
+        if not scheme.codec.affine_int or scheme.bits > 4:
             return "affine int formats of at most 4 bits only"
         g, _, _ = scheme.group_layout(shape[1])
         if g not in (32, 64, 128, 256):
@@ -111,7 +128,7 @@ class CpuInt8PackKernel(Kernel):
     def unsupported_reason(cls, scheme, shape, device, dtype):
         if (reason := _cpu_float_reason(device, dtype)) is not None:
             return reason
-        if scheme.format != "int" or scheme.bits != 8 or scheme.group_size != -1:
+        if not scheme.codec.affine_int or scheme.bits != 8 or scheme.group_size != -1:
             return "8-bit affine int with one scale per output channel only"
         return None
 

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.base import CODE_FORMATS, decode_params
-from .ops import dequantize
+from ..formats import ScalarFormat, decode_params
+from ..formats.packing import unpack_bits
+from ..formats.scalar import decode_codes
+from .ops import implement
 from .registry import Kernel, register_kernel
+
+
+@implement("dequantize", "CompositeExplicitAutograd")
+def dequantize(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Canonical packed codes + float32 scale/zero ([*lead, out, n_groups]) -> float weight [*lead, out, in].
+
+    Affine integer codes (`table` None) decode as (q - zero) * scale, `zero` required (symmetric callers pass
+    2**(bits-1)); codebook codes as table[q] * scale (`table` the float value of every code, `zero` None).
+    """
+    codes = unpack_bits(qweight, bits, in_features)
+    return decode_codes(codes, scale, zero, table, group_size, in_features, dtype).contiguous()
 
 
 @register_kernel
@@ -20,19 +42,22 @@ class ReferenceKernel(Kernel):
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
-        if scheme.format in CODE_FORMATS:  # a format with its own code layout decodes through its own reference
-            return {"scheme": scheme, "codes": tensors, "in_features": shape[1]}
+        fmt = scheme.codec
+        if not isinstance(fmt, ScalarFormat):  # a format with its own code layout decodes through its own reference
+            own = fmt.specs(scheme, tuple(shape))
+            return {"scheme": scheme, "codes": {n: tensors[n] for n in own}, "in_features": shape[1]}
         scale, zero = decode_params(scheme, tensors)
-        return {"scheme": scheme, "qweight": tensors["qweight"], "scale": scale, "zero": zero, "in_features": shape[1]}
+        table = fmt.table(device=scale.device)
+        return {"scheme": scheme, "qweight": tensors["qweight"], "scale": scale, "zero": zero, "table": table,
+                "in_features": shape[1]}
 
     @classmethod
     def weight(cls, state: dict, dtype: torch.dtype) -> torch.Tensor:
         s = state["scheme"]
         if "codes" in state:  # codes only: additive terms (low-rank, ...) are added by the module
-            return CODE_FORMATS[s.format].dequantize(s, state["codes"], state["in_features"]).to(dtype)
-        return dequantize(
-            state["qweight"], state["scale"], state["zero"], s.format, s.bits, s.group_size, state["in_features"], dtype
-        )
+            return s.codec.dequantize(s, state["codes"], state["in_features"]).to(dtype)
+        return dequantize(state["qweight"], state["scale"], state["zero"], state["table"], s.bits, s.group_size,
+                          state["in_features"], dtype)
 
     @classmethod
     def linear(cls, x, state):

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.ternary import unpack_trits
+from ..formats.ternary import TernaryFormat, unpack_trits
 from .cpu import cpu_format_reason
+from .ops import implement
 from .registry import Kernel, register_kernel
 
 
-@torch.library.custom_op("hf_quant::ternary_sign_linear", mutates_args=())
+@implement("ternary_sign_linear", "CompositeExplicitAutograd")
 def ternary_sign_linear(x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [M, in] with in = n_blocks * group_size (zero-padded by the caller); signs [n_blocks * planes, group_size,
     out] of -1/0/+1 in x's dtype; scales [n_blocks * planes, out] -> [M, out] (float32 accumulation of the
@@ -35,11 +36,6 @@ def ternary_sign_linear(x: torch.Tensor, signs: torch.Tensor, scales: torch.Tens
     return (partial.float() * scales.float().unsqueeze(1)).sum(0).to(x.dtype)
 
 
-@ternary_sign_linear.register_fake
-def _(x, signs, scales, group_size):
-    return x.new_empty((x.shape[0], signs.shape[2]))
-
-
 @register_kernel
 class CpuTernaryKernel(Kernel):
     name = "cpu_ternary"
@@ -48,7 +44,7 @@ class CpuTernaryKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        return cpu_format_reason(scheme, "ternary", device, dtype)
+        return cpu_format_reason(scheme, TernaryFormat, device, dtype)
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):

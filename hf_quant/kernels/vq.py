@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.vq import VQ_CODES, VQ_DIM, decode_vectors, n_vectors
+from ..formats.vq import VQ_CODES, VQ_DIM, VectorFormat, decode_vectors, n_vectors
 from .cpu import cpu_format_reason
+from .ops import implement
 from .registry import Kernel, register_kernel
 
 # Above this many tokens, decoding the weight once beats gathering tables per token (measured on a 2-core CPU:
@@ -24,7 +25,7 @@ from .registry import Kernel, register_kernel
 LUT_MAX_TOKENS = 8
 
 
-@torch.library.custom_op("hf_quant::vq_lut_linear", mutates_args=())
+@implement("vq_lut_linear", "CompositeExplicitAutograd")
 def vq_lut_linear(x: torch.Tensor, codebook: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, n_groups * vectors_per_group * 8] float32 (zero-padded by the caller); codebook [planes, 256, 8]
     float32; offsets [planes, out * n_groups * vectors_per_group] int32 (v * 256 + code); scales [out, n_groups]
@@ -43,11 +44,6 @@ def vq_lut_linear(x: torch.Tensor, codebook: torch.Tensor, offsets: torch.Tensor
     return (per_group * scales).sum(-1)
 
 
-@vq_lut_linear.register_fake
-def _(x, codebook, offsets, scales):
-    return x.new_empty((x.shape[0], scales.shape[0]))
-
-
 @register_kernel
 class CpuVqKernel(Kernel):
     name = "cpu_vq"
@@ -55,7 +51,7 @@ class CpuVqKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        return cpu_format_reason(scheme, "vq", device, dtype)
+        return cpu_format_reason(scheme, VectorFormat, device, dtype)
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):

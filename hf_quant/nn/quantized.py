@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import QuantScheme, decode_params, dequantize, dequantize_codes, tensor_specs, unpack_bits
-from ..formats.base import DQ_BLOCK, active_terms
+from ..formats import QuantScheme, dequantize, dequantize_expert, expert_tensors, quantize, tensor_specs
+from ..formats.format import active_terms
 from ..kernels import select_kernel
 
 
@@ -31,24 +31,14 @@ class PackedWeight(nn.Module):
 
     def packed_tensors(self, index: int | None = None) -> dict[str, torch.Tensor]:
         """The canonical tensors (of one expert when `index` is given; see `experts_sliceable`)."""
-        out = {}
-        for name in self.packed_names:
-            t = getattr(self, name)
-            if index is not None and name.endswith("_dq"):
-                if not self.experts_sliceable:
-                    raise ValueError(f"double-quant blocks of {self.quantized_shape} straddle experts")
-                rows = self.scales[0].numel() // DQ_BLOCK
-                t = t[index * rows : (index + 1) * rows]
-            elif index is not None:
-                t = t[index]
-            out[name] = t
-        return out
+        tensors = {name: getattr(self, name) for name in self._packed_names}
+        return tensors if index is None else expert_tensors(self.scheme, tensors, index, self.quantized_shape)
 
     @property
     def experts_sliceable(self) -> bool:
-        """Whether one expert's tensors are a slice of the canonical ones. Not so when double-quant blocks (one
-        (step, offset) pair per 64 consecutive scales, counted across experts) straddle two experts."""
-        return not self.scheme.double_quant or self.scales[0].numel() % DQ_BLOCK == 0
+        """Whether one expert's tensors are a slice of the canonical ones (the format decides: not so when
+        double-quant blocks of 64 consecutive scales, counted across experts, straddle two experts)."""
+        return self.scheme.codec.sliceable(self.scheme, self.quantized_shape)
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
         specs = tensor_specs(self.scheme, self.quantized_shape)
@@ -116,17 +106,9 @@ class PackedWeight(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The float weight [*lead, out, in] (one expert's [out, in] when `index` is given)."""
-        in_features = self.quantized_shape[-1]
-        if index is not None and not self.experts_sliceable:
-            # Decode every expert's (small) scales, then this expert's codes: the same values, exactly.
-            scale, zero = decode_params(self.scheme, self.packed_tensors())
-            codes = unpack_bits(self.qweight[index], self.scheme.bits, in_features)
-            zero = None if zero is None else zero[index]
-            w = dequantize_codes(self.scheme, codes, scale[index], zero, in_features, torch.float32)
-            for term in active_terms(self.scheme):
-                w = w + term.dense(self.scheme, self._term_tensors(term, index), in_features)
-            return w.to(dtype)
-        return dequantize(self.scheme, self.packed_tensors(index), in_features, dtype)
+        if index is not None:
+            return dequantize_expert(self.scheme, self.packed_tensors(), index, self.quantized_shape, dtype)
+        return dequantize(self.scheme, self.packed_tensors(), self.quantized_shape[-1], dtype)
 
     def kernel_name(self, device=None, dtype=torch.float32) -> str:
         device = torch.device(device) if device is not None else self._buffers["qweight"].device
@@ -134,10 +116,9 @@ class PackedWeight(nn.Module):
 
     def _scheme_repr(self) -> str:
         s = self.scheme
-        fmt = f"int{s.bits}{'-sym' if s.symmetric else ''}" if s.format == "int" else s.format
         g = "channel" if s.group_size == -1 else f"g{s.group_size}"
         rank = f", lowrank_rank={s.lowrank_rank}" if s.lowrank_rank else ""
-        return f"{fmt}, {g}, {s.method}{', double_quant' if s.double_quant else ''}{rank}"
+        return f"{s.label}, {g}, {s.method}{', double_quant' if s.double_quant else ''}{rank}"
 
 
 class _PackedLinearInputGrad(torch.autograd.Function):
@@ -194,12 +175,10 @@ class QuantLinear(PackedWeight):
         """Quantize an nn.Linear (or GPT-2 Conv1D) module."""
         from transformers.pytorch_utils import Conv1D
 
-        from ..algorithms import quantize_weight
-
         weight = float_weight_of(module)
         q = cls(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
                 dtype=weight.dtype)
-        q.load_packed(quantize_weight(weight, scheme))
+        q.load_packed(quantize(weight, scheme))
         q.source_is_conv1d = isinstance(module, Conv1D)
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)

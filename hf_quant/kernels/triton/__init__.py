@@ -24,16 +24,17 @@ import importlib.util
 
 import torch
 
-from ...formats.base import codebook_values, decode_params
+from ...formats import ScalarFormat, decode_params
 from ...formats.packing import unpack_bits
-from ...formats.ternary import unpack_trits
+from ...formats.ternary import TernaryFormat, unpack_trits
+from ...formats.vq import VectorFormat
+from ..ops import implement
 from ..registry import Kernel, register_kernel
 
 # Bit planes a code width is split into: every plane width divides 32, so words hold whole codes and b-bit codes
 # take exactly b bits in memory (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2).
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FORMATS = ("int", "nf4", "fp4", "fp8")  # ternary / vq codes have layouts of their own (their own kernel classes)
 MOE_BLOCK_M = 16  # rows per expert block in fused MoE (each expert's tokens are padded to a multiple of it)
 # From this many tokens, decode the weight once and let cuBLAS multiply (measured on an H100: benchmarks/gpu_kernels.py;
 # BENCHMARKS.md). VQ sooner: its tensor-core path gathers codebook entries per tile and took 0.13x fp16 cuBLAS time at
@@ -88,19 +89,20 @@ def prepare_weight(scheme, tensors: dict[str, torch.Tensor], in_features: int) -
     K_words, out], scales and zero-points [*lead, groups, out] (float16 as stored; float32 when double-quantized,
     whose decoded values need not fit float16)."""
     jit = _jit()
-    if scheme.format == "int" and scheme.bits not in PLANES:
+    fmt = scheme.codec
+    if fmt.affine_int and scheme.bits not in PLANES:
         raise ValueError(f"{scheme.bits}-bit codes are not supported by the triton kernel "
                          f"(supported: {sorted(PLANES)})")
     bits = scheme.bits
-    widths = PLANES[bits] if scheme.format == "int" else (bits,)
+    widths = PLANES[bits] if fmt.affine_int else (bits,)
     g, _, _ = scheme.group_layout(in_features)
     planes = _bit_planes(unpack_bits(tensors["qweight"], bits, in_features), widths, in_features)
     scale, zero = decode_params(scheme, tensors)
     param_dtype = torch.float32 if scheme.double_quant else torch.float16
     state = _state(planes, widths, scale.to(param_dtype), g, in_features, jit.AFFINE)
-    if scheme.format != "int":
+    if fmt.codebook:
         state["mode"] = jit.CODEBOOK
-        state["table"] = codebook_values(scheme.format, device=scale.device)
+        state["table"] = fmt.table(device=scale.device)
     elif scheme.symmetric:
         state["mode"] = jit.AFFINE_SYMMETRIC
         state["sym_zero"] = float(1 << (bits - 1))
@@ -222,22 +224,6 @@ def _dequantize(dtype, planes, widths, scale, zero, table, mode, sym_zero, group
     return w
 
 
-# Library-defined ops (not `custom_op`): they run once per layer per decoded token, and a Library op dispatches in
-# a few microseconds where custom_op's Python wrapper takes 10-15 us (see ops.py). CPU runs them in the interpreter.
-_LIB = torch.library.Library("hf_quant", "FRAGMENT")
-_WEIGHT_ARGS = "Tensor[] planes, int[] widths, Tensor scale, Tensor? zero, Tensor? table, int mode, float sym_zero, " \
-    "int group_size, int out_features"
-
-
-def _define_op(schema: str, impl, fake):
-    name = schema.split("(", 1)[0]
-    _LIB.define(schema)
-    for device in ("CUDA", "CPU"):
-        _LIB.impl(name, impl, device)
-    torch.library.register_fake(f"hf_quant::{name}", fake, lib=_LIB)
-    return getattr(torch.ops.hf_quant, name).default
-
-
 def _linear(x, planes, widths, scale, zero, table, mode: int, sym_zero: float, group_size: int, out_features: int,
             split_k: int = 0):
     """x [M, K] @ W^T with W decoded on the fly from the Triton layout (`prepare_weight`); split_k 0 = automatic."""
@@ -280,18 +266,9 @@ def _moe_linear(x, expert_ids, planes, widths, scale, zero, table, mode: int, sy
     return y.view(tokens, top_k, out_features)
 
 
-triton_linear = _define_op(
-    f"triton_linear(Tensor x, {_WEIGHT_ARGS}, int split_k=0) -> Tensor",
-    _linear,
-    lambda x, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features, split_k=0: x.new_empty(
-        (x.shape[0], out_features)),
-)
-triton_moe_linear = _define_op(
-    f"triton_moe_linear(Tensor x, Tensor expert_ids, {_WEIGHT_ARGS}) -> Tensor",
-    _moe_linear,
-    lambda x, expert_ids, planes, widths, scale, zero, table, mode, sym_zero, group_size, out_features: x.new_empty(
-        (expert_ids.shape[0], expert_ids.shape[1], out_features)),
-)
+# CPU runs them in the Triton interpreter (TRITON_INTERPRET=1; tests).
+triton_linear = implement("triton_linear", "CUDA", "CPU")(_linear)
+triton_moe_linear = implement("triton_moe_linear", "CUDA", "CPU")(_moe_linear)
 
 
 def op_args(state: dict) -> tuple:
@@ -300,12 +277,13 @@ def op_args(state: dict) -> tuple:
             state["sym_zero"], state["group_size"], state["out_features"])
 
 
-def gpu_reason(scheme, formats: tuple[str, ...], device, dtype) -> str | None:
-    """Why a Triton kernel for `formats` cannot run `scheme` on `device` in `dtype` (None: it can)."""
+def gpu_reason(scheme, layout: type, device, dtype) -> str | None:
+    """Why a Triton kernel reading the codes of the `layout` Format class cannot run `scheme` on `device` in `dtype`
+    (None: it can)."""
     if not triton_available():
         return "triton is not installed (pip install 'hf-quant[triton]')"
-    if scheme.format not in formats:
-        return f"format {scheme.format!r} not supported (only {', '.join(formats)})"
+    if not isinstance(scheme.codec, layout):
+        return f"format {scheme.format!r} not supported (only {layout.__name__} formats)"
     device = torch.device(device)
     if device.type != "cuda":
         return "CUDA only"
@@ -332,8 +310,8 @@ class TritonKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        reason = gpu_reason(scheme, _FORMATS, device, dtype)
-        if reason is None and scheme.format == "int" and scheme.bits not in PLANES:
+        reason = gpu_reason(scheme, ScalarFormat, device, dtype)
+        if reason is None and scheme.codec.affine_int and scheme.bits not in PLANES:
             return f"{scheme.bits}-bit codes not supported"
         return reason
 
@@ -356,11 +334,11 @@ class _OwnLayoutKernel(Kernel):
     implementation refuses them, and the model's eager experts loop runs them)."""
 
     priority = 200
-    formats: tuple[str, ...] = ()
+    layout: type  # the Format class whose codes it reads
 
     @classmethod
     def unsupported_reason(cls, scheme, shape, device, dtype):
-        return gpu_reason(scheme, cls.formats, device, dtype)
+        return gpu_reason(scheme, cls.layout, device, dtype)
 
 
 @register_kernel
@@ -369,7 +347,7 @@ class TritonVqKernel(_OwnLayoutKernel):
     (held in L1/L2) by the 8-bit indices, one index per 8 weights and stage. Precision as `TritonKernel`'s."""
 
     name = "triton_vq"
-    formats = ("vq",)
+    layout = VectorFormat
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
@@ -387,7 +365,7 @@ class TritonTernaryKernel(_OwnLayoutKernel):
     every dtype; the scales are rounded to the input dtype with the decoded weight)."""
 
     name = "triton_ternary"
-    formats = ("ternary",)
+    layout = TernaryFormat
 
     @classmethod
     def prepare(cls, scheme, tensors, shape, dtype):
@@ -401,10 +379,6 @@ class TritonTernaryKernel(_OwnLayoutKernel):
             y = part if y is None else y + part
         return y
 
-
-from . import experts  # noqa: E402  (needs TritonKernel; registers the "hf_quant_triton" experts implementation)
-
-experts.register()
 
 __all__ = ["TritonKernel", "TritonTernaryKernel", "TritonVqKernel", "op_args", "prepare_ternary", "prepare_vq",
            "prepare_weight", "triton_available", "triton_linear", "triton_moe_linear"]

@@ -7,7 +7,7 @@ import argparse
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-from .. import cli
+from . import cli
 
 
 class _Invocation:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import SUPPORTED_FORMAT_VERSIONS
 
 METADATA_VERSION_KEY = "hf_quant_format_version"
+METADATA_MODULES_KEY = "hf_quant_modules"  # per-module shape, scheme and kind, for readers without the model
 SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
@@ -134,27 +135,19 @@ def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str]) 
 
 
 def check_packed_values(module: torch.nn.Module, name: str = "") -> None:
-    """Raise CheckpointError naming the tensor when a loaded packed module holds a scale that is not finite and
-    positive, or a zero-point that is not finite. hf_quant never writes such values (scales are clamped to at least
-    float16's smallest normal), so they mean a damaged or modified file. Costs one pass over the scales and
-    zero-points (about 1/group_size of the weight's size). Tensors still on the meta device (offloaded) are not
-    read."""
-    from ..formats import decode_params
+    """Raise CheckpointError naming the tensor when a loaded packed module holds a value its format or an additive
+    term declares invalid (`Format.value_checks`: e.g. a scale that is not finite and positive, a zero-point or
+    codebook entry that is not finite, a ternary byte >= 243). hf_quant never writes such values, so they mean a
+    damaged or modified file. Costs one pass over the checked tensors (scales and zero-points are about
+    1/group_size of the weight's size). Tensors still on the meta device (offloaded) are not read."""
+    from ..formats import value_checks
 
     tensors = module.packed_tensors()
     if any(t.device.type == "meta" for t in tensors.values()):
         return
     prefix = f"{name}." if name else ""
-    scheme = module.scheme
-    for meta_name in ("scales_dq", "zeros_dq"):
-        meta = tensors.get(meta_name)
-        if meta is not None:
-            _require(prefix + meta_name, meta, torch.isfinite(meta), "finite")
-            _require(prefix + meta_name, meta[..., 0], meta[..., 0] > 0, "a positive step (column 0)")
-    scale, zero = decode_params(scheme, tensors)
-    _require(prefix + "scales", scale, torch.isfinite(scale) & (scale > 0), "finite and > 0")
-    if scheme.has_zero:
-        _require(prefix + "zeros", zero, torch.isfinite(zero), "finite")
+    for tensor_name, values, ok, what in value_checks(module.scheme, tensors):
+        _require(prefix + tensor_name, values, ok, what)
 
 
 def _require(key: str, values: torch.Tensor, ok: torch.Tensor, what: str) -> None:

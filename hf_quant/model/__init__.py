@@ -1,0 +1,17 @@
+"""The one walker over a transformers model: which weights hf_quant quantizes (linears, GPT-2 Conv1D, fused MoE
+expert tensors, tied heads), the decoder blocks calibration runs through, and the modules kept in float. Loading,
+calibration, allocation and export all find their targets here, so they agree."""
+
+from .walker import (
+    Target,
+    decoder_blocks,
+    expert_params,
+    find_targets,
+    is_fused_experts,
+    is_float_linear,
+    modules_kept_float,
+    tied_linear_targets,
+)
+
+__all__ = ["Target", "decoder_blocks", "expert_params", "find_targets", "is_float_linear", "is_fused_experts",
+           "modules_kept_float", "tied_linear_targets"]

@@ -1,0 +1,105 @@
+"""Finding the weights to quantize and the decoder blocks of a model (see the package doc)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from ..formats import QuantScheme
+from ..nn import QuantLinear
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers v5 experts modules (decorated with `use_experts_implementation`) declare their layout."""
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate")
+
+
+def expert_params(module: nn.Module) -> list[str]:
+    """The 3-D [experts, out, in] (or transposed) parameters of a fused experts module."""
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
+def is_float_linear(module: nn.Module) -> bool:
+    """An nn.Linear (exactly: subclasses such as PEFT or bitsandbytes layers are someone else's) or GPT-2 Conv1D."""
+    return type(module) is nn.Linear or isinstance(module, Conv1D)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight to quantize: a linear's `weight`, or a 3-D parameter of a fused experts module."""
+
+    module_name: str
+    scheme: QuantScheme
+    shape: tuple[int, ...]  # logical [*lead, out, in]
+    param: str = "weight"
+    conv1d: bool = False  # a GPT-2 Conv1D, whose parameter is stored [in, out]
+    transposed: bool = False  # fused experts stored [experts, in, out]
+    experts: bool = False
+
+    @property
+    def name(self) -> str:
+        """The module (linears) or parameter (experts) name the config's overrides match."""
+        return f"{self.module_name}.{self.param}" if self.experts else self.module_name
+
+
+def modules_kept_float(model: nn.Module, config) -> list[str]:
+    """Module names (or prefixes) kept in float: the config's `modules_to_not_convert` (None: transformers' default,
+    the output embedding, tied weights and the last module) plus the model's `_keep_in_fp32_modules`."""
+    skip = config.modules_to_not_convert
+    if skip is None:
+        skip = sorted(HfQuantizer.get_modules_to_not_convert(model, None, None))
+    return list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def find_targets(model: nn.Module, config, skip: list[str], experts: bool = True) -> list[Target]:
+    """Every weight of `model` to quantize under `config`, in module order: linears and Conv1D not in `skip` whose
+    scheme is not None (an override may keep them float), and (with `experts` and `config.quantize_experts`) the
+    3-D parameters of fused experts modules."""
+    out = []
+    for name, module in model.named_modules():
+        if not name or not should_convert_module(name, skip):
+            continue
+        if is_float_linear(module):
+            scheme = config.scheme_for(name)
+            if scheme is not None:
+                conv1d = isinstance(module, Conv1D)
+                shape = tuple(module.weight.shape)
+                out.append(Target(name, scheme, shape[::-1] if conv1d else shape, conv1d=conv1d))
+        elif experts and config.quantize_experts and is_fused_experts(module):
+            transposed = bool(module.is_transposed)
+            for pname in expert_params(module):
+                scheme = config.scheme_for(f"{name}.{pname}")
+                if scheme is not None:
+                    e, a, b = getattr(module, pname).shape
+                    out.append(Target(name, scheme, (e, b, a) if transposed else (e, a, b), param=pname,
+                                      transposed=transposed, experts=True))
+    return out
+
+
+def tied_linear_targets(model: nn.Module, config, skip: list[str]) -> dict[str, QuantScheme]:
+    """Linear layers to quantize whose weight is tied to another parameter (lm_head tied to the input embedding):
+    name -> scheme. The checkpoint stores only the tied source, so these cannot be quantized as they load."""
+    found = {}
+    for target in getattr(model, "all_tied_weights_keys", None) or {}:
+        name, _, pname = target.rpartition(".")
+        if pname != "weight" or not name or not should_convert_module(name, skip):
+            continue
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear and (scheme := config.scheme_for(name)) is not None:
+            found[name] = scheme
+    return found
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, module) of the model's transformer blocks: the ModuleList of `num_hidden_layers` blocks with linears."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and n and any(
+            isinstance(m, (nn.Linear, Conv1D, QuantLinear)) for m in module[0].modules()
+        ):
+            return name, module
+    raise ValueError(f"calibration: found no list of {n} transformer blocks in {type(model).__name__}")
