@@ -224,7 +224,7 @@ DECLARATIONS: tuple[Field, ...] = (
           "store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).", _scheme_field),
     Field("lowrank_rank", 0, "scheme",
           "> 0 stores a rank-r correction W ~ Q(W) + U V beside the codes (float16 factors, SVD of the quantization "
-          "residual; hf_quant.algorithms.lowrank), added in the forward. Costs 16 r (out + in) bits per layer. "
+          "residual; hf_quant.formats.lowrank), added in the forward. Costs 16 r (out + in) bits per layer. "
           "0 (default): none.", _scheme_field),
     Field("planes", 1, "scheme",
           'format "ternary" only: 1 (BitNet b1.58 style, ~1.6 bits + scales) or 2 trit-planes (PTQTP-style '
