@@ -11,7 +11,6 @@ and loaded as ordinary buffers (bit-identical, nothing is re-quantized).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 
 import torch
@@ -22,13 +21,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .algorithms import quantize_weight
-from .config import FORMAT_VERSION, HfQuantConfig
-from .model.checkpoint import (
-    METADATA_MODULES_KEY,
-    METADATA_VERSION_KEY,
-    check_checkpoint_files,
-    check_model_packed_values,
-)
+from .config import HfQuantConfig
+from .model.checkpoint import check_checkpoint_files, check_model_packed_values, checkpoint_metadata
 from .model import expert_params, find_targets, is_fused_experts, modules_kept_float, tied_linear_targets
 from .nn import PackedWeight, QuantExpertWeight, QuantLinear
 
@@ -103,7 +97,7 @@ class HfQuantQuantizer(HfQuantizer):
                 f"overrides={config.overrides})"
             )
         if self.pre_quantized and checkpoint_files:
-            check_checkpoint_files(model, checkpoint_files)
+            check_checkpoint_files(model, checkpoint_files, config)
         # transformers initializes (missing) weights after loading; see `initialize_weights_with_stubs`.
         model.initialize_weights = functools.partial(initialize_weights_with_stubs, model, model.initialize_weights)
 
@@ -151,11 +145,9 @@ class HfQuantQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         # The per-module record makes a checkpoint self-describing: `hf-quant inspect` reads exact shapes and
         # schemes from the safetensors header without building the model.
-        modules = {
-            name: {"shape": list(m.quantized_shape), "scheme": m.scheme.to_dict(), "kind": type(m).__name__}
-            for name, m in packed_modules(model).items()
-        }
-        return None, {METADATA_VERSION_KEY: str(FORMAT_VERSION), METADATA_MODULES_KEY: json.dumps(modules)}
+        # The weights also record the config fields they must be read with: at load, the weights' record wins
+        # over config.json (`check_checkpoint_files`).
+        return None, checkpoint_metadata(self.quantization_config, packed_modules(model))
 
     def is_serializable(self):
         return True

@@ -322,3 +322,130 @@ def test_value_check_accepts_what_hf_quant_writes(scheme):
         lin.weight[:4] = 0.0  # all-zero groups: the smallest scales hf_quant writes
         lin.weight[4:8] *= 1e-6
     check_packed_values(QuantLinear.from_float(lin, QuantScheme(**{"group_size": 32, **scheme})))
+
+
+# --- the weights' own record wins over config.json (issue: safe artifacts) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_formats(saved, tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints of the formats whose config edits used to load silently wrong."""
+    root = tmp_path_factory.mktemp("formats")
+    settings = {
+        "nf4": dict(format="nf4", group_size=32),
+        "int4-sym": dict(bits=4, symmetric=True, group_size=32),
+        "outliers": dict(bits=3, group_size=32, outliers_per_row=2),
+        "lowrank": dict(bits=2, group_size=32, lowrank_rank=4),
+        "vq": dict(format="vq", group_size=32),
+        "ternary": dict(format="ternary", group_size=32),
+        "hadamard": dict(bits=4, group_size=32, rotation="hadamard"),
+    }
+    out = {}
+    for name, kwargs in settings.items():
+        model = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(**kwargs))
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def copy_of(saved_formats, name, tmp_path) -> Path:
+    return Path(shutil.copytree(saved_formats[name], tmp_path / name))
+
+
+@pytest.mark.parametrize("name,edit,named", [
+    ("nf4", lambda qc: qc.update(format="fp4"), "'format': 'nf4'"),  # same tensors, other codebook
+    ("int4-sym", lambda qc: qc.update(format="fp4", bits=4, symmetric=False), "'format': 'int'"),
+    ("quant", lambda qc: qc.update(symmetric=True), "'symmetric': False"),  # asymmetric weights read as symmetric
+    ("outliers", lambda qc: qc.update(outliers_per_row=0), "'outliers_per_row': 2"),  # outliers dropped
+    ("hadamard", lambda qc: qc.update(rotation=None), "rotation"),  # rotation removed
+    ("hadamard", lambda qc: qc.update(rotation_seed=1), "rotation_seed"),  # another rotation
+    ("quant", lambda qc: qc.update(rotation="hadamard"), "rotation"),  # rotation added
+])
+def test_config_edits_that_loaded_silently_wrong_are_refused(saved, saved_formats, tmp_path, name, edit, named):
+    folder = Path(shutil.copytree(saved["quant"], tmp_path / "q")) if name == "quant" else copy_of(
+        saved_formats, name, tmp_path)
+    edit_quantization_config(folder, edit)
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(folder)
+    message = str(info.value)
+    assert named in message and "restore" in message.lower(), message
+
+
+def test_every_format_reloads_through_the_record_checks(saved_formats):
+    for folder in saved_formats.values():
+        check_model_packed_values(AutoModelForCausalLM.from_pretrained(folder))
+
+
+@pytest.mark.parametrize("name,edit,unexpected", [
+    ("quant", lambda qc: qc.update(symmetric=True), "zeros"),
+    ("outliers", lambda qc: qc.update(outliers_per_row=0), "outlier_cols"),
+])
+def test_without_module_records_unexpected_tensors_are_refused(saved, saved_formats, tmp_path, name, edit, unexpected):
+    """Checkpoints written before the records: a tensor the config does not expect is an error, not dropped."""
+    folder = Path(shutil.copytree(saved["quant"], tmp_path / "q")) if name == "quant" else copy_of(
+        saved_formats, name, tmp_path)
+    rewrite(folder / ST, lambda tensors, meta: [meta.pop(k) for k in ("hf_quant_modules", "hf_quant_config")])
+    edit_quantization_config(folder, edit)
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert repr(f"{Q_PROJ}.{unexpected}") in str(info.value), str(info.value)
+
+
+def test_new_config_beside_old_weights_is_refused(saved, tmp_path):
+    """What an interrupted save leaves: transformers writes config.json first, so a save of other settings killed
+    before its weights leaves the new config beside the old weights."""
+    folder = Path(shutil.copytree(saved["quant"], tmp_path / "q"))
+    other = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(bits=3, group_size=32))
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_shards_of_different_saves_are_refused(saved, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(group_size=32))
+    model.save_pretrained(tmp_path / "a", max_shard_size="20KB")
+    other = AutoModelForCausalLM.from_pretrained(
+        saved["float"], quantization_config=HfQuantConfig(group_size=32, overrides={"down_proj": {"method": "rtn"}}))
+    other.save_pretrained(tmp_path / "b", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "a").glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "b").glob("model-*.safetensors"))
+    shutil.copy(tmp_path / "b" / shards[-1], tmp_path / "a" / shards[-1])  # one shard from another save
+    with pytest.raises(CheckpointError, match="different saves"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+
+
+def tamper(folder: Path, key: str, change) -> None:
+    def edit(tensors, meta):
+        tensors[key] = change(tensors[key].clone())
+
+    rewrite(folder / ST, edit)
+
+
+def set_first(value):
+    def change(t):
+        t.view(-1)[0] = value
+        return t
+    return change
+
+
+@pytest.mark.parametrize("name,tensor,change,what", [
+    ("vq", "codebook", set_first(math.nan), "finite"),
+    ("vq", "scales", set_first(1e-7), "normal float16"),  # subnormal
+    ("outliers", "outlier_values", set_first(math.inf), "finite"),
+    ("outliers", "outlier_cols", set_first(-1), "column indices in [0, 64)"),  # wrapped to a valid column before
+    ("outliers", "outlier_cols", set_first(64), "column indices in [0, 64)"),  # IndexError at the first forward before
+    ("outliers", "outlier_cols", lambda t: t.flip(-1).contiguous(), "ascending"),
+    ("lowrank", "lowrank_u", set_first(math.nan), "finite"),
+    ("lowrank", "lowrank_v", set_first(-math.inf), "finite"),
+    ("ternary", "qweight", set_first(243), "< 243"),  # failed only at the first forward before
+    ("quant", "scales", set_first(1e-7), "normal float16"),
+])
+def test_invalid_stored_values_are_refused_at_load(saved, saved_formats, tmp_path, name, tensor, change, what):
+    folder = Path(shutil.copytree(saved["quant"], tmp_path / "q")) if name == "quant" else copy_of(
+        saved_formats, name, tmp_path)
+    key = f"{Q_PROJ}.{tensor}"
+    tamper(folder, key, change)
+    with pytest.raises(CheckpointError) as info:
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert repr(key) in str(info.value) and what in str(info.value), str(info.value)

@@ -44,7 +44,7 @@ class SignFormat(Format):
         signs = unpack_bits(tensors["qweight"], 1, in_features).float() * 2 - 1
         return signs * tensors["scales"].float().repeat_interleave(g, -1)[..., :in_features]
 
-    def value_checks(self, scheme, tensors):
+    def value_checks(self, scheme, tensors, shape):
         s = tensors["scales"].float()
         return [("scales", s, torch.isfinite(s) & (s > 0), "finite and > 0")]
 

@@ -90,9 +90,10 @@ def quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, scheme:
     return scheme.codec.gptq_stacked(weights, hessian, scheme, settings)
 
 
-def value_checks(scheme: QuantScheme, tensors: dict[str, torch.Tensor]):
-    """Every (tensor name, values, valid mask, what valid means) check the format and its terms declare."""
-    checks = list(scheme.codec.value_checks(scheme, tensors))
+def value_checks(scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]):
+    """Every (tensor name, values, valid mask, what valid means) check the format and its terms declare for the
+    stored tensors of a weight of logical `shape`."""
+    checks = list(scheme.codec.value_checks(scheme, tensors, tuple(shape)))
     for term in active_terms(scheme):
-        checks += term.value_checks(scheme, tensors)
+        checks += term.value_checks(scheme, tensors, tuple(shape))
     return checks

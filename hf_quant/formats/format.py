@@ -114,10 +114,11 @@ class Format:
         """Whether one expert's tensors are the [index] slice of a stacked weight's tensors."""
         return True
 
-    def value_checks(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor]):
-        """(tensor name, values, mask of valid values, what valid means) for each check of stored values that a
-        loader must make (shapes and dtypes are checked before): the checkpoint loader raises on the first failing
-        one, naming the tensor."""
+    def value_checks(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]):
+        """(tensor name, values, mask of valid values, what valid means) for each check of the stored values of a
+        weight of logical `shape` that a loader must make (shapes and dtypes are checked before): the checkpoint
+        loader raises on the first failing one, naming the tensor. Every float tensor is checked finite and in the
+        range hf_quant writes, every index tensor in range."""
         return []
 
     # --- coding -----------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class AdditiveTerm:
         gives for the rest. `hessian` is the input Hessian when calibrating (None: data-free)."""
         raise NotImplementedError
 
-    def value_checks(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor]):
+    def value_checks(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]):
         """As `Format.value_checks`, for this term's tensors."""
         return []
 

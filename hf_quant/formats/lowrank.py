@@ -46,7 +46,7 @@ class LowRankTerm(AdditiveTerm):
         u, v = tensors["lowrank_u"], tensors["lowrank_v"]
         return (x @ v.to(x.dtype).t()) @ u.to(x.dtype).t()
 
-    def value_checks(self, scheme, tensors):
+    def value_checks(self, scheme, tensors, shape):
         return [(n, tensors[n], torch.isfinite(tensors[n]), "finite") for n in LOWRANK_TENSORS]
 
     def fit(self, weight, scheme, quantize_rest, hessian, settings):

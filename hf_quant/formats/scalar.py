@@ -50,6 +50,7 @@ from .packing import pack_bits, packed_length, unpack_bits
 from .scheme import QuantScheme
 
 DQ_BLOCK = 64
+FP16_TINY = torch.finfo(torch.float16).tiny
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, Dettmers et al. 2023).
 NF4_CODEBOOK = (
@@ -144,7 +145,7 @@ class ScalarFormat(Format):
         zero = None if zero is None else zero[index]
         return dequantize_codes(scheme, codes, scale[index], zero, in_features, torch.float32)
 
-    def value_checks(self, scheme, tensors):
+    def value_checks(self, scheme, tensors, shape):
         checks = []
         for meta_name in ("scales_dq", "zeros_dq"):
             meta = tensors.get(meta_name)
@@ -153,6 +154,9 @@ class ScalarFormat(Format):
                 checks.append((meta_name, meta[..., 0], meta[..., 0] > 0, "a positive step (column 0)"))
         scale, zero = decode_params(scheme, tensors)
         checks.append(("scales", scale, torch.isfinite(scale) & (scale > 0), "finite and > 0"))
+        if not scheme.double_quant:  # stored float16 scales are clamped to float16's smallest normal when written
+            stored = tensors["scales"].float()
+            checks.append(("scales", stored, stored >= FP16_TINY, f"normal float16 values (>= {FP16_TINY:.3g})"))
         if self.has_zero(scheme):
             checks.append(("zeros", zero, torch.isfinite(zero), "finite"))
         return checks

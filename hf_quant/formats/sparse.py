@@ -51,6 +51,15 @@ class SparseOutlierTerm(AdditiveTerm):
             y = part if y is None else y + part
         return y
 
+    def value_checks(self, scheme, tensors, shape):
+        cols, values = tensors["outlier_cols"].long(), tensors["outlier_values"]
+        in_features = shape[-1]
+        ascending = torch.ones_like(cols, dtype=torch.bool)
+        ascending[..., 1:] = cols[..., 1:] > cols[..., :-1]
+        return [("outlier_cols", cols, (cols >= 0) & (cols < in_features), f"column indices in [0, {in_features})"),
+                ("outlier_cols", cols, ascending, "strictly ascending within each row (distinct columns)"),
+                ("outlier_values", values, torch.isfinite(values), "finite")]
+
     @torch.no_grad()
     def fit(self, weight, scheme, quantize_rest, hessian, settings):
         importance = None if hessian is None else torch.diagonal(hessian).float().clamp_min(0)

@@ -84,9 +84,9 @@ class TernaryFormat(Format):
         trits = unpack_trits(tensors["qweight"], in_features).float()
         return (trits * expand_groups(tensors["scales"].float(), g, in_features)).sum(-2)
 
-    def value_checks(self, scheme, tensors):
+    def value_checks(self, scheme, tensors, shape):
         scales, qweight = tensors["scales"].float(), tensors["qweight"]
-        return [("scales", scales, torch.isfinite(scales) & (scales > 0), "finite and > 0"),
+        return [("scales", scales, torch.isfinite(scales) & (scales >= _TINY), "finite normal float16 values > 0"),
                 ("qweight", qweight, qweight < 3**TRITS_PER_BYTE, f"< {3**TRITS_PER_BYTE} (5 trits a byte)")]
 
     @torch.no_grad()

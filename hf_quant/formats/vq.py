@@ -76,9 +76,9 @@ class VectorFormat(Format):
         vectors = decode_vectors(tensors["codebook"], tensors["qweight"])[..., :in_features]
         return vectors * tensors["scales"].float().repeat_interleave(g, -1)[..., :in_features]
 
-    def value_checks(self, scheme, tensors):
+    def value_checks(self, scheme, tensors, shape):
         scales, codebook = tensors["scales"].float(), tensors["codebook"].float()
-        return [("scales", scales, torch.isfinite(scales) & (scales > 0), "finite and > 0"),
+        return [("scales", scales, torch.isfinite(scales) & (scales >= _TINY), "finite normal float16 values > 0"),
                 ("codebook", codebook, torch.isfinite(codebook), "finite")]
 
     @torch.no_grad()

@@ -1,14 +1,19 @@
-"""Checks of a pre-quantized checkpoint.
+"""Checks of a pre-quantized checkpoint: every byte of it is untrusted input.
 
 Before any tensor is read (`check_checkpoint_files`, headers only): the files are readable safetensors (pickled
-.bin files are refused, never opened), the layout version is one we read, every packed tensor the model expects is
-present with the right dtype and shape, and no packed tensor belongs to a module the config keeps in float.
-After the tensors are loaded (`check_packed_values`, cheap: scales and zero-points only, about 1/group_size of
-the weights): every scale is finite and positive, every zero-point finite.
+.bin files are refused, never opened), the layout version is one we read, and the weights' own record wins over
+config.json: the settings that decide how weights are read (`WEIGHT_FIELDS`, written into every shard's metadata
+by `checkpoint_metadata`) and each module's scheme, shape and kind (`hf_quant_modules`) must equal what config.json
+builds, every shard must carry the same record (shards of different saves are refused), every packed tensor the model
+expects is present with the right dtype and shape, none is unexpected, and no packed tensor belongs to a module the
+config keeps in float.
+After the tensors are loaded (`check_packed_values`): every value check the format and its additive terms declare
+(`Format.value_checks`: finite, positive normal scales, in-range indices, ...).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -18,6 +23,11 @@ from ..config import SUPPORTED_FORMAT_VERSIONS
 
 METADATA_VERSION_KEY = "hf_quant_format_version"
 METADATA_MODULES_KEY = "hf_quant_modules"  # per-module shape, scheme and kind, for readers without the model
+METADATA_CONFIG_KEY = "hf_quant_config"  # the config fields that decide how the weights are read
+# The HfQuantConfig fields that change how stored tensors are read (calibration and allocation settings do not).
+WEIGHT_FIELDS = ("format_version", "format", "bits", "group_size", "symmetric", "double_quant", "lowrank_rank",
+                 "planes", "outliers_per_row", "modules_to_not_convert", "overrides", "quantize_experts", "rotation",
+                 "rotation_seed")
 SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
@@ -78,6 +88,88 @@ def read_headers(checkpoint_files: list[str]) -> dict[str, tuple[str, torch.dtyp
     return found
 
 
+def checkpoint_metadata(config, modules: dict) -> dict[str, str]:
+    """The safetensors metadata hf_quant writes into every shard: layout version, the weight-reading config fields
+    and each packed module's record (name -> shape, scheme, kind)."""
+    from ..config import FORMAT_VERSION
+
+    fields = config.to_dict()
+    return {
+        METADATA_VERSION_KEY: str(FORMAT_VERSION),
+        METADATA_CONFIG_KEY: json.dumps({f: fields[f] for f in WEIGHT_FIELDS}, sort_keys=True),
+        METADATA_MODULES_KEY: json.dumps({
+            name: {"shape": list(m.quantized_shape), "scheme": m.scheme.to_dict(), "kind": type(m).__name__}
+            for name, m in modules.items()
+        }),
+    }
+
+
+def read_records(checkpoint_files: list[str]) -> tuple[dict | None, dict | None]:
+    """(weight-reading config fields, module records) from the shards' metadata, each None where the checkpoint
+    predates it. Every shard must carry the same records: shards of different saves do not belong together."""
+    seen: dict[str, tuple[str, str | None]] = {}
+    for path in checkpoint_files:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        for key in (METADATA_CONFIG_KEY, METADATA_MODULES_KEY):
+            value = meta.get(key)
+            if key in seen and seen[key][1] != value:
+                raise CheckpointError(
+                    f"{os.path.basename(path)} and {os.path.basename(seen[key][0])} carry different {key!r} records: "
+                    f"they were written by different saves (an interrupted save, or stale shards beside new ones). "
+                    f"Remove the stale files or {_RESAVE}"
+                )
+            seen.setdefault(key, (path, value))
+    records = []
+    for key in (METADATA_CONFIG_KEY, METADATA_MODULES_KEY):
+        text = seen.get(key, (None, None))[1]
+        if text is None:
+            records.append(None)
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"safetensors metadata {key!r} is not valid JSON ({e}): {_RESAVE}") from None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"safetensors metadata {key!r} is not a JSON object: {_RESAVE}")
+        records.append(record)
+    return records[0], records[1]
+
+
+def _check_config_record(config, recorded: dict, files: list[str]) -> None:
+    """config.json's weight-reading fields must be the ones the weights were written with."""
+    fields = config.to_dict()
+    differ = [f for f in WEIGHT_FIELDS if f in recorded and _canonical(fields[f]) != _canonical(recorded[f])]
+    if differ:
+        listed = "; ".join(f"{f}: config.json {fields[f]!r}, weights {recorded[f]!r}" for f in differ)
+        raise CheckpointError(
+            f"config.json's quantization_config does not describe the weights in {files} ({listed}). config.json "
+            "was edited, or written by another save than the weights (an interrupted save_pretrained). Restore the "
+            f"quantization_config the weights were saved with, or {_RESAVE}"
+        )
+
+
+def _canonical(value):
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _check_module_record(name: str, module, recorded: dict | None, files: list[str]) -> None:
+    """A packed module built from config.json must be the one the weights record (scheme, shape, kind)."""
+    expected = {"shape": list(module.quantized_shape), "scheme": module.scheme.to_dict(), "kind": type(module).__name__}
+    if recorded is None:
+        raise CheckpointError(
+            f"config.json makes {name!r} a packed {expected['kind']} ({module.scheme.describe()}), but the weights in "
+            f"{files} record no such module: config.json does not belong to these weights. Restore its "
+            f"quantization_config or {_RESAVE}"
+        )
+    if not isinstance(recorded, dict) or _canonical(recorded) != _canonical(expected):
+        raise CheckpointError(
+            f"module {name!r}: config.json gives {expected}, but the weights in {files} were written as {recorded}. "
+            f"config.json was edited or belongs to another save: restore the quantization_config the weights were "
+            f"saved with, or {_RESAVE}"
+        )
+
+
 def _key_candidates(key: str, prefix: str) -> list[str]:
     """The names `key` (a model state-dict key) may have in a checkpoint: with and without the base model prefix."""
     candidates = [key]
@@ -88,19 +180,36 @@ def _key_candidates(key: str, prefix: str) -> list[str]:
     return candidates
 
 
-def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str]) -> None:
+def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], config=None) -> None:
     from ..formats import tensor_specs
     from ..nn import PackedWeight
 
     found = read_headers(list(checkpoint_files))
     files = [os.path.basename(p) for p in checkpoint_files]
+    config_record, module_records = read_records(list(checkpoint_files))
     prefix = getattr(model, "base_model_prefix", "")
     packed_names = set()
+    recorded_names = set()
     for mod_name, module in model.named_modules():
         if not isinstance(module, PackedWeight):
             continue
         packed_names.update(_key_candidates(mod_name, prefix))
-        for tname, (shape, dtype) in tensor_specs(module.scheme, module.quantized_shape).items():
+        if module_records is not None:
+            key = next((c for c in _key_candidates(mod_name, prefix) if c in module_records), None)
+            _check_module_record(mod_name, module, None if key is None else module_records[key], files)
+            recorded_names.add(key)
+        specs = tensor_specs(module.scheme, module.quantized_shape)
+        for key in found:  # a tensor of this module the config does not expect (e.g. `zeros` of a symmetric scheme)
+            for c in _key_candidates(mod_name, prefix):
+                tname = key[len(c) + 1:] if key.startswith(c + ".") else None
+                if tname and "." not in tname and tname not in specs and tname != "bias":
+                    raise CheckpointError(
+                        f"{os.path.basename(found[key][0])}: tensor {key!r} is not part of {mod_name!r} as its "
+                        f"quantization_config ({module.scheme.describe()}) stores it (expected {sorted(specs)}); "
+                        "config.json does not belong to these weights: restore its quantization_config or "
+                        f"{_RESAVE}"
+                    )
+        for tname, (shape, dtype) in specs.items():
             key = f"{mod_name}.{tname}"
             hit = next((found[c] for c in _key_candidates(key, prefix) if c in found), None)
             if hit is None:
@@ -132,6 +241,17 @@ def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str]) 
                 "quantize_experts). The config.json does not belong to this checkpoint: restore its "
                 "quantization_config or save the checkpoint again"
             )
+    if module_records is not None:
+        unclaimed = sorted(set(module_records) - recorded_names)
+        if unclaimed:
+            raise CheckpointError(
+                f"the weights in {files} hold packed module(s) {unclaimed[:5]} that config.json keeps in float "
+                "(modules_to_not_convert / overrides / quantize_experts): config.json does not belong to these "
+                f"weights. Restore its quantization_config or {_RESAVE}"
+            )
+    # Last: the config fields the weights were written with (the checks above name a module where one differs).
+    if config_record is not None and config is not None:
+        _check_config_record(config, config_record, files)
 
 
 def check_packed_values(module: torch.nn.Module, name: str = "") -> None:
@@ -146,7 +266,7 @@ def check_packed_values(module: torch.nn.Module, name: str = "") -> None:
     if any(t.device.type == "meta" for t in tensors.values()):
         return
     prefix = f"{name}." if name else ""
-    for tensor_name, values, ok, what in value_checks(module.scheme, tensors):
+    for tensor_name, values, ok, what in value_checks(module.scheme, tensors, module.quantized_shape):
         _require(prefix + tensor_name, values, ok, what)
 
 
