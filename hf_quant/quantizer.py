@@ -40,6 +40,7 @@ class HfQuantQuantizer(HfQuantizer):
         self.pending_experts: dict[str, tuple] = {}  # param name -> (scheme, transposed), quantize-on-load
         self.load_errors: dict[str, str] = {}  # weight name -> why it could not be quantized (quantize-on-load)
         self.tied_to_quantize: dict[str, object] = {}  # tied linear (e.g. lm_head) -> scheme, quantized after load
+        self.records: dict | None = None  # pre-quantized: the weights' own records (modules, float tensor digests)
 
     # --- loading hooks ----------------------------------------------------------------------------
 
@@ -97,7 +98,7 @@ class HfQuantQuantizer(HfQuantizer):
                 f"overrides={config.overrides})"
             )
         if self.pre_quantized and checkpoint_files:
-            check_checkpoint_files(model, checkpoint_files, config)
+            self.records = check_checkpoint_files(model, checkpoint_files, config)
         # transformers initializes (missing) weights after loading; see `initialize_weights_with_stubs`.
         model.initialize_weights = functools.partial(initialize_weights_with_stubs, model, model.initialize_weights)
 
@@ -119,7 +120,8 @@ class HfQuantQuantizer(HfQuantizer):
                 "HfQuantConfig(modules_to_not_convert=[...])"
             )
         if self.pre_quantized:
-            check_model_packed_values(model)  # scales finite and > 0, zero-points finite; names the tensor
+            # every value check the formats declare, and the recorded SHA-256 of every module's tensors
+            check_model_packed_values(model, self.records)
         missing = []
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear) and "weight" in module._parameters:
@@ -147,7 +149,10 @@ class HfQuantQuantizer(HfQuantizer):
         # schemes from the safetensors header without building the model.
         # The weights also record the config fields they must be read with: at load, the weights' record wins
         # over config.json (`check_checkpoint_files`).
-        return None, checkpoint_metadata(self.quantization_config, packed_modules(model))
+        packed = packed_modules(model)
+        packed_keys = {f"{name}.{t}" for name, m in packed.items() for t in m.packed_names}
+        floats = {k: v for k, v in model.state_dict().items() if k not in packed_keys}
+        return None, checkpoint_metadata(self.quantization_config, packed, floats)
 
     def is_serializable(self):
         return True

@@ -21,6 +21,7 @@ from hf_quant.model.checkpoint import (
     CheckpointError,
     check_model_packed_values,
     check_packed_values,
+    tensor_digest,
 )
 
 ST = "model.safetensors"
@@ -56,12 +57,22 @@ def float_dir(saved, tmp_path) -> Path:
     return Path(shutil.copytree(saved["float"], tmp_path / "float"))
 
 
-def rewrite(path: Path, edit) -> None:
-    """Load a safetensors file, let `edit(tensors, metadata)` change it, and write it back (metadata kept)."""
+def rewrite(path: Path, edit, redigest: bool = True) -> None:
+    """Load a safetensors file, let `edit(tensors, metadata)` change it, and write it back (metadata kept). With
+    `redigest`, the recorded SHA-256 of every module is recomputed, as a deliberate tamperer would: what is tested
+    is then the check after the digest."""
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     tensors = load_file(str(path))
     edit(tensors, metadata)
+    if redigest and "hf_quant_modules" in metadata:
+        records = json.loads(metadata["hf_quant_modules"])
+        for name, record in records.items():
+            own = {k[len(name) + 1:]: t for k, t in tensors.items()
+                   if k.startswith(name + ".") and "." not in k[len(name) + 1:] and k[len(name) + 1:] != "bias"}
+            if isinstance(record, dict) and "sha256" in record and own:
+                record["sha256"] = tensor_digest(own)
+        metadata["hf_quant_modules"] = json.dumps(records)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -449,3 +460,18 @@ def test_invalid_stored_values_are_refused_at_load(saved, saved_formats, tmp_pat
     with pytest.raises(CheckpointError) as info:
         AutoModelForCausalLM.from_pretrained(folder)
     assert repr(key) in str(info.value) and what in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("tensor", ["qweight", "scales", "zeros"])
+def test_a_changed_byte_that_is_still_a_valid_value_is_refused(quant_dir, tensor):
+    """A flipped code byte (or a scale changed to another valid scale) passes every range check: the SHA-256 the
+    save recorded for the module catches it."""
+    key = f"{Q_PROJ}.{tensor}"
+
+    def edit(tensors, meta):
+        t = tensors[key].view(torch.uint8).view(-1)
+        t[3] ^= 0x01
+
+    rewrite(quant_dir / ST, edit, redigest=False)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*not the bytes saved"):
+        AutoModelForCausalLM.from_pretrained(quant_dir)

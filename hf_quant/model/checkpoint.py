@@ -13,6 +13,7 @@ After the tensors are loaded (`check_packed_values`): every value check the form
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -24,6 +25,7 @@ from ..config import SUPPORTED_FORMAT_VERSIONS
 METADATA_VERSION_KEY = "hf_quant_format_version"
 METADATA_MODULES_KEY = "hf_quant_modules"  # per-module shape, scheme and kind, for readers without the model
 METADATA_CONFIG_KEY = "hf_quant_config"  # the config fields that decide how the weights are read
+METADATA_TENSORS_KEY = "hf_quant_float_tensors"  # name -> [dtype, SHA-256] of every other (float) tensor
 # The HfQuantConfig fields that change how stored tensors are read (calibration and allocation settings do not).
 WEIGHT_FIELDS = ("format_version", "format", "bits", "group_size", "symmetric", "double_quant", "lowrank_rank",
                  "planes", "outliers_per_row", "modules_to_not_convert", "overrides", "quantize_experts", "rotation",
@@ -88,30 +90,50 @@ def read_headers(checkpoint_files: list[str]) -> dict[str, tuple[str, torch.dtyp
     return found
 
 
-def checkpoint_metadata(config, modules: dict) -> dict[str, str]:
-    """The safetensors metadata hf_quant writes into every shard: layout version, the weight-reading config fields
-    and each packed module's record (name -> shape, scheme, kind)."""
+def checkpoint_metadata(config, modules: dict, float_tensors: dict) -> dict[str, str]:
+    """The safetensors metadata hf_quant writes into every shard: layout version, the weight-reading config fields,
+    each packed module's record (name -> shape, scheme, kind, SHA-256 of its tensors) and the dtype and SHA-256 of
+    every other tensor of the model (`float_tensors`: state-dict name -> tensor)."""
     from ..config import FORMAT_VERSION
 
     fields = config.to_dict()
+    records = {}
+    for name, m in modules.items():
+        records[name] = {"shape": list(m.quantized_shape), "scheme": m.scheme.to_dict(), "kind": type(m).__name__}
+        tensors = m.packed_tensors()
+        if not any(t.device.type == "meta" for t in tensors.values()):  # (offloaded tensors are not at hand)
+            records[name]["sha256"] = tensor_digest(tensors)
+    digests = {name: [str(t.dtype), tensor_digest({"": t})] for name, t in float_tensors.items()
+               if t.device.type != "meta"}
     return {
         METADATA_VERSION_KEY: str(FORMAT_VERSION),
         METADATA_CONFIG_KEY: json.dumps({f: fields[f] for f in WEIGHT_FIELDS}, sort_keys=True),
-        METADATA_MODULES_KEY: json.dumps({
-            name: {"shape": list(m.quantized_shape), "scheme": m.scheme.to_dict(), "kind": type(m).__name__}
-            for name, m in modules.items()
-        }),
+        METADATA_MODULES_KEY: json.dumps(records),
+        METADATA_TENSORS_KEY: json.dumps(digests),
     }
 
 
-def read_records(checkpoint_files: list[str]) -> tuple[dict | None, dict | None]:
-    """(weight-reading config fields, module records) from the shards' metadata, each None where the checkpoint
-    predates it. Every shard must carry the same records: shards of different saves do not belong together."""
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a module's stored tensors (names, dtypes, shapes and bytes): safetensors has no checksum, and a
+    flipped code byte is a valid value no range check can catch."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def read_records(checkpoint_files: list[str]) -> tuple[dict | None, dict | None, dict | None]:
+    """(weight-reading config fields, module records, float tensor digests) from the shards' metadata, each None
+    where the checkpoint predates it. Every shard must carry the same records: shards of different saves do not
+    belong together."""
     seen: dict[str, tuple[str, str | None]] = {}
     for path in checkpoint_files:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        for key in (METADATA_CONFIG_KEY, METADATA_MODULES_KEY):
+        for key in (METADATA_CONFIG_KEY, METADATA_MODULES_KEY, METADATA_TENSORS_KEY):
             value = meta.get(key)
             if key in seen and seen[key][1] != value:
                 raise CheckpointError(
@@ -121,7 +143,7 @@ def read_records(checkpoint_files: list[str]) -> tuple[dict | None, dict | None]
                 )
             seen.setdefault(key, (path, value))
     records = []
-    for key in (METADATA_CONFIG_KEY, METADATA_MODULES_KEY):
+    for key in (METADATA_CONFIG_KEY, METADATA_MODULES_KEY, METADATA_TENSORS_KEY):
         text = seen.get(key, (None, None))[1]
         if text is None:
             records.append(None)
@@ -133,7 +155,7 @@ def read_records(checkpoint_files: list[str]) -> tuple[dict | None, dict | None]
         if not isinstance(record, dict):
             raise CheckpointError(f"safetensors metadata {key!r} is not a JSON object: {_RESAVE}")
         records.append(record)
-    return records[0], records[1]
+    return records[0], records[1], records[2]
 
 
 def _check_config_record(config, recorded: dict, files: list[str]) -> None:
@@ -156,6 +178,8 @@ def _canonical(value):
 def _check_module_record(name: str, module, recorded: dict | None, files: list[str]) -> None:
     """A packed module built from config.json must be the one the weights record (scheme, shape, kind)."""
     expected = {"shape": list(module.quantized_shape), "scheme": module.scheme.to_dict(), "kind": type(module).__name__}
+    if isinstance(recorded, dict):
+        recorded = {k: v for k, v in recorded.items() if k != "sha256"}  # checked once the tensors are loaded
     if recorded is None:
         raise CheckpointError(
             f"config.json makes {name!r} a packed {expected['kind']} ({module.scheme.describe()}), but the weights in "
@@ -180,13 +204,16 @@ def _key_candidates(key: str, prefix: str) -> list[str]:
     return candidates
 
 
-def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], config=None) -> None:
+def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], config=None) -> dict:
+    """Header-level checks (module doc); returns the weights' records {"modules": ..., "float_tensors": ...} (None
+    for checkpoints that predate them), whose digests `check_model_packed_values` verifies once the tensors are
+    loaded."""
     from ..formats import tensor_specs
     from ..nn import PackedWeight
 
     found = read_headers(list(checkpoint_files))
     files = [os.path.basename(p) for p in checkpoint_files]
-    config_record, module_records = read_records(list(checkpoint_files))
+    config_record, module_records, tensor_records = read_records(list(checkpoint_files))
     prefix = getattr(model, "base_model_prefix", "")
     packed_names = set()
     recorded_names = set()
@@ -252,9 +279,10 @@ def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], 
     # Last: the config fields the weights were written with (the checks above name a module where one differs).
     if config_record is not None and config is not None:
         _check_config_record(config, config_record, files)
+    return {"modules": module_records, "float_tensors": tensor_records}
 
 
-def check_packed_values(module: torch.nn.Module, name: str = "") -> None:
+def check_packed_values(module: torch.nn.Module, name: str = "", digest: str | None = None) -> None:
     """Raise CheckpointError naming the tensor when a loaded packed module holds a value its format or an additive
     term declares invalid (`Format.value_checks`: e.g. a scale that is not finite and positive, a zero-point or
     codebook entry that is not finite, a ternary byte >= 243). hf_quant never writes such values, so they mean a
@@ -266,6 +294,11 @@ def check_packed_values(module: torch.nn.Module, name: str = "") -> None:
     if any(t.device.type == "meta" for t in tensors.values()):
         return
     prefix = f"{name}." if name else ""
+    if digest is not None and tensor_digest(tensors) != digest:
+        raise CheckpointError(
+            f"the stored tensors of {name!r} ({sorted(tensors)}) are not the bytes saved with them (SHA-256 recorded in "
+            f"the safetensors metadata): the file was corrupted or modified. {_RESAVE[0].upper()}{_RESAVE[1:]}"
+        )
     for tensor_name, values, ok, what in value_checks(module.scheme, tensors, module.quantized_shape):
         _require(prefix + tensor_name, values, ok, what)
 
@@ -281,10 +314,28 @@ def _require(key: str, values: torch.Tensor, ok: torch.Tensor, what: str) -> Non
     )
 
 
-def check_model_packed_values(model: torch.nn.Module) -> None:
-    """`check_packed_values` for every packed module of `model` (keys as in the model's state dict)."""
+def check_model_packed_values(model: torch.nn.Module, records: dict | None = None) -> None:
+    """`check_packed_values` for every packed module of `model` (keys as in the model's state dict), and the digests
+    of `records` (from `check_checkpoint_files`) where the save recorded them: every packed module's tensors, and
+    every float tensor loaded in the dtype it was saved in (a float tensor cast to another dtype at load, or
+    offloaded, cannot be compared and is skipped)."""
     from ..nn import PackedWeight
 
+    prefix = getattr(model, "base_model_prefix", "")
+    modules = (records or {}).get("modules") or {}
     for name, module in model.named_modules():
         if isinstance(module, PackedWeight):
-            check_packed_values(module, name)
+            record = next((modules[c] for c in _key_candidates(name, prefix) if c in modules), None)
+            check_packed_values(module, name, record.get("sha256") if isinstance(record, dict) else None)
+    floats = (records or {}).get("float_tensors") or {}
+    if not floats:
+        return
+    for key, t in model.state_dict().items():
+        record = next((floats[c] for c in _key_candidates(key, prefix) if c in floats), None)
+        if not isinstance(record, list) or len(record) != 2 or t.device.type == "meta" or str(t.dtype) != record[0]:
+            continue
+        if tensor_digest({"": t}) != record[1]:
+            raise CheckpointError(
+                f"tensor {key!r} is not the bytes saved with it (SHA-256 recorded in the safetensors metadata): the "
+                f"file was corrupted or modified. {_RESAVE[0].upper()}{_RESAVE[1:]}"
+            )
