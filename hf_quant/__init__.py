@@ -9,6 +9,7 @@ from .config import FORMAT_VERSION, HfQuantConfig
 from .formats import QuantScheme
 from .integrations import register as _register
 from .integrations.hub import push_to_hub
+from .model.checkpoint import save_pretrained_atomic
 from .nn import QuantExpertWeight, QuantLinear
 from .quantizer import HfQuantQuantizer, dequantize_model, packed_modules
 from .version import __version__  # noqa: F401
@@ -25,4 +26,5 @@ __all__ = [
     "dequantize_model",
     "packed_modules",
     "push_to_hub",
+    "save_pretrained_atomic",
 ]

@@ -475,3 +475,31 @@ def test_a_changed_byte_that_is_still_a_valid_value_is_refused(quant_dir, tensor
     rewrite(quant_dir / ST, edit, redigest=False)
     with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*not the bytes saved"):
         AutoModelForCausalLM.from_pretrained(quant_dir)
+
+
+def test_atomic_save_leaves_the_previous_checkpoint_when_it_fails(saved, tmp_path, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    from hf_quant.model.checkpoint import save_pretrained_atomic
+
+    target = Path(shutil.copytree(saved["quant"], tmp_path / "ckpt"))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(bits=3, group_size=32))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(modeling_utils, "safe_save_file", disk_full)  # fails after config.json was written
+        with pytest.raises(OSError, match="No space"):
+            save_pretrained_atomic(other, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+    AutoModelForCausalLM.from_pretrained(target)  # still the previous checkpoint, loadable
+
+    (target / "stale-extra.safetensors").write_bytes(b"x")
+    save_pretrained_atomic(other, target, max_shard_size="20KB")  # sharded over a single-file checkpoint
+    assert not (target / ST).exists() and not (target / "stale-extra.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(target)
+    assert {m.scheme.bits for m in reloaded.modules() if isinstance(m, QuantLinear)} == {3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

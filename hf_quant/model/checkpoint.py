@@ -339,3 +339,32 @@ def check_model_packed_values(model: torch.nn.Module, records: dict | None = Non
                 f"tensor {key!r} is not the bytes saved with it (SHA-256 recorded in the safetensors metadata): the "
                 f"file was corrupted or modified. {_RESAVE[0].upper()}{_RESAVE[1:]}"
             )
+
+
+def save_pretrained_atomic(model: torch.nn.Module, directory, **kwargs) -> None:
+    """`model.save_pretrained(directory, **kwargs)` that either completes or leaves `directory` as it was.
+
+    transformers writes config.json before the weights and removes stale files as it goes, so a save that fails or
+    is killed half way leaves a folder whose parts do not belong together (hf_quant's loader then refuses it, naming
+    the mismatch). This writes into a temporary sibling folder and swaps it in with two renames; an earlier
+    checkpoint in `directory` is replaced whole (no stale shard survives). A failure before the swap removes the
+    temporary folder and leaves `directory` untouched; a process killed between the two renames leaves the earlier
+    checkpoint in the sibling `.<name>.old-*` folder."""
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    target = Path(directory)
+    tag = uuid.uuid4().hex[:8]
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(tmp, **kwargs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
