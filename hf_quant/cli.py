@@ -209,6 +209,7 @@ def _print_report(r: dict) -> None:
 
 
 def cmd_inspect(args) -> int:
+    from .config import HfQuantConfig
     from .eval.storage import checkpoint_storage
 
     folder = Path(args.folder)
@@ -216,10 +217,15 @@ def cmd_inspect(args) -> int:
     if not cfg_path.exists():
         print(f"error: {cfg_path} not found; pass a folder written by save_pretrained", file=sys.stderr)
         return 2
-    qc = json.loads(cfg_path.read_text()).get("quantization_config")
-    if not qc or qc.get("quant_method") != "hf_quant":
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "hf_quant":
         print(f"error: {cfg_path} has no hf_quant quantization_config", file=sys.stderr)
         return 2
+    qc = HfQuantConfig.from_dict(qc)  # validated like a load: what is printed below is a checked value
     report = checkpoint_storage(folder)
     width = max((len(m.name) for m in report.modules), default=10)
     print(f"{'module':<{width}}  {'kind':<17} {'shape':<18} {'format':<18} {'bits/w':>7}")
@@ -227,7 +233,7 @@ def cmd_inspect(args) -> int:
         shape = "x".join(map(str, m.shape))
         print(f"{m.name:<{width}}  {m.kind:<17} {shape:<18} {m.format:<18} {m.bits_per_weight:>7.3f}")
     print()
-    print(f"format version {qc.get('format_version')}, method {qc.get('method')}")
+    print(f"format version {qc.format_version}, method {qc.method}")
     print(f"quantized weights {report.quantized_weights:,} at {report.bits_per_weight:.3f} bits per weight "
           f"({_mb(report.quantized_bits // 8)}); float tensors {_mb(report.float_bytes)}; total {_mb(report.total_bytes)} "
           f"({report.model_bits_per_weight:.3f} bits per weight, whole model)")

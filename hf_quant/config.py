@@ -24,6 +24,11 @@ from .formats.scheme import (
     CALIBRATION_METHODS, SCHEME_FIELDS, QuantScheme, check_scheme_field, default_bits, resolve_scheme,
 )
 
+try:
+    from re import _parser as _sre  # Python >= 3.11
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre
+
 QUANT_METHOD = "hf_quant"
 # Version of the on-disk layout (formats/base.py). Bump on any change a reader must know about.
 FORMAT_VERSION = 1
@@ -75,12 +80,91 @@ def _one_of(*allowed) -> Callable[[str, Any], Any]:
 
 
 def _format_version(name: str, value):
-    if not _is_int(value) or value not in SUPPORTED_FORMAT_VERSIONS:
+    if not _is_int(value):
+        quotes = "; write it without quotes in config.json" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be an int (the on-disk layout version, e.g. {FORMAT_VERSION}), got {value!r}"
+                         + quotes)
+    if value not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(
             f"{name}={value!r} is not supported by this hf_quant (it reads versions "
             f"{list(SUPPORTED_FORMAT_VERSIONS)}); upgrade hf_quant to load this checkpoint (pip install -U hf-quant)"
         )
     return value
+
+
+def _seed(name: str, value):
+    if not _is_int(value) or not 0 <= value < 2**32:  # seeds torch.Generator as seed * 1_000_003 + in_features
+        raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+    return value
+
+
+# --- regular expressions: a config ships with a checkpoint, so its patterns are untrusted ---------------------------
+# Python's `re` backtracks: `^(.|\w|[a-z_.])*!` takes exponential time on a module name, and `.?` written 30 times
+# or `.*` 5 times takes hours over a model's names. So each pattern is judged before it is ever matched, on its parsed
+# form (`_ways`): no backreferences or conditionals; no repeat of something that can itself match in several ways
+# (nested repetition, a repeated alternation); and at most _MAX_WAYS ways to match a name from one position, counted
+# as the product of the choices in sequence (an alternation: its options; a variable-length repeat: its counts, at most
+# _NAME_LENGTH + 1), so one pattern costs at most milliseconds per module name.
+MAX_PATTERN_LENGTH = 1000
+_NAME_LENGTH = 64
+_MAX_WAYS = 10_000
+_MAX_WAYS_PER_FIELD = 100_000  # summed over a field's patterns, all of which may be tried on every name
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+_NO_BACKREFS = "it uses a backreference or a conditional group"
+_PATTERN_FIX = r"list the module names, or use a pattern without nested or stacked repetition (e.g. 'layers\.\d+\.mlp')"
+
+
+class _Unsafe(Exception):
+    pass
+
+
+def _ways(parsed) -> int:
+    """An upper bound on the ways a parsed (sub)pattern can match from one position; raises _Unsafe for constructs
+    that can backtrack catastrophically."""
+    ways = 1
+    for op, av in parsed:
+        if op in _REPEATS:
+            low, high, body = av
+            inner = _ways(body)
+            if inner > 1 and high > 1:
+                raise _Unsafe("it repeats a group that can itself match in several ways (nested repetition)")
+            ways *= inner * (min(high - low, _NAME_LENGTH) + 1)
+        elif op is _sre.BRANCH:
+            ways *= sum(_ways(option) for option in av[1])
+        elif op is _sre.SUBPATTERN:
+            ways *= _ways(av[-1])
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            ways *= _ways(av[1])
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            ways *= _ways(av)
+        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+            raise _Unsafe(_NO_BACKREFS)
+        if ways > _MAX_WAYS:
+            raise _Unsafe(f"it can match a name in over {_MAX_WAYS:,} ways (each *, + or {{m,}} counts as "
+                          f"{_NAME_LENGTH + 1}, ? as 2, an alternation as its options, multiplied in sequence)")
+    return ways
+
+
+def _regexes(name: str, patterns, template: str = "{}") -> None:
+    """Check the regexes of the field `name` (see above); `template` is how the field's user embeds each one."""
+    total = 0
+    for pattern in patterns:
+        shown = repr(pattern) if len(pattern) <= 80 else repr(pattern[:60]) + f"... ({len(pattern)} characters)"
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            raise ValueError(f"{name} entry {shown} is longer than {MAX_PATTERN_LENGTH} characters; {_PATTERN_FIX}")
+        try:
+            re.compile(template.format(pattern))  # its syntax, in the form it is matched in
+            total += _ways(_sre.parse(pattern))
+            if total > _MAX_WAYS_PER_FIELD:
+                raise _Unsafe(f"with the entries before it, {name} can match a name in over "
+                              f"{_MAX_WAYS_PER_FIELD:,} ways")
+        except re.error as e:
+            raise ValueError(f"{name} entry {shown} is not a valid regular expression: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{name} entry {shown} nests its groups too deeply; {_PATTERN_FIX}") from None
+        except _Unsafe as e:
+            raise ValueError(f"{name} entry {shown} is refused because {e}: matching such a pattern against module "
+                             f"names can take hours (Python's re backtracks); {_PATTERN_FIX}") from None
 
 
 def _module_names(name: str, value):
@@ -90,6 +174,8 @@ def _module_names(name: str, value):
         isinstance(m, str) for m in value
     ):
         raise ValueError(f"{name} must be None or a list of module names (str), e.g. ['lm_head'], got {value!r}")
+    # transformers' should_convert_module matches each entry as a regex, embedded in a module-boundary suffix.
+    _regexes(name, value, r"(?:{})(?:(?<=\.)|(?=\.|$))")
     return list(value)
 
 
@@ -124,14 +210,11 @@ def _overrides(name: str, value) -> dict[str, dict[str, Any] | None]:
     for pattern, settings in _override_items({} if value is None else value):
         if not isinstance(pattern, str):
             raise ValueError(f"{name} keys must be regular expressions (str), got {pattern!r}")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"{name} key {pattern!r} is not a valid regular expression: {e}") from None
         if settings is not None and not isinstance(settings, Mapping):
             raise ValueError(f"{name}[{pattern!r}] must be a dict of settings (allowed: {list(SCHEME_FIELDS)}) or "
                              f"None (keep in float), got {settings!r}")
         result[pattern] = None if settings is None else _settings(f"{name}[{pattern!r}]", settings)
+    _regexes(name, result)
     return result
 
 
@@ -237,14 +320,17 @@ DECLARATIONS: tuple[Field, ...] = (
     Field("modules_to_not_convert", None, "placement",
           "list of module names (or dotted prefixes) kept in float. Default (None): the output embedding, tied "
           "weights and the last module, as transformers computes them; the resolved list is recorded in the config "
-          "when the model is loaded. Embeddings are never quantized.", _module_names),
+          "when the model is loaded. Embeddings are never quantized. Entries are matched as regexes up to a module "
+          "boundary (transformers' `should_convert_module`), under the rules of `overrides`.", _module_names),
     Field("overrides", None, "placement",
           "{regex: {setting: value}} applied to modules whose full name matches the regex (`re.search`); the first "
           'matching entry (in insertion order) wins, e.g. `{r"down_proj": {"bits": 8}}`. A value of None (instead of '
           "a dict) keeps matching modules in float. Settings not given are inherited from the config, except that an "
           "override switching format takes that format's width if it has only one (unless it sets `bits`) and drops "
           "inherited `symmetric`/`planes` values the format does not accept. `to_dict()` (and config.json) hold the "
-          "overrides as a list of [regex, settings] pairs, which keeps their order; such a list is accepted here too.",
+          "overrides as a list of [regex, settings] pairs, which keeps their order; such a list is accepted here too. "
+          "A regex that could backtrack for hours (nested repetition such as `(\\w+\\.)*`, backreferences, many "
+          "open-ended repeats in a row) or is over 1000 characters is refused, here and in modules_to_not_convert.",
           _overrides, _override_pairs),
     Field("quantize_experts", True, "placement",
           "also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).", _bool),
@@ -275,7 +361,7 @@ DECLARATIONS: tuple[Field, ...] = (
           'unrotated; a tied lm_head is untied). Both quantize after loading; not with method "awq".',
           _one_of(None, "hadamard", "residual")),
     Field("rotation_seed", 0, "calibration",
-          "seed of the rotation's random signs (recorded, so a reload rebuilds the same R).", _int_at_least(0)),
+          "seed of the rotation's random signs, in [0, 2**32) (recorded, so a reload rebuilds the same R).", _seed),
     Field("token_weighting", None, "calibration",
           'GPTQ only: None, or "attention" (RSQ-style): each token\'s row of the Hessian is weighted by the attention '
           "it receives in the block (mean over heads, summed over queries, relative to its sequence's mean, clipped "

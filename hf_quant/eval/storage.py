@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..formats import QuantScheme, tensor_specs
@@ -230,34 +230,90 @@ def model_storage(
 
 
 def checkpoint_storage(folder: str | os.PathLike) -> StorageReport:
-    """Storage of a saved hf_quant checkpoint, from its safetensors headers only (no model is built)."""
-    from ..model.checkpoint import METADATA_MODULES_KEY
+    """Storage of a saved hf_quant checkpoint, from its safetensors headers only (no model is built).
+
+    The headers are untrusted: every module record (`hf_quant_modules`) must be well formed, and the tensors it
+    implies (`tensor_specs`) must be exactly those in the files, so every figure reported is read from real tensors."""
+    from ..model.checkpoint import METADATA_MODULES_KEY, SAFETENSORS_DTYPES
 
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} has no .safetensors files; is it a checkpoint saved by save_pretrained?")
-    modules: dict[str, dict] = {}
-    sizes: dict[str, tuple[int, int]] = {}
+    records: dict[str, tuple[Path, dict]] = {}
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if METADATA_MODULES_KEY in meta:
-                modules.update(json.loads(meta[METADATA_MODULES_KEY]))
-            for key in f.keys():
-                sl = f.get_slice(key)
-                numel = _numel(sl.get_shape())
-                sizes[key] = (numel * torch.empty(0, dtype=_dtype(sl.get_dtype())).element_size(), numel)
-    if not modules:
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if METADATA_MODULES_KEY in meta:
+                    records.update((name, (path, info)) for name, info in _module_records(path, meta).items())
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    if sl.get_dtype() not in SAFETENSORS_DTYPES:
+                        raise ValueError(f"{path}: tensor {key!r} has dtype {sl.get_dtype()!r}, which hf_quant does "
+                                         f"not read; {_RESAVE}")
+                    tensors[key] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()])
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); {_RESAVE}") from None
+    if not records:
         raise ValueError(f"{folder}: the safetensors metadata has no {METADATA_MODULES_KEY!r}; not an hf_quant checkpoint")
-    quantized = {}
-    for name, info in modules.items():
+    quantized, expected = {}, {}
+    for name, (path, info) in records.items():
         scheme = QuantScheme(**info["scheme"])
-        missing = [t for t in tensor_specs(scheme, tuple(info["shape"])) if f"{name}.{t}" not in sizes]
-        if missing:
-            raise ValueError(f"{folder}: module {name!r} lacks stored tensor(s) {missing}; the checkpoint is incomplete")
+        expected[name] = tensor_specs(scheme, tuple(info["shape"]))
+        for t, (shape, dtype) in expected[name].items():
+            found = tensors.get(f"{name}.{t}")
+            if found is None:
+                raise ValueError(f"{folder}: module {name!r} lacks stored tensor {t!r}; the checkpoint is incomplete: "
+                                 f"{_RESAVE}")
+            if found != (tuple(shape), dtype):
+                raise ValueError(f"{path}: module {name!r} records shape {info['shape']}, so its tensor {t!r} must be "
+                                 f"{dtype} {list(shape)}, but the file holds {found[1]} {list(found[0])}; the header "
+                                 f"or metadata was modified: {_RESAVE}")
         quantized[name] = QuantizedModule(scheme_label(scheme), tuple(info["shape"]), info["kind"])
-    return _assign(sizes, quantized, _float_itemsize(folder))
+    report = _assign({k: (_numel(s) * torch.empty(0, dtype=d).element_size(), _numel(s)) for k, (s, d) in
+                      tensors.items()}, quantized, _float_itemsize(folder))
+    for m in report.modules:
+        extra = sorted(set(m.tensors) - set(expected[m.name]))
+        if extra:
+            raise ValueError(f"{records[m.name][0]}: module {m.name!r} stores tensor(s) {extra} that its scheme does "
+                             f"not write; the file was modified: {_RESAVE}")
+    return report
+
+
+_RESAVE = "download or save the checkpoint again"
+_MAX_DIM = 2**31
+
+
+def _module_records(path: Path, meta: Mapping[str, str]) -> dict[str, dict]:
+    """The `hf_quant_modules` metadata of one file, checked: {module: {"shape": [positive ints], "scheme": the fields
+    of a QuantScheme, "kind": a class name}} (extra keys, e.g. a digest, are left to the loader)."""
+    from ..model.checkpoint import METADATA_MODULES_KEY
+
+    where = f"{path}: safetensors metadata {METADATA_MODULES_KEY!r}"
+    try:
+        records = json.loads(meta[METADATA_MODULES_KEY])
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid JSON ({e}); {_RESAVE}") from None
+    if not isinstance(records, dict):
+        raise ValueError(f"{where} must be a JSON object {{module: record}}, got {type(records).__name__}; {_RESAVE}")
+    for name, info in records.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and len(shape) in (2, 3)
+                and all(type(d) is int and 0 < d <= _MAX_DIM for d in shape)):
+            raise ValueError(f"{where}: module {name!r} needs a 'shape' of 2 or 3 ints in [1, 2**31] ([out, in] or "
+                             f"[experts, out, in]), got {info!r:.200}; {_RESAVE}")
+        if not isinstance(info.get("kind"), str) or not info["kind"].isidentifier():
+            raise ValueError(f"{where}: module {name!r} needs a 'kind' (a class name), got {info.get('kind')!r:.100}; "
+                             f"{_RESAVE}")
+        try:
+            if not isinstance(info.get("scheme"), dict):
+                raise ValueError(f"expected a dict, got {info.get('scheme')!r:.100}")
+            QuantScheme(**info["scheme"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: module {name!r} has an invalid 'scheme' ({e}); {_RESAVE}") from None
+    return records
 
 
 def _float_itemsize(folder: Path) -> int:
@@ -266,12 +322,6 @@ def _float_itemsize(folder: Path) -> int:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return 4
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    name = (config.get("dtype") or config.get("torch_dtype") or "float32") if isinstance(config, dict) else "float32"
     dtype = getattr(torch, str(name), torch.float32)
     return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
-
-
-def _dtype(st_dtype: str) -> torch.dtype:
-    from ..model.checkpoint import SAFETENSORS_DTYPES
-
-    return SAFETENSORS_DTYPES[st_dtype]

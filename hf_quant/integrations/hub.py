@@ -376,12 +376,18 @@ def _eval_result(q: dict, pipeline_tag: str | None):
 
 
 def _template_dir() -> Path:
-    """model_cards/ ships inside the wheel as hf_quant/model_cards; a source checkout has it at the top level."""
+    """model_cards/ ships inside the wheel as hf_quant/model_cards; a source checkout has it at the top level. The top
+    level is trusted only beside our pyproject.toml: in an installed package it is site-packages, where a stray
+    `model_cards` folder of another project would otherwise render a foreign template."""
     package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "model_cards", package.parent / "model_cards"):
+    candidates = [package / "model_cards"]
+    if (package.parent / "pyproject.toml").is_file():
+        candidates.append(package.parent / "model_cards")
+    for candidate in candidates:
         if (candidate / CARD_TEMPLATE).is_file():
             return candidate
-    raise FileNotFoundError(f"model card template {CARD_TEMPLATE} not found next to {package}; reinstall hf-quant")
+    raise HubPushError(f"model card template {CARD_TEMPLATE} not found in {package / 'model_cards'}: the hf-quant "
+                       "installation is incomplete; reinstall it (pip install --force-reinstall hf-quant)")
 
 
 def _version() -> str:

@@ -175,6 +175,12 @@ class QuantLinear(PackedWeight):
         """Quantize an nn.Linear (or GPT-2 Conv1D) module."""
         from transformers.pytorch_utils import Conv1D
 
+        if isinstance(module, PackedWeight):  # it has no float `weight` to read
+            raise ValueError(f"{type(module).__name__} ({module._scheme_repr()}) is already quantized; pass the float "
+                             "nn.Linear, or `module.to_float(dtype)` to quantize it again with another scheme")
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise TypeError(f"QuantLinear.from_float quantizes an nn.Linear or a GPT-2 Conv1D, "
+                            f"got {type(module).__name__}")
         weight = float_weight_of(module)
         q = cls(weight.shape[1], weight.shape[0], module.bias is not None, scheme, device=weight.device,
                 dtype=weight.dtype)
