@@ -90,6 +90,7 @@ def cmd_quantize(args) -> int:
     from transformers import AutoTokenizer
 
     from .eval.storage import model_storage
+    from .model.checkpoint import save_pretrained_atomic
 
     model_path = args.model
     if model_path is None:
@@ -105,13 +106,13 @@ def cmd_quantize(args) -> int:
     model, causal = _load(model_path, quantization_config=config, dtype=dtype)
     quant_seconds = time.perf_counter() - start
     out = Path(args.out)
-    model.save_pretrained(out)
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        tokenizer.save_pretrained(out)
     except (OSError, ValueError) as e:
         print(f"note: no tokenizer saved ({e})")
+    # A failed or interrupted save leaves an earlier checkpoint in --out as it was.
+    save_pretrained_atomic(model, out, also=[tokenizer] if tokenizer is not None else [])
     storage = model_storage(model)
     report = {
         "model": str(model_path),

@@ -79,6 +79,13 @@ def _one_of(*allowed) -> Callable[[str, Any], Any]:
     return check
 
 
+def _digest(name: str, value):
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+        raise ValueError(f"{name} must be None or a SHA-256 hex digest (64 hex digits; written by hf_quant when "
+                         f"saving), got {value!r}")
+    return value
+
+
 def _format_version(name: str, value):
     if not _is_int(value):
         quotes = "; write it without quotes in config.json" if isinstance(value, str) else ""
@@ -273,7 +280,7 @@ class Field:
 
     name: str
     default: Any
-    group: str  # "version", "scheme", "placement", "calibration" or "allocation"
+    group: str  # "version" (checkpoint record), "scheme", "placement", "calibration" or "allocation"
     doc: str
     check: Callable[[str, Any], Any]
     dump: Callable[[Any], Any] = copy.deepcopy
@@ -285,6 +292,11 @@ DECLARATIONS: tuple[Field, ...] = (
     Field("format_version", FORMAT_VERSION, "version",
           "the on-disk layout version; set by hf_quant, checked when loading. A saved config must carry it "
           "(`from_dict` rejects a config without it).", _format_version),
+    Field("weights_digest", None, "version",
+          "set by hf_quant when saving: the SHA-256 of the records the weights carry (config fields, each module's "
+          "scheme and tensor digests, every float tensor's digest), linking config.json to exactly those weights; "
+          "checked when loading (stale or foreign weight files are refused). None: not a saved checkpoint.",
+          _digest),
     # Scheme fields (compressed-tensors' QuantizationScheme/QuantizationArgs): what each weight is stored as.
     Field("format", "int", "scheme",
           'the weight format: "int" (affine integer), "nf4", "fp4" (E2M1), "fp8" (E4M3, weight-only), "ternary" '

@@ -73,6 +73,7 @@ class HfQuantQuantizer(HfQuantizer):
             config.update(overrides=config_with_allocation(config, allocation).overrides)
         compute_dtype = dtype or torch.float32
         if not self.pre_quantized:
+            config.weights_digest = None  # (a loaded checkpoint's config reused to quantize another model)
             # A tied lm_head has no tensor of its own in the checkpoint: it is quantized from the tied embedding
             # after loading (and untied), so it is left out of the load-time conversion.
             self.tied_to_quantize = tied_linear_targets(model, config, self.modules_to_not_convert)

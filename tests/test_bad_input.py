@@ -21,6 +21,7 @@ from hf_quant.model.checkpoint import (
     CheckpointError,
     check_model_packed_values,
     check_packed_values,
+    records_digest,
     tensor_digest,
 )
 
@@ -73,6 +74,12 @@ def rewrite(path: Path, edit, redigest: bool = True) -> None:
             if isinstance(record, dict) and "sha256" in record and own:
                 record["sha256"] = tensor_digest(own)
         metadata["hf_quant_modules"] = json.dumps(records)
+        config_path = path.parent / "config.json"
+        if config_path.exists() and "hf_quant_float_tensors" in metadata:  # and the link config.json carries
+            config = json.loads(config_path.read_text())
+            config["quantization_config"]["weights_digest"] = records_digest(
+                json.loads(metadata["hf_quant_config"]), records, json.loads(metadata["hf_quant_float_tensors"]))
+            config_path.write_text(json.dumps(config))
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -503,3 +510,44 @@ def test_atomic_save_leaves_the_previous_checkpoint_when_it_fails(saved, tmp_pat
     reloaded = AutoModelForCausalLM.from_pretrained(target)
     assert {m.scheme.bits for m in reloaded.modules() if isinstance(m, QuantLinear)} == {3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def other_float(folder: Path) -> None:
+    """The tiny model with other weights (same architecture)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("first_sharded", [False, True])
+def test_stale_weight_files_of_an_earlier_save_never_load_silently(saved, tmp_path, first_sharded):
+    """Saving single-file over a sharded save (or sharded over a single file) leaves the earlier files beside the
+    new ones; whichever transformers picks, the result is the latest save or a refusal, never the stale weights
+    under the new config (same settings, other weights: only config.json's weights_digest tells them apart)."""
+    folder = tmp_path / "q"
+    first = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(group_size=32))
+    other_float(tmp_path / "float2")  # other weights, same architecture and settings
+    latest = AutoModelForCausalLM.from_pretrained(tmp_path / "float2", quantization_config=HfQuantConfig(group_size=32))
+    first.save_pretrained(folder, **({"max_shard_size": "20KB"} if first_sharded else {}))
+    latest.save_pretrained(folder, **({} if first_sharded else {"max_shard_size": "20KB"}))
+    assert (folder / ST).exists() and (folder / "model.safetensors.index.json").exists()
+    ids = torch.tensor([[1, 5, 9, 77]])
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+    except CheckpointError as e:
+        assert "config.json was saved with other weights" in str(e)
+        return
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, latest(ids).logits)
+
+
+def test_config_beside_weights_of_the_same_settings_from_another_save_is_refused(saved, tmp_path):
+    folder = Path(shutil.copytree(saved["quant"], tmp_path / "q"))
+    other_float(tmp_path / "float2")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "float2", quantization_config=HfQuantConfig(group_size=32))
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "config.json", folder / "config.json")  # same settings, other weights
+    with pytest.raises(CheckpointError, match="config.json was saved with other weights"):
+        AutoModelForCausalLM.from_pretrained(folder)

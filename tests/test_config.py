@@ -271,11 +271,13 @@ def test_saved_model_config_round_trips(tmp_path):
     assert saved["format_version"] == FORMAT_VERSION
     assert saved["quant_method"] == "hf_quant"
     # Everything as given, plus the resolved default of modules_to_not_convert (recorded so a reload does not
-    # depend on transformers' heuristics).
-    assert saved == {**before, "modules_to_not_convert": ["lm_head"]}
+    # depend on transformers' heuristics) and the digest linking config.json to the weights saved with it.
+    assert len(saved["weights_digest"]) == 64
+    assert saved == {**before, "modules_to_not_convert": ["lm_head"], "weights_digest": saved["weights_digest"]}
     loaded = AutoQuantizationConfig.from_dict(saved)
     assert loaded == model.config.quantization_config
-    assert loaded == HfQuantConfig.from_dict({**before, "modules_to_not_convert": ["lm_head"]})
+    assert loaded == HfQuantConfig.from_dict({**before, "modules_to_not_convert": ["lm_head"],
+                                              "weights_digest": saved["weights_digest"]})
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quant")
     assert reloaded.config.quantization_config == loaded
@@ -295,6 +297,7 @@ def test_saved_model_config_round_trips(tmp_path):
 
 # A valid non-default value of every field (with what it needs of the others), for the round trip below.
 SAMPLES = {
+    "weights_digest": {"weights_digest": "0123456789abcdef" * 4},
     "format": {"format": "nf4"},
     "bits": {"bits": 3},
     "group_size": {"group_size": 64},

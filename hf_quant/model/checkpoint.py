@@ -105,12 +105,22 @@ def checkpoint_metadata(config, modules: dict, float_tensors: dict) -> dict[str,
             records[name]["sha256"] = tensor_digest(tensors)
     digests = {name: [str(t.dtype), tensor_digest({"": t})] for name, t in float_tensors.items()
                if t.device.type != "meta"}
+    config_record = {f: fields[f] for f in WEIGHT_FIELDS}
+    # config.json (written after this, by transformers) carries the digest of these records: the link that makes a
+    # config.json beside other weights (stale files, an interrupted save) an error even when the settings agree.
+    config.weights_digest = records_digest(*_canonical([config_record, records, digests]))
     return {
         METADATA_VERSION_KEY: str(FORMAT_VERSION),
-        METADATA_CONFIG_KEY: json.dumps({f: fields[f] for f in WEIGHT_FIELDS}, sort_keys=True),
+        METADATA_CONFIG_KEY: json.dumps(config_record, sort_keys=True),
         METADATA_MODULES_KEY: json.dumps(records),
         METADATA_TENSORS_KEY: json.dumps(digests),
     }
+
+
+def records_digest(config_record, module_records, tensor_records) -> str:
+    """SHA-256 of the records a checkpoint's weights carry (as parsed from, or written to, their metadata)."""
+    text = json.dumps([config_record, module_records, tensor_records], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -279,7 +289,26 @@ def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], 
     # Last: the config fields the weights were written with (the checks above name a module where one differs).
     if config_record is not None and config is not None:
         _check_config_record(config, config_record, files)
+    expected = getattr(config, "weights_digest", None)
+    if expected is not None:
+        found_digest = None if module_records is None else records_digest(config_record, module_records, tensor_records)
+        if found_digest != expected:
+            others = sorted({p.name for p in _siblings(checkpoint_files)} - set(files))
+            raise CheckpointError(
+                f"config.json was saved with other weights than those in {files} (its weights_digest {expected[:12]}... "
+                f"does not match the weights' records{'' if found_digest is None else f' {found_digest[:12]}...'}): "
+                "stale weight files of an earlier save, or a config.json of another save (an interrupted "
+                f"save_pretrained). Weight files in the folder: {sorted(set(files) | set(others))}. Remove the stale "
+                f"files (save with hf_quant.save_pretrained_atomic to avoid them) or {_RESAVE}"
+            )
     return {"modules": module_records, "float_tensors": tensor_records}
+
+
+def _siblings(checkpoint_files: list[str]):
+    from pathlib import Path
+
+    folders = {Path(p).parent for p in checkpoint_files}
+    return [p for folder in folders for p in folder.glob("*.safetensors")]
 
 
 def check_packed_values(module: torch.nn.Module, name: str = "", digest: str | None = None) -> None:
@@ -341,8 +370,9 @@ def check_model_packed_values(model: torch.nn.Module, records: dict | None = Non
             )
 
 
-def save_pretrained_atomic(model: torch.nn.Module, directory, **kwargs) -> None:
-    """`model.save_pretrained(directory, **kwargs)` that either completes or leaves `directory` as it was.
+def save_pretrained_atomic(model: torch.nn.Module, directory, also=(), **kwargs) -> None:
+    """`model.save_pretrained(directory, **kwargs)` that either completes or leaves `directory` as it was (with
+    `also`: objects saved beside it in the same swap, e.g. the tokenizer).
 
     transformers writes config.json before the weights and removes stale files as it goes, so a save that fails or
     is killed half way leaves a folder whose parts do not belong together (hf_quant's loader then refuses it, naming
@@ -361,6 +391,8 @@ def save_pretrained_atomic(model: torch.nn.Module, directory, **kwargs) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         model.save_pretrained(tmp, **kwargs)
+        for other in also:
+            other.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
