@@ -38,7 +38,8 @@ IDS = [[1, 17, 33, 5, 99, 64, 2, 120]]
 VALUES = [None, True, False, 0, -1, 1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 128, -2, 2**70, 1.5, -0.5, "", "int", "nf4",
           "fp4", "fp8", "vq", "ternary", "mse", "gptq", "hadamard", "residual", "(", r"^(.|\w|[a-z_.])*!", "q_proj",
           [], ["("], ["q_proj"], [r"^(a+)+$"], {}, {"a": 1}, [["x", {"bits": 9}]], [["q_proj", {"format": "fp4"}]],
-          [["q_proj", None]], {"q_proj": {"bits": 3}}, "1", [1, 2]]
+          [["q_proj", None]], {"q_proj": {"bits": 3}}, "1", [1, 2], [r"^(.|\w|[a-z_.])*!"],
+          {r"^(.|\w|[a-z_.])*!": None}, [[r"(\w+\.)*x", {"bits": 8}]], "f" * 64]
 DTYPES = ["U8", "I8", "I16", "I32", "I64", "F16", "BF16", "F32", "F64", "BOOL", "F8_E4M3", "XX"]
 
 
