@@ -22,7 +22,12 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .algorithms import quantize_weight
 from .config import HfQuantConfig
-from .model.checkpoint import check_checkpoint_files, check_model_packed_values, checkpoint_metadata
+from .model.checkpoint import (
+    check_checkpoint_files,
+    check_model_packed_values,
+    checkpoint_metadata,
+    save_pretrained_atomic,
+)
 from .model import expert_params, find_targets, is_fused_experts, modules_kept_float, tied_linear_targets
 from .nn import PackedWeight, QuantExpertWeight, QuantLinear
 
@@ -140,6 +145,11 @@ class HfQuantQuantizer(HfQuantizer):
             model.set_experts_implementation("eager")
         model._weight_conversions = conversions_sparing_packed(model)
         model.config.quantization_config = self.quantization_config
+        # Saves are atomic (a temporary sibling folder swapped in): transformers writes config.json before the
+        # weights, so an interrupted save would leave a new config beside the old weights. Its save_pretrained has
+        # no hook around the file writes (HfQuantizer.get_state_dict_and_metadata runs before them and has no say
+        # over the folder); such a hook would replace this per-instance wrapper.
+        model.save_pretrained = functools.partial(save_pretrained_atomic, model)
         return model
 
     def get_quantize_ops(self):

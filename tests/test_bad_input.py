@@ -530,8 +530,13 @@ def test_stale_weight_files_of_an_earlier_save_never_load_silently(saved, tmp_pa
     first = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(group_size=32))
     other_float(tmp_path / "float2")  # other weights, same architecture and settings
     latest = AutoModelForCausalLM.from_pretrained(tmp_path / "float2", quantization_config=HfQuantConfig(group_size=32))
-    first.save_pretrained(folder, **({"max_shard_size": "20KB"} if first_sharded else {}))
-    latest.save_pretrained(folder, **({} if first_sharded else {"max_shard_size": "20KB"}))
+    first_kw, latest_kw = ({"max_shard_size": "20KB"}, {}) if first_sharded else ({}, {"max_shard_size": "20KB"})
+    first.save_pretrained(folder, **first_kw)
+    latest.save_pretrained(folder, **latest_kw)  # hf_quant's atomic save replaces the folder whole
+    assert (folder / ST).exists() != (folder / "model.safetensors.index.json").exists()
+    # transformers' own (non-atomic) save, as any other tool writing into the folder would, leaves both
+    type(first).save_pretrained(first, folder, **first_kw)
+    type(latest).save_pretrained(latest, folder, **latest_kw)
     assert (folder / ST).exists() and (folder / "model.safetensors.index.json").exists()
     ids = torch.tensor([[1, 5, 9, 77]])
     try:
@@ -551,3 +556,26 @@ def test_config_beside_weights_of_the_same_settings_from_another_save_is_refused
     shutil.copy(tmp_path / "other" / "config.json", folder / "config.json")  # same settings, other weights
     with pytest.raises(CheckpointError, match="config.json was saved with other weights"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_a_plain_save_pretrained_of_an_hf_quant_model_is_atomic(saved, tmp_path, monkeypatch):
+    """What the probe did: a save that fails after config.json is written (disk full) used to leave the new config
+    beside the old weights. model.save_pretrained of a model hf_quant loaded now leaves the previous checkpoint."""
+    import transformers.modeling_utils as modeling_utils
+
+    target = Path(shutil.copytree(saved["quant"], tmp_path / "ckpt"))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(bits=3, group_size=32))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(modeling_utils, "safe_save_file", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            other.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    other.save_pretrained(target)
+    assert {m.scheme.bits for m in AutoModelForCausalLM.from_pretrained(target).modules()
+            if isinstance(m, QuantLinear)} == {3}

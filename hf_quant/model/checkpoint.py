@@ -385,17 +385,24 @@ def save_pretrained_atomic(model: torch.nn.Module, directory, also=(), **kwargs)
     from pathlib import Path
 
     target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"save_pretrained: {target} exists and is not a folder")
     tag = uuid.uuid4().hex[:8]
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     old = target.parent / f".{target.name}.old-{tag}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    if kwargs.get("push_to_hub"):
+        kwargs.setdefault("repo_id", target.name)  # transformers would name the repo after the temporary folder
+    save = getattr(type(model), "save_pretrained")  # the class's own method, not an instance's atomic wrapper
     try:
-        model.save_pretrained(tmp, **kwargs)
+        save(model, tmp, **kwargs)
         for other in also:
             other.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not tmp.exists():  # nothing written (e.g. not the main process of a distributed save)
+        return
     if target.exists():
         target.rename(old)
     tmp.rename(target)
