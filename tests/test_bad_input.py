@@ -579,3 +579,36 @@ def test_a_plain_save_pretrained_of_an_hf_quant_model_is_atomic(saved, tmp_path,
     other.save_pretrained(target)
     assert {m.scheme.bits for m in AutoModelForCausalLM.from_pretrained(target).modules()
             if isinstance(m, QuantLinear)} == {3}
+
+
+_SAVE_LOOP = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from hf_quant import HfQuantConfig
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=HfQuantConfig(bits=3, group_size=32))
+print("ready", flush=True)
+for i in range(100000):
+    model.save_pretrained(sys.argv[2], max_shard_size="20KB" if i % 2 else None)
+"""
+
+
+def test_a_save_killed_part_way_leaves_a_loadable_checkpoint(saved, tmp_path):
+    """The probe's case: SIGKILL 0.01-0.1 s into save_pretrained (4 of 4 kills used to leave a checkpoint that
+    loaded wrong). Each kill must leave a checkpoint that loads: the previous one or the new one, whole."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = Path(shutil.copytree(saved["quant"], tmp_path / "ckpt"))
+    rng = random.Random(0)
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(saved["float"]), str(target)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.01, 0.1))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        model = AutoModelForCausalLM.from_pretrained(target)
+        assert {m.scheme.bits for m in model.modules() if isinstance(m, QuantLinear)} in ({3}, {4})
