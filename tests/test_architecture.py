@@ -30,6 +30,7 @@ LAYERS = [
     "algorithms",  # model-level methods: GPTQ driving, AWQ, rotations, allocation, experts
     "pipeline",  # the calibration block loop and its processors
     "eval",  # perplexity, storage accounting, reports
+    "export",  # checkpoints in other libraries' formats (compressed-tensors, GPTQ)
     "quantizer",  # the transformers HfQuantizer
     "integrations",  # transformers/PEFT/Hub/experts registration
     "cli",

@@ -35,6 +35,13 @@ half-quadratic zero gives 36.40 (g128) and 32.98 (g64) against RTN's 37.25 and 3
 
 GPTQ (`gptq`): group parameters come from this data-free search, then each column is rounded to the format's
 nearest code (`ColumnRounder`) with the error feedback of `solvers.gptq`. The stored tensors are the same.
+
+Export (`export_tensors`, driven by hf_quant.export): each format says what its codes are to a target object
+(compressed-tensors, GPTQ), which packs them in its own layout. The affine integers hand over codes, scales and
+integer zero-points; FP8 hands over E4M3 codes and scales; the other codebooks have no exact counterpart and are
+refused. Whatever the target cannot hold exactly (fractional zero-points, double-quantized scales that are not
+exact in the target's scale dtype, a zero-point outside its range) is refused with `ExportRefused`, or with
+`requantize=True` re-rounded to the nearest codes it holds, the added weight error reported.
 """
 
 from __future__ import annotations
@@ -80,6 +87,34 @@ class QuantParams:
     codes: torch.Tensor  # uint8 [*lead, out, in]
     scale: torch.Tensor  # float32 [*lead, out, n_groups]
     zero: torch.Tensor | None  # float32 [*lead, out, n_groups], int asymmetric only
+
+
+class ExportRefused(ValueError):
+    """A weight that an export target cannot represent exactly: `reason` says why, `fix` what to do about it.
+    Formats raise it without a module name; the exporter (hf_quant.export) fills in `module`."""
+
+    def __init__(self, reason: str, fix: str, module: str | None = None):
+        self.reason, self.fix, self.module = reason, fix, module
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.module + ': ' if self.module else ''}{self.reason}. Fix: {self.fix}"
+
+    def for_module(self, module: str) -> "ExportRefused":
+        return ExportRefused(self.reason, self.fix, module)
+
+
+@dataclass
+class ExportedWeight:
+    """One weight in an export target's layout (`Format.export_tensors`)."""
+
+    tensors: dict[str, torch.Tensor]  # the target's tensors of this weight, named as the target names them
+    scheme: dict  # the target's description of how it is stored (JSON values); equal for weights stored alike
+    added_error: float | None = None  # requantize: relative Frobenius error ||W' - W|| / ||W|| added; None: exact
+
+
+_REQUANTIZE_FIX = ("export with requantize=True to re-round to the nearest codes the target holds (the added "
+                   "weight error is reported per module)")
 
 
 class ScalarFormat(Format):
@@ -331,6 +366,59 @@ class ScalarFormat(Format):
         return out
 
 
+    # --- export to other checkpoint formats (hf_quant.export) ----------------------------------------
+
+    def export_tensors(self, target, scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
+                       requantize: bool = False) -> ExportedWeight:
+        """This weight (canonical `tensors` of logical `shape`) in `target`'s layout: the format says what its codes
+        are, the target object (hf_quant.export) checks what it can hold and packs them. Exact, or `ExportRefused`
+        (naming the reason and the fix); with `requantize`, what only rounding keeps out is re-rounded to the
+        nearest codes the target holds and the added error reported. Codebooks other than FP8 have no exact
+        counterpart in any target (a different grid, not a rounding): refused even with `requantize`."""
+        raise ExportRefused(
+            f"{target.name} has no {self.label(scheme)} weights (codes indexing a table of {1 << scheme.bits} "
+            "fixed values times a scale; no layout of the target decodes that table)",
+            "quantize these modules with format='int' (affine integer codes, e.g. bits=4 with symmetric=True or "
+            "method='rtn'), or keep them in float with modules_to_not_convert; requantize=True cannot help (it "
+            "would be a different grid, not a rounding)")
+
+    def _export_scales(self, target, scheme, scale: torch.Tensor):
+        """(problems, the scales as the target stores them, decoded to float32)."""
+        stored = scale.to(target.scale_dtype).float()
+        bad = (stored != scale) | ~torch.isfinite(stored) | (stored <= 0)
+        problems = []
+        if bad.any():
+            why = " (double_quant stores scales as 8-bit codes that decode to float32 values)" if scheme.double_quant \
+                else ""
+            problems.append((f"{int(bad.sum())} of {bad.numel()} scales are not exact in {target.scale_dtype} (e.g. "
+                             f"{float(scale[bad][0]):.9g}){why}", target.scale_fix))
+        stored = torch.where(torch.isfinite(stored) & (stored > 0), stored, scale.clamp_min(FP16_TINY))
+        return problems, stored
+
+    def _rerounded(self, scheme, codes, scale, zero, new_scale, new_zero, in_features):
+        """Requantize: the nearest codes under the target's (scale, zero) of the weight the stored codes decode to,
+        and the relative weight error that adds."""
+        w = dequantize_codes(scheme, codes, scale, zero, in_features)
+        g, _, in_padded = scheme.group_layout(in_features)
+        lead = w.shape[:-1]
+        rows = w.reshape(-1, in_features)
+        z = None if new_zero is None else new_zero.reshape(rows.shape[0], -1, 1)
+        new_codes = self.assign(_grouped(rows, g, in_padded), new_scale.reshape(rows.shape[0], -1, 1), z, scheme)
+        new_codes = new_codes.reshape(-1, in_padded)[:, :in_features].reshape(*lead, in_features)
+        w2 = dequantize_codes(scheme, new_codes, new_scale, new_zero, in_features)
+        norm = float(w.norm())
+        return new_codes, float((w2 - w).norm()) / norm if norm > 0 else float((w2 - w).norm())
+
+    def _refuse_or_reround(self, target, scheme, problems, requantize, codes, scale, zero, new_scale, new_zero,
+                           in_features):
+        if not problems:
+            return codes, None
+        if not requantize:
+            fixes = list(dict.fromkeys(fix for _, fix in problems))
+            raise ExportRefused("; ".join(reason for reason, _ in problems), "; or ".join(fixes + [_REQUANTIZE_FIX]))
+        return self._rerounded(scheme, codes, scale, zero, new_scale, new_zero, in_features)
+
+
 class IntFormat(ScalarFormat):
     """Affine integer codes, 2-8 bits, asymmetric (stored zero-point) or symmetric (zero-point 2**(bits-1))."""
 
@@ -417,6 +505,41 @@ class IntFormat(ScalarFormat):
     def column_rounder(self, scheme, device):
         return IntColumnRounder(scheme)
 
+    def export_tensors(self, target, scheme, tensors, shape, requantize=False):
+        # Affine integers: w = (q - zero) * scale with integer codes; the target needs integer zero-points in its
+        # range and scales exact in its scale dtype.
+        pack = getattr(target, "affine_int", None)
+        if pack is None:
+            raise ExportRefused(f"{target.name} has no affine integer weights",
+                                "export to a target that has them (compressed-tensors, gptq)")
+        target.check_affine_int(scheme, tuple(shape))
+        in_features = shape[-1]
+        params = unpack(scheme, tensors, in_features)
+        problems, new_scale = self._export_scales(target, scheme, params.scale)
+        zero = new_zero = params.zero
+        if zero is not None:
+            lo, hi, why, fix = target.zero_range(scheme)
+            rounded = zero.round()
+            frac = zero != rounded
+            if frac.any():
+                cause = ("double_quant stores zero-points as 8-bit codes that decode to fractional values"
+                         if scheme.double_quant else
+                         f"method='mse' (and 'gptq', whose group parameters come from it) fits them HQQ-style for "
+                         f"asymmetric int of >= {HQ_MIN_BITS} bits")
+                problems.append((f"{int(frac.sum())} of {frac.numel()} zero-points are fractional (e.g. "
+                                 f"{float(zero[frac][0]):.6g}; {cause}) and {target.name} stores integer zero-points",
+                                 "quantize with integer zero-points (method='rtn', symmetric=True, or bits <= "
+                                 f"{HQ_MIN_BITS - 1}; without double_quant)"))
+            outside = (rounded < lo) | (rounded > hi)
+            if outside.any():
+                problems.append((f"{int(outside.sum())} of {outside.numel()} zero-points are outside [{lo}, {hi}] "
+                                 f"(e.g. {float(zero[outside][0]):.6g}): {why}", fix))
+            new_zero = rounded.clamp(lo, hi)
+        codes, added = self._refuse_or_reround(target, scheme, problems, requantize, params.codes, params.scale,
+                                               zero, new_scale, new_zero, in_features)
+        out, description = pack(scheme, codes, new_scale, new_zero, tuple(shape))
+        return ExportedWeight(out, description, added)
+
 
 class CodebookFormat(ScalarFormat):
     """Codes indexing a fixed table of values (normalised to max |value| 1, except FP8) times a per-group scale."""
@@ -466,6 +589,25 @@ class FP8Format(CodebookFormat):
     def emitted(self, table, ids):
         keep = (ids & 0x7F) != 0x7F  # 0x7F / 0xFF are NaN in E4M3 (decoded as 0 here): never emit them
         return table[keep], ids[keep]
+
+    def export_tensors(self, target, scheme, tensors, shape, requantize=False):
+        # E4M3 codes times a per-group scale: exact wherever the target decodes float8_e4m3fn codes times its scale.
+        pack = getattr(target, "float8_e4m3", None)
+        if pack is None:
+            raise ExportRefused(f"{target.name} has no float8 (E4M3) weights",
+                                "quantize these modules with format='int' (e.g. bits=8 with symmetric=True), or "
+                                "export to compressed-tensors, which has them")
+        target.check_float8_e4m3(scheme, tuple(shape))
+        in_features = shape[-1]
+        codes = unpack_bits(tensors["qweight"], scheme.bits, in_features)
+        # The NaN patterns decode to 0 here (never written by hf_quant): the code of +0 is the same value.
+        codes = torch.where((codes & 0x7F) == 0x7F, torch.zeros_like(codes), codes)
+        scale, _ = decode_params(scheme, tensors)
+        problems, new_scale = self._export_scales(target, scheme, scale)
+        codes, added = self._refuse_or_reround(target, scheme, problems, requantize, codes, scale, None, new_scale,
+                                               None, in_features)
+        out, description = pack(scheme, codes, new_scale, tuple(shape))
+        return ExportedWeight(out, description, added)
 
 
 class IntColumnRounder:
@@ -683,7 +825,7 @@ def quantize_params(weight: torch.Tensor, scheme: QuantScheme) -> QuantParams:
 
 
 __all__ = [
-    "DQ_BLOCK", "FP8_MAX", "QuantParams", "ScalarFormat", "codebook_values", "decode_codes", "decode_params",
+    "DQ_BLOCK", "FP8_MAX", "ExportRefused", "ExportedWeight", "QuantParams", "ScalarFormat", "codebook_values", "decode_codes", "decode_params",
     "dequantize_codes",
     "dq_decode", "dq_encode", "pack", "quantize_params", "round_params", "unpack",
 ]
