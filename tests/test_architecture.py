@@ -91,3 +91,18 @@ def test_no_module_outside_formats_branches_on_a_format_name():
                 continue
             found += [f"{path.relative_to(ROOT)}:{node.lineno}: {v!r}" for v in values if v in names]
     assert found == []
+
+
+def test_import_does_not_load_optional_heavy_libraries():
+    """`import hf_quant` registers with PEFT when PEFT is imported, not by importing it (~1.2 s)."""
+    import subprocess
+
+    # (not triton: torch imports it itself when fake implementations are registered for custom ops)
+    code = ("import sys, hf_quant; print([m for m in ('peft', 'matplotlib', 'datasets', 'gguf') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = ("import hf_quant; from peft import LoraConfig; "
+            "print(sorted(k.__name__ for k in LoraConfig(target_modules=['q_proj'])._custom_modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['QuantExpertWeight', 'QuantLinear']"

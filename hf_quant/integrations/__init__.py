@@ -8,7 +8,8 @@ extension point where one exists; where none does, the comment names the upstrea
 
 def register() -> None:
     """Idempotent: safe to call many times."""
-    from . import moe, peft, transformers
+    from . import moe, transformers
+    from .import_hooks import after_import
 
     # transformers' public registries: `register_quantization_config` / `register_quantizer` (also reached without
     # importing hf_quant by the tiny hf_quant_autoload finder) ...
@@ -18,5 +19,12 @@ def register() -> None:
     # PEFT maps custom module types to LoRA layers per LoraConfig only (`LoraConfig._register_custom_module`); configs
     # PEFT builds itself (`PeftModel.from_pretrained`) would not know ours, so `LoraConfig.__post_init__` is wrapped
     # to register them on every config. A global custom-module registry in PEFT (the dispatchers of
-    # `LoraModel._create_new_module`) would replace this wrapper.
+    # `LoraModel._create_new_module`) would replace this wrapper. Done when PEFT is imported (now if it already is):
+    # importing PEFT costs ~1.2 s, which `import hf_quant` does not pay.
+    after_import("peft", _register_peft)
+
+
+def _register_peft() -> None:
+    from . import peft
+
     peft.register()
