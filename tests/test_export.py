@@ -66,6 +66,7 @@ CT_CASES = {
                   overrides={r"mlp\.down_proj": {"bits": 8, "group_size": -1},
                              r"self_attn\.v_proj": {"bits": 3, "symmetric": False, "method": "rtn"},
                              r"layers\.1\.self_attn\.o_proj": None}),
+    "int4-sym-g32-lm_head": dict(bits=4, group_size=32, symmetric=True, modules_to_not_convert=[]),
     "mixed-sym": dict(bits=4, group_size=32, symmetric=True,
                       overrides={r"mlp\.down_proj": {"bits": 8, "group_size": -1},
                                  r"self_attn\.v_proj": {"bits": 3, "group_size": 64},
@@ -97,7 +98,8 @@ def test_compressed_tensors_library_decompresses_our_weights(float_dir, tmp_path
     assert sorted(targets) == sorted(modules)  # every module in exactly one group, by its exact name
     schemes = {m.scheme for m in modules.values()}
     assert len(qc["config_groups"]) == len(schemes)  # one group per distinct scheme
-    assert "lm_head" in qc["ignore"] and set(qc["ignore"]).isdisjoint(modules)
+    assert qc["ignore"] == sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
+    assert ("lm_head" in qc["ignore"]) == ("lm_head" not in modules)
     if case == "mixed":
         assert "model.layers.1.self_attn.o_proj" in qc["ignore"] and qc["format"] == "pack-quantized"
     for name, module in modules.items():
@@ -108,7 +110,8 @@ def test_compressed_tensors_library_decompresses_our_weights(float_dir, tmp_path
         assert torch.equal(ct_decompress(config, state, name, torch.float32), ours), name  # exact in float32
     # the float rest is copied unchanged
     assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight)
-    assert torch.equal(state["lm_head.weight"], model.lm_head.weight)
+    if "lm_head" not in modules:
+        assert torch.equal(state["lm_head.weight"], model.lm_head.weight)
     assert torch.equal(state["model.norm.weight"], model.model.norm.weight)
 
 
@@ -145,7 +148,7 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("case", ["int4-sym-g32", "int8-sym-channel", "int4-asym-g32-rtn", "fp8-channel",
-                                  "mixed-sym"])
+                                  "int4-sym-g32-lm_head", "mixed-sym"])
 def test_transformers_loads_compressed_tensors_export(float_dir, tmp_path, monkeypatch, case):
     from transformers import CompressedTensorsConfig
 
@@ -243,6 +246,11 @@ def test_gptq_export_unpacks_to_our_weights(float_dir, tmp_path, case):
     assert qc == json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
     assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq" and qc["desc_act"] is False
     assert qc["sym"] == settings.get("symmetric", False) and qc["lm_head"] is False
+    from transformers import GPTQConfig
+
+    parsed = GPTQConfig.from_dict(qc)  # transformers reads it (loading needs gptqmodel, which needs torch >= 2.14)
+    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.format) == (qc["bits"], qc["group_size"], qc["sym"],
+                                                                           "gptq")
     for name, module in packed(model).items():
         s = module.scheme
         t = module_tensors(state, name)
@@ -358,6 +366,19 @@ def test_conv1d_modules_are_refused(tmp_path):
         tmp_path / "gpt2")
     model = quantized(tmp_path / "gpt2", bits=4, group_size=32, symmetric=True)
     with pytest.raises(ExportRefusedModules, match=r"transformer.h.0.attn.c_attn: GPT-2 Conv1D"):
+        export(model, to="compressed-tensors", out=tmp_path / "out")
+
+
+def test_fused_experts_are_refused(tmp_path):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         num_experts=4, num_experts_per_tok=2)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    model = quantized(tmp_path / "moe", bits=4, group_size=32, symmetric=True)
+    with pytest.raises(ExportRefusedModules, match=r"mlp.experts.gate_up_proj: fused MoE experts .*modules_to_not_conv"):
         export(model, to="compressed-tensors", out=tmp_path / "out")
 
 

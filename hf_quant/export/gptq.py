@@ -115,7 +115,8 @@ class GPTQTarget:
                 dynamic[f"-:^{re.escape(name)}$"] = {}
         config = {
             "quant_method": "gptq",
-            "checkpoint_format": "gptq",
+            "checkpoint_format": "gptq",  # GPTQModel, vLLM, optimum
+            "format": "gptq",  # transformers 5's name for it
             "bits": bits,
             "group_size": group_size,
             "desc_act": False,
