@@ -49,7 +49,7 @@ def _group_check(scheme, shape):
     if lead:
         raise ExportRefused(f"stacked expert weights {tuple(shape)} are not exported yet (compressed-tensors stores "
                             "one tensor per expert, under the per-expert module names)",
-                            "keep the experts in float (modules_to_not_convert) to export the rest")
+                            "quantize with quantize_experts=False (experts kept in float) to export the rest")
     g = scheme.group_size
     if g != -1 and in_features % g:
         raise ExportRefused(f"in_features={in_features} is not a multiple of group_size={g}: hf_quant's last group "

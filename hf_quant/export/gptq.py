@@ -57,7 +57,7 @@ class GPTQTarget:
         *lead, out, in_features = shape
         if lead:
             raise ExportRefused(f"stacked expert weights {tuple(shape)} are not exported to GPTQ yet",
-                                "keep the experts in float (modules_to_not_convert) to export the rest")
+                                "quantize with quantize_experts=False (experts kept in float) to export the rest")
         if scheme.bits not in GPTQ_BITS:
             raise ExportRefused(f"GPTQ has {', '.join(map(str, GPTQ_BITS))}-bit codes, not {scheme.bits} (GPTQModel's "
                                 "5-7-bit planar packing is read by neither vLLM nor transformers)",

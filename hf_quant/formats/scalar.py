@@ -41,7 +41,9 @@ Export (`export_tensors`, driven by hf_quant.export): each format says what its 
 integer zero-points; FP8 hands over E4M3 codes and scales; the other codebooks have no exact counterpart and are
 refused. Whatever the target cannot hold exactly (fractional zero-points, double-quantized scales that are not
 exact in the target's scale dtype, a zero-point outside its range) is refused with `ExportRefused`, or with
-`requantize=True` re-rounded to the nearest codes it holds, the added weight error reported.
+`requantize=True` re-fitted to codes it holds (per group, the better of the nearest codes under the target's rounding
+of the scale and zero-point and the format's own search with integer zero-points on the decoded weight), the added
+weight error reported.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ class ExportedWeight:
     added_error: float | None = None  # requantize: relative Frobenius error ||W' - W|| / ||W|| added; None: exact
 
 
-_REQUANTIZE_FIX = ("export with requantize=True to re-round to the nearest codes the target holds (the added "
-                   "weight error is reported per module)")
+_REQUANTIZE_FIX = ("export with requantize=True to re-fit the weight to codes the target holds (the added weight "
+                   "error is reported per module)")
 
 
 class ScalarFormat(Format):
@@ -261,11 +263,12 @@ class ScalarFormat(Format):
         """Whether the data-free search fits a fractional zero-point (module doc)."""
         return False
 
-    def search(self, wg: torch.Tensor, scheme: QuantScheme, mask=None):
-        """Per-group (scale, zero) [rows, G, 1] of the grouped weight wg [rows, G, g] (module doc)."""
+    def search(self, wg: torch.Tensor, scheme: QuantScheme, mask=None, integer_zero: bool = False):
+        """Per-group (scale, zero) [rows, G, 1] of the grouped weight wg [rows, G, g] (module doc). `integer_zero`
+        skips the half-quadratic (fractional) zero-point fit: the two-stage search with integer zero-points."""
         if scheme.method == "rtn":
             return self.range_params(wg, 1.0, scheme, integer_zero=True)
-        if self.half_quadratic(scheme):
+        if self.half_quadratic(scheme) and not integer_zero:
             return self._half_quadratic_zero(wg, scheme, mask)
         stats = self.range_stats(wg, scheme)
         best_s, best_z = self.range_params(wg, 1.0, scheme, integer_zero=True, stats=stats)
@@ -372,8 +375,8 @@ class ScalarFormat(Format):
                        requantize: bool = False) -> ExportedWeight:
         """This weight (canonical `tensors` of logical `shape`) in `target`'s layout: the format says what its codes
         are, the target object (hf_quant.export) checks what it can hold and packs them. Exact, or `ExportRefused`
-        (naming the reason and the fix); with `requantize`, what only rounding keeps out is re-rounded to the
-        nearest codes the target holds and the added error reported. Codebooks other than FP8 have no exact
+        (naming the reason and the fix); with `requantize`, what only rounding keeps out is re-fitted to codes the
+        target holds (`_rerounded`) and the added error reported. Codebooks other than FP8 have no exact
         counterpart in any target (a different grid, not a rounding): refused even with `requantize`."""
         raise ExportRefused(
             f"{target.name} has no {self.label(scheme)} weights (codes indexing a table of {1 << scheme.bits} "
@@ -395,28 +398,65 @@ class ScalarFormat(Format):
         stored = torch.where(torch.isfinite(stored) & (stored > 0), stored, scale.clamp_min(FP16_TINY))
         return problems, stored
 
-    def _rerounded(self, scheme, codes, scale, zero, new_scale, new_zero, in_features):
-        """Requantize: the nearest codes under the target's (scale, zero) of the weight the stored codes decode to,
-        and the relative weight error that adds."""
+    def _refit(self, target, scheme, wg, mask):
+        """Requantize: other (scale, zero) [rows, G, 1] candidates for the grouped decoded weight `wg`, within what
+        `target` holds (none here; integer formats refit)."""
+        return []
+
+    def _rerounded(self, target, scheme, codes, scale, zero, new_scale, new_zero, in_features):
+        """Requantize: per group, the best of (a) the nearest codes under the target's rounding of our scale and
+        zero-point and (b) the format's own refit (`_refit`) of the weight the stored codes decode to; returns
+        (codes, scale, zero) as the target holds them and the relative weight error added."""
         w = dequantize_codes(scheme, codes, scale, zero, in_features)
-        g, _, in_padded = scheme.group_layout(in_features)
+        g, n_groups, in_padded = scheme.group_layout(in_features)
         lead = w.shape[:-1]
         rows = w.reshape(-1, in_features)
-        z = None if new_zero is None else new_zero.reshape(rows.shape[0], -1, 1)
-        new_codes = self.assign(_grouped(rows, g, in_padded), new_scale.reshape(rows.shape[0], -1, 1), z, scheme)
-        new_codes = new_codes.reshape(-1, in_padded)[:, :in_features].reshape(*lead, in_features)
-        w2 = dequantize_codes(scheme, new_codes, new_scale, new_zero, in_features)
-        norm = float(w.norm())
-        return new_codes, float((w2 - w).norm()) / norm if norm > 0 else float((w2 - w).norm())
+        n = rows.shape[0]
+        wg = _grouped(rows, g, in_padded)
+        mask = None
+        if in_padded != in_features:
+            mask = (torch.arange(in_padded, device=w.device) < in_features).float().view(1, n_groups, g)
+
+        def shaped(t):
+            return None if t is None else t.reshape(n, n_groups, 1)
+
+        best_s, best_z = shaped(new_scale), shaped(new_zero)
+        best_q = self.assign(wg, best_s, best_z, scheme)
+        best_err = self._group_error(wg, best_q, best_s, best_z, scheme, mask)
+        step = max(1, _CHUNK_ELEMENTS // in_padded)
+        for r0 in range(0, n, step):
+            sl = slice(r0, r0 + step)
+            for s, z in self._refit(target, scheme, wg[sl], None if mask is None else mask):
+                q = self.assign(wg[sl], s, z, scheme)
+                err = self._group_error(wg[sl], q, s, z, scheme, mask)
+                better = err < best_err[sl]
+                best_q[sl] = torch.where(better, q, best_q[sl])
+                best_s[sl] = torch.where(better, s, best_s[sl])
+                if best_z is not None:
+                    best_z[sl] = torch.where(better, z, best_z[sl])
+                best_err[sl] = torch.where(better, err, best_err[sl])
+        new_codes = best_q.reshape(n, in_padded)[:, :in_features].reshape(*lead, in_features)
+        out_scale = best_s.reshape(new_scale.shape)
+        out_zero = None if best_z is None else best_z.reshape(new_zero.shape)
+        w2 = dequantize_codes(scheme, new_codes, out_scale, out_zero, in_features)
+        norm, diff = float(w.norm()), float((w2 - w).norm())
+        return new_codes, out_scale, out_zero, diff / norm if norm > 0 else diff
+
+    def _group_error(self, wg, q, s, z, scheme, mask):
+        e = (self.decode(q, s, z, scheme) - wg).pow_(2)
+        if mask is not None:
+            e.mul_(mask)
+        return e.sum(-1, keepdim=True)
 
     def _refuse_or_reround(self, target, scheme, problems, requantize, codes, scale, zero, new_scale, new_zero,
                            in_features):
+        """(codes, scale, zero, added error or None) as the target holds them, or ExportRefused."""
         if not problems:
-            return codes, None
+            return codes, new_scale, new_zero, None
         if not requantize:
             fixes = list(dict.fromkeys(fix for _, fix in problems))
             raise ExportRefused("; ".join(reason for reason, _ in problems), "; or ".join(fixes + [_REQUANTIZE_FIX]))
-        return self._rerounded(scheme, codes, scale, zero, new_scale, new_zero, in_features)
+        return self._rerounded(target, scheme, codes, scale, zero, new_scale, new_zero, in_features)
 
 
 class IntFormat(ScalarFormat):
@@ -535,10 +575,20 @@ class IntFormat(ScalarFormat):
                 problems.append((f"{int(outside.sum())} of {outside.numel()} zero-points are outside [{lo}, {hi}] "
                                  f"(e.g. {float(zero[outside][0]):.6g}): {why}", fix))
             new_zero = rounded.clamp(lo, hi)
-        codes, added = self._refuse_or_reround(target, scheme, problems, requantize, params.codes, params.scale,
-                                               zero, new_scale, new_zero, in_features)
+        codes, new_scale, new_zero, added = self._refuse_or_reround(
+            target, scheme, problems, requantize, params.codes, params.scale, zero, new_scale, new_zero, in_features)
         out, description = pack(scheme, codes, new_scale, new_zero, tuple(shape))
         return ExportedWeight(out, description, added)
+
+    def _refit(self, target, scheme, wg, mask):
+        # The data-free search with integer zero-points (no half-quadratic fit) on the decoded weight, its scales
+        # rounded to the target's dtype and zero-points clamped to the target's range.
+        s, z = self.search(wg, dataclasses.replace(scheme, method="mse", double_quant=False), mask, integer_zero=True)
+        s = s.to(target.scale_dtype).float().clamp_min(FP16_TINY)
+        if z is not None:
+            lo, hi = target.zero_range(scheme)[:2]
+            z = z.round().clamp(lo, hi)
+        return [(s, z)]
 
 
 class CodebookFormat(ScalarFormat):
@@ -604,8 +654,8 @@ class FP8Format(CodebookFormat):
         codes = torch.where((codes & 0x7F) == 0x7F, torch.zeros_like(codes), codes)
         scale, _ = decode_params(scheme, tensors)
         problems, new_scale = self._export_scales(target, scheme, scale)
-        codes, added = self._refuse_or_reround(target, scheme, problems, requantize, codes, scale, None, new_scale,
-                                               None, in_features)
+        codes, new_scale, _, added = self._refuse_or_reround(target, scheme, problems, requantize, codes, scale, None,
+                                                             new_scale, None, in_features)
         out, description = pack(scheme, codes, new_scale, tuple(shape))
         return ExportedWeight(out, description, added)
 
@@ -825,7 +875,8 @@ def quantize_params(weight: torch.Tensor, scheme: QuantScheme) -> QuantParams:
 
 
 __all__ = [
-    "DQ_BLOCK", "FP8_MAX", "ExportRefused", "ExportedWeight", "QuantParams", "ScalarFormat", "codebook_values", "decode_codes", "decode_params",
+    "DQ_BLOCK", "FP8_MAX", "ExportRefused", "ExportedWeight", "QuantParams", "ScalarFormat", "codebook_values",
+    "decode_codes", "decode_params",
     "dequantize_codes",
     "dq_decode", "dq_encode", "pack", "quantize_params", "round_params", "unpack",
 ]
