@@ -28,7 +28,14 @@ from .model.checkpoint import (
     checkpoint_metadata,
     save_pretrained_atomic,
 )
-from .model import expert_params, find_targets, is_fused_experts, modules_kept_float, tied_linear_targets
+from .model import (
+    check_patterns_match,
+    expert_params,
+    find_targets,
+    is_fused_experts,
+    modules_kept_float,
+    tied_linear_targets,
+)
 from .nn import PackedWeight, QuantExpertWeight, QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -65,6 +72,8 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         config = self.quantization_config
+        if not self.pre_quantized:  # (a saved config's patterns are checked against the weights' own records)
+            check_patterns_match(model, config)
         if config.modules_to_not_convert is None:
             # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
             config.modules_to_not_convert = sorted(self.get_modules_to_not_convert(model, None, None))

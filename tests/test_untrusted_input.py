@@ -171,3 +171,22 @@ def test_a_stray_model_cards_folder_in_site_packages_is_not_used(tmp_path, monke
     (site / "hf_quant" / "model_cards").mkdir()
     (site / "hf_quant" / "model_cards" / hub.CARD_TEMPLATE).write_text("ours")
     assert hub._template_dir() == site / "hf_quant" / "model_cards"
+
+
+@pytest.mark.parametrize("settings,named,near", [
+    ({"overrides": {"down_prj": {"bits": 8}}}, "overrides['down_prj']", "down_proj"),
+    ({"modules_to_not_convert": ["lm_haed"]}, "modules_to_not_convert entry 'lm_haed'", "lm_head"),
+])
+def test_a_pattern_that_matches_no_module_is_an_error_naming_the_nearest(tmp_path, settings, named, near):
+    """A typo used to change nothing, without a word (issue: the first hour of a new user)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from hf_quant import HfQuantConfig
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as info:
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=HfQuantConfig(group_size=32, **settings))
+    assert named in str(info.value) and near in str(info.value), str(info.value)

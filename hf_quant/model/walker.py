@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -78,6 +80,36 @@ def find_targets(model: nn.Module, config, skip: list[str], experts: bool = True
                     out.append(Target(name, scheme, (e, b, a) if transposed else (e, a, b), param=pname,
                                       transposed=transposed, experts=True))
     return out
+
+
+def check_patterns_match(model: nn.Module, config) -> None:
+    """A typo must not quantize the model differently without a word: every `overrides` pattern and every
+    `modules_to_not_convert` entry the user gave must match at least one module (or fused-expert parameter) name;
+    otherwise ValueError naming the pattern and the nearest names. (Patterns are checked safe to match by the
+    config.)"""
+    names = []
+    for name, module in model.named_modules():
+        if name:
+            names.append(name)
+            if is_fused_experts(module):
+                names += [f"{name}.{p}" for p in expert_params(module)]
+    problems = []
+    for pattern in config.overrides:
+        if not any(re.search(pattern, n) for n in names):
+            problems.append(f"overrides[{pattern!r}]")
+    for entry in config.modules_to_not_convert or []:
+        if all(should_convert_module(n, [entry]) for n in names):
+            problems.append(f"modules_to_not_convert entry {entry!r}")
+    if problems:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names} | {".".join(n.split(".")[-2:]) for n in names})
+        hints = []
+        for what in problems:
+            text = what.split("'")[1] if "'" in what else what
+            near = difflib.get_close_matches(text, leaves, n=3, cutoff=0.5)
+            hints.append(f"{what} matches no module of {type(model).__name__}"
+                         + (f" (nearest names: {near})" if near else ""))
+        raise ValueError("; ".join(hints) + f". Module names look like {names[min(5, len(names) - 1)]!r}: fix the "
+                         "pattern, or remove it")
 
 
 def tied_linear_targets(model: nn.Module, config, skip: list[str]) -> dict[str, QuantScheme]:
