@@ -368,7 +368,6 @@ class ScalarFormat(Format):
             row += w.shape[0]
         return out
 
-
     # --- export to other checkpoint formats (hf_quant.export) ----------------------------------------
 
     def export_tensors(self, target, scheme: QuantScheme, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
