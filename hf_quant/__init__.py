@@ -6,6 +6,7 @@
 """
 
 from .config import FORMAT_VERSION, HfQuantConfig
+from .export import ExportRefused, export
 from .formats import QuantScheme
 from .integrations import register as _register
 from .integrations.hub import push_to_hub
@@ -17,6 +18,7 @@ from .version import __version__  # noqa: F401
 _register()  # transformers, PEFT and experts registrations: hf_quant/integrations/__init__.py
 
 __all__ = [
+    "ExportRefused",
     "FORMAT_VERSION",
     "HfQuantConfig",
     "HfQuantQuantizer",
@@ -24,6 +26,7 @@ __all__ = [
     "QuantLinear",
     "QuantScheme",
     "dequantize_model",
+    "export",
     "packed_modules",
     "push_to_hub",
     "save_pretrained_atomic",

@@ -319,6 +319,15 @@ def _add_push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    report = export(args.source, to=args.to, out=args.out, requantize=args.requantize, scale_dtype=args.scale_dtype,
+                    overwrite=args.overwrite)
+    print(report.summary())
+    return 0
+
+
 def cmd_push(args) -> int:
     from .integrations.hub import push_folder
 
@@ -343,6 +352,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "table and a JSON record")
     _add_eval_args(e)
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write an hf_quant checkpoint as compressed-tensors (vLLM, SGLang, "
+                       "transformers) or GPTQ, exactly or refused")
+    x.add_argument("source", help="hf_quant checkpoint folder (or a Hub id in the local cache)")
+    x.add_argument("--to", required=True, choices=["compressed-tensors", "gptq"], help="target format")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--requantize", action="store_true",
+                   help="re-fit weights the target cannot hold exactly (e.g. fractional zero-points) and report the "
+                   "added error per module; without it such modules are refused")
+    x.add_argument("--scale-dtype", choices=["float16", "float32"], default=None,
+                   help="compressed-tensors: scale precision (default float16, hf_quant's own)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.set_defaults(func=cmd_export)
     p = sub.add_parser("push", help="upload a saved checkpoint with a generated model card to the Hugging Face Hub")
     _add_push_args(p)
     p.set_defaults(func=cmd_push)

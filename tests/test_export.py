@@ -496,3 +496,16 @@ def test_unknown_target_and_bad_options(float_dir, tmp_path):
         export(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32,
                                             num_hidden_layers=1, num_attention_heads=2)), to="gptq",
                out=tmp_path / "x")
+
+
+def test_cli_export_writes_the_target_or_refuses_with_status_2(float_dir, tmp_path, capsys):
+    from hf_quant.cli import main
+
+    quantized(float_dir, bits=4, group_size=32, symmetric=True).save_pretrained(tmp_path / "sym")
+    assert main(["export", str(tmp_path / "sym"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    quantized(float_dir, bits=4, group_size=32).save_pretrained(tmp_path / "asym")  # mse: fractional zero-points
+    assert main(["export", str(tmp_path / "asym"), "--to", "gptq", "--out", str(tmp_path / "g")]) == 2
+    assert "zero-point" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
