@@ -38,28 +38,42 @@ def _add_lazy_entries(auto_module) -> None:
     auto_module.AUTO_QUANTIZER_MAPPING.setdefault(_METHOD, _lazy_quantizer)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+_PENDING: dict[str, list] = {}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs the callbacks registered for a module right after the module is imported (hf_quant uses it too, through
+    `after_import`, for registrations with optional libraries such as PEFT)."""
+
     def find_spec(self, name, path, target=None):
-        if name != _TARGET:
+        if name not in _PENDING:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_and_register(module):
+        def exec_then_call(module):
             exec_module(module)
-            _add_lazy_entries(module)
+            for callback in _PENDING.pop(name, []):
+                callback()
 
-        spec.loader.exec_module = exec_and_register
+        spec.loader.exec_module = exec_then_call
         return spec
 
 
+def after_import(module: str, callback) -> None:
+    """Call `callback()` now if `module` is imported, else right after its import completes."""
+    if module in sys.modules:
+        callback()
+        return
+    _PENDING.setdefault(module, []).append(callback)
+    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
 def install() -> None:
-    if _TARGET in sys.modules:  # transformers already imported (e.g. this module imported late)
-        _add_lazy_entries(sys.modules[_TARGET])
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    after_import(_TARGET, lambda: _add_lazy_entries(sys.modules[_TARGET]))
 
 
 try:

@@ -484,22 +484,26 @@ def test_a_changed_byte_that_is_still_a_valid_value_is_refused(quant_dir, tensor
         AutoModelForCausalLM.from_pretrained(quant_dir)
 
 
-def test_atomic_save_leaves_the_previous_checkpoint_when_it_fails(saved, tmp_path, monkeypatch):
+def save_with_full_disk(monkeypatch, save) -> None:
+    """Run `save` with the weight writes failing as on a full disk (after transformers wrote config.json)."""
     import transformers.modeling_utils as modeling_utils
-
-    from hf_quant.model.checkpoint import save_pretrained_atomic
-
-    target = Path(shutil.copytree(saved["quant"], tmp_path / "ckpt"))
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
-    other = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(bits=3, group_size=32))
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(modeling_utils, "safe_save_file", disk_full)  # fails after config.json was written
+        m.setattr(modeling_utils, "safe_save_file", disk_full)
         with pytest.raises(OSError, match="No space"):
-            save_pretrained_atomic(other, target)
+            save()
+
+
+def test_atomic_save_leaves_the_previous_checkpoint_when_it_fails(saved, tmp_path, monkeypatch):
+    from hf_quant.model.checkpoint import save_pretrained_atomic
+
+    target = Path(shutil.copytree(saved["quant"], tmp_path / "ckpt"))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    other = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(bits=3, group_size=32))
+    save_with_full_disk(monkeypatch, lambda: save_pretrained_atomic(other, target))
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
     AutoModelForCausalLM.from_pretrained(target)  # still the previous checkpoint, loadable
@@ -561,19 +565,10 @@ def test_config_beside_weights_of_the_same_settings_from_another_save_is_refused
 def test_a_plain_save_pretrained_of_an_hf_quant_model_is_atomic(saved, tmp_path, monkeypatch):
     """What the probe did: a save that fails after config.json is written (disk full) used to leave the new config
     beside the old weights. model.save_pretrained of a model hf_quant loaded now leaves the previous checkpoint."""
-    import transformers.modeling_utils as modeling_utils
-
     target = Path(shutil.copytree(saved["quant"], tmp_path / "ckpt"))
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     other = AutoModelForCausalLM.from_pretrained(saved["float"], quantization_config=HfQuantConfig(bits=3, group_size=32))
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    with monkeypatch.context() as m:
-        m.setattr(modeling_utils, "safe_save_file", disk_full)
-        with pytest.raises(OSError, match="No space"):
-            other.save_pretrained(target)
+    save_with_full_disk(monkeypatch, lambda: other.save_pretrained(target))
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     other.save_pretrained(target)

@@ -9,7 +9,7 @@ extension point where one exists; where none does, the comment names the upstrea
 def register() -> None:
     """Idempotent: safe to call many times."""
     from . import moe, transformers
-    from .import_hooks import after_import
+    from hf_quant_autoload import after_import  # (the tiny start-up module's after-import finder)
 
     # transformers' public registries: `register_quantization_config` / `register_quantizer` (also reached without
     # importing hf_quant by the tiny hf_quant_autoload finder) ...
