@@ -94,15 +94,20 @@ def test_no_module_outside_formats_branches_on_a_format_name():
 
 
 def test_import_does_not_load_optional_heavy_libraries():
-    """`import hf_quant` registers with PEFT when PEFT is imported, not by importing it (~1.2 s)."""
+    """`import hf_quant` registers with PEFT (~1.2 s to import) and transformers' experts registry (~0.8 s) when
+    they are imported, not by importing them (benchmarks/import_time.py)."""
     import subprocess
 
     # (not triton: torch imports it itself when fake implementations are registered for custom ops)
-    code = ("import sys, hf_quant; print([m for m in ('peft', 'matplotlib', 'datasets', 'gguf') "
-            "if m in sys.modules])")
+    code = ("import sys, hf_quant; print([m for m in ('peft', 'matplotlib', 'datasets', 'gguf', "
+            "'compressed_tensors', 'transformers.integrations.moe') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     code = ("import hf_quant; from peft import LoraConfig; "
             "print(sorted(k.__name__ for k in LoraConfig(target_modules=['q_proj'])._custom_modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['QuantExpertWeight', 'QuantLinear']"
+    code = ("import hf_quant; from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS; "
+            "print('hf_quant_triton' in ALL_EXPERTS_FUNCTIONS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -14,8 +14,9 @@ def register() -> None:
     # transformers' public registries: `register_quantization_config` / `register_quantizer` (also reached without
     # importing hf_quant by the tiny hf_quant_autoload finder) ...
     transformers.register()
-    # ... and `ALL_EXPERTS_FUNCTIONS.register` for the "hf_quant_triton" experts implementation.
-    moe.register()
+    # ... and `ALL_EXPERTS_FUNCTIONS.register` for the "hf_quant_triton" experts implementation, once transformers
+    # imports its experts module (with a MoE model; importing it costs ~0.8 s, which `import hf_quant` does not pay).
+    after_import("transformers.integrations.moe", moe.register)
     # PEFT maps custom module types to LoRA layers per LoraConfig only (`LoraConfig._register_custom_module`); configs
     # PEFT builds itself (`PeftModel.from_pretrained`) would not know ours, so `LoraConfig.__post_init__` is wrapped
     # to register them on every config. A global custom-module registry in PEFT (the dispatchers of
