@@ -390,8 +390,10 @@ def test_config_edits_that_loaded_silently_wrong_are_refused(saved, saved_format
 
 
 def test_every_format_reloads_through_the_record_checks(saved_formats):
-    for folder in saved_formats.values():
-        check_model_packed_values(AutoModelForCausalLM.from_pretrained(folder))
+    for name, folder in saved_formats.items():
+        model = AutoModelForCausalLM.from_pretrained(folder)  # runs every record, digest and value check
+        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7, name
+        check_model_packed_values(model)
 
 
 @pytest.mark.parametrize("name,edit,unexpected", [
