@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 
 import torch
 from torch import nn
@@ -169,6 +170,7 @@ class HfQuantQuantizer(HfQuantizer):
         # schemes from the safetensors header without building the model.
         # The weights also record the config fields they must be read with: at load, the weights' record wins
         # over config.json (`check_checkpoint_files`).
+        record_float_layers(model, self.quantization_config)
         packed = packed_modules(model)
         packed_keys = {f"{name}.{t}" for name, m in packed.items() for t in m.packed_names}
         floats = {k: v for k, v in model.state_dict().items() if k not in packed_keys}
@@ -362,6 +364,18 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         # field to None instead leaves the experts without an implementation: transformers warns on every forward.)
         model.set_experts_implementation(model.get_correct_experts_implementation(None))
     return model
+
+
+def record_float_layers(model: nn.Module, config: HfQuantConfig) -> list[str]:
+    """Record in `config` the layers it would quantize that `model` holds in float (e.g. a LoRA adapter merged with
+    `set_merge_target(model, "float")`): each gets an anchored `overrides` entry of None (keep in float), placed
+    first, so a save writes what the model is and a reload builds those layers as float. Returns their names."""
+    names = [t.name for t in find_targets(model, config, modules_kept_float(model, config))]
+    if names:
+        logger.info("hf_quant: %d layer(s) are float in the model and recorded as float in its config: %s",
+                    len(names), names[:5])
+        config.update(overrides={**{f"^{re.escape(n)}$": None for n in names}, **config.overrides})
+    return names
 
 
 def packed_modules(model: nn.Module) -> dict[str, PackedWeight]:

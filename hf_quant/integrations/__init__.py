@@ -26,6 +26,10 @@ def register() -> None:
 
 
 def _register_peft() -> None:
+    import sys
+
+    if (module := sys.modules.get(f"{__name__}.peft")) is not None and not hasattr(module, "register"):
+        return  # PEFT was first imported by hf_quant.integrations.peft itself, which registers at its end
     from . import peft
 
     peft.register()

@@ -13,8 +13,12 @@ Training: the base stays packed and frozen; gradients reach the adapters and the
 (`PackedWeight.packed_linear` dequantizes it on the fly in backward), and the base codes never change.
 
 Merging (`merge_adapter`, `merge_and_unload`) re-quantizes W + sum of deltas into the base's own scheme; the
-original packed tensors are kept aside, so `unmerge_adapter` restores them bit for bit. `set_merge_target(model,
-"float")` merges into a float `nn.Linear` instead.
+original packed tensors are kept aside, so `unmerge_adapter` restores them bit for bit. That re-quantization can undo
+much of a fine-tune (a LoRA update is often smaller than one quantization step), so every such merge warns
+(`LossyMergeWarning`) with what it measured: the fraction of weights whose quantized value moved, and the relative
+error of the merged layers' change against the adapter's own change W + delta (`last_merge_report(model)` returns the
+figures). The lossless choices: keep the adapter unmerged, or `set_merge_target(model, "float")`, which merges into a
+float `nn.Linear` (saved as such by `save_pretrained` and loaded back by `from_pretrained`).
 
 `init_lora_from_residual` is a quantization-aware adapter initialisation (LoftQ-style), given the float weights.
 """
@@ -23,15 +27,18 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, check_adapters_to_merge
 from torch import nn
 
 from ..algorithms import quantize_weight
@@ -59,6 +66,117 @@ def _check_plain_lora(layer: LoraLayer, config: LoraConfig) -> None:
         )
 
 
+class LossyMergeWarning(UserWarning):
+    """A merge re-quantized W + delta into the base's low-bit format, losing part of the fine-tune."""
+
+
+LOSSLESS_CHOICES = (
+    "Lossless choices: keep the adapter unmerged (save it with model.save_pretrained and load it with "
+    "PeftModel.from_pretrained), or call hf_quant.integrations.peft.set_merge_target(model, 'float') before merging "
+    "(the merged layers become float nn.Linear; save_pretrained records them as float and from_pretrained loads them "
+    "back). Silence this warning with warnings.simplefilter('ignore', hf_quant.integrations.peft.LossyMergeWarning)."
+)
+
+
+@dataclass
+class MergeStats:
+    """What one re-quantizing merge did to a layer (or, summed, to a model)."""
+
+    layers: int = 0
+    weights: int = 0  # weights of the merged layers
+    moved: int = 0  # weights whose dequantized value changed
+    lost: float = 0.0  # sum over layers of ||merged change - adapter change||^2
+    intended: float = 0.0  # sum over layers of ||adapter change||^2
+    worst: tuple[float, str] = (0.0, "")  # (relative error, layer name) of the worst layer
+
+    @property
+    def moved_fraction(self) -> float:
+        return self.moved / max(self.weights, 1)
+
+    @property
+    def relative_error(self) -> float:
+        """||what the merged layers changed - what the adapter changes|| / ||what the adapter changes||: the relative
+        error of the adapter's effect on the layers' outputs for white-noise inputs (0: exact, 1: as if not
+        merged)."""
+        return math.sqrt(self.lost / self.intended) if self.intended > 0 else 0.0
+
+    def add(self, other: "MergeStats") -> None:
+        self.layers += other.layers
+        self.weights += other.weights
+        self.moved += other.moved
+        self.lost += other.lost
+        self.intended += other.intended
+        self.worst = max(self.worst, other.worst)
+
+    def message(self) -> str:
+        worst, name = self.worst
+        return (
+            f"merging the LoRA adapter re-quantized W + delta into the low-bit codes of {self.layers} hf_quant layer(s) "
+            f"and lost part of the fine-tune: {100 * self.moved_fraction:.1f}% of their {self.weights:,} weights moved "
+            f"to another quantized value, and the merged layers reproduce the adapter's change to their outputs with a "
+            f"relative error of {100 * self.relative_error:.0f}% (0% = exact, 100% = as if not merged; worst layer "
+            f"{name or '?'}: {100 * worst:.0f}%). {LOSSLESS_CHOICES}"
+        )
+
+
+# Re-quantizing merges in progress, per PeftModel tuner (merge_adapter / merge_and_unload): one warning per pass,
+# emitted when its last hf_quant layer is merged.
+_PASSES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_LAST_REPORT: "weakref.WeakKeyDictionary[nn.Module, MergeStats]" = weakref.WeakKeyDictionary()
+
+
+def _calling_tuner() -> BaseTuner | None:
+    """The PEFT tuner (LoraModel) whose merge_adapter / merge_and_unload is merging this layer, if any."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, BaseTuner):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _to_merge(layer: nn.Module, adapter_names: list[str] | None) -> list[str]:
+    """The adapters `layer.merge(adapter_names=...)` will merge (check_adapters_to_merge, without its warnings)."""
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [a for a in names if a in layer.lora_A and a not in layer.merged_adapters]
+
+
+def _report_merge(layer: nn.Module, stats: MergeStats, adapter_names: list[str] | None) -> None:
+    """Add one layer's merge to its pass; warn once the pass's last hf_quant layer has merged (or at once, for a
+    layer merged on its own)."""
+    tuner = _calling_tuner()
+    if tuner is None:
+        _warn(stats)
+        return
+    state = _PASSES.get(tuner)
+    if state is None or id(layer) in state["done"]:  # a new pass (or a stale one, interrupted by an error)
+        pending = {id(m) for m in tuner.model.modules() if isinstance(m, _QuantMergeMixin) and m is not layer
+                   and m.merge_target == "quantized" and _to_merge(m, adapter_names)}
+        state = _PASSES[tuner] = {"pending": pending, "done": set(), "stats": MergeStats()}
+    state["pending"].discard(id(layer))
+    state["done"].add(id(layer))
+    state["stats"].add(stats)
+    if not state["pending"]:
+        del _PASSES[tuner]
+        _LAST_REPORT[tuner.model] = state["stats"]
+        _warn(state["stats"])
+
+
+def _warn(stats: MergeStats) -> None:
+    warnings.warn(stats.message(), LossyMergeWarning, stacklevel=2)
+
+
+def last_merge_report(model: nn.Module) -> MergeStats | None:
+    """The figures of the last re-quantizing merge pass (merge_adapter / merge_and_unload) of `model` (a PeftModel,
+    its tuner, or the model it wraps), or None."""
+    for m in (model, getattr(model, "base_model", None), getattr(model, "model", None),
+              getattr(getattr(model, "base_model", None), "model", None)):
+        if isinstance(m, nn.Module) and m in _LAST_REPORT:
+            return _LAST_REPORT[m]
+    return None
+
+
 class _MergeAside:
     """What a merge replaced, kept aside (not a submodule: not saved, not moved) so that unmerge restores it exactly."""
 
@@ -79,10 +197,20 @@ class _QuantMergeMixin:
             weight = weight + self.get_delta_weight(name).to(weight.device, torch.float32)
         return weight
 
+    def _layer_name(self) -> str:
+        tuner = _calling_tuner()
+        if tuner is not None:
+            for name, module in tuner.model.named_modules():
+                if module is self:
+                    return name
+        return type(self).__name__
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        requested = adapter_names
         adapter_names = [a for a in (check_adapters_to_merge(self, adapter_names) or []) if a in self.lora_A]
         if not adapter_names:
             return
+        self._merge_request = requested
         if self.merged:  # merge everything again from the original codes: one re-quantization, not one per adapter
             already = list(self.merged_adapters)
             self.unmerge()
@@ -115,9 +243,19 @@ class _QuantMergeMixin:
             return
         self._aside = _MergeAside(packed=base.packed_tensors(),
                                   bias=None if bias is None else base.bias.detach().clone())
+        before = base.dequantize_weight(torch.float32)
         base.load_packed(quantize_weight(weight.detach(), base.scheme))
         if bias is not None:
             base.bias.data = bias.to(base.bias.dtype)
+        with torch.no_grad():
+            after = base.dequantize_weight(torch.float32)
+            intended = weight.detach().to(after.device) - before
+            lost = float((after - before - intended).double().square().sum())
+            norm = float(intended.double().square().sum())
+        stats = MergeStats(layers=1, weights=after.numel(), moved=int((after != before).sum()), lost=lost,
+                           intended=norm)
+        stats.worst = (stats.relative_error, self._layer_name())
+        _report_merge(self, stats, getattr(self, '_merge_request', None))
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -427,10 +565,15 @@ def register() -> None:
     LoraConfig.__post_init__ = __post_init__
 
 
+register()  # (importing this module imports PEFT; hf_quant's after-import hook defers to this call then)
+
 __all__ = [
+    "LossyMergeWarning",
+    "MergeStats",
     "QuantLoraExperts",
     "QuantLoraLinear",
     "init_lora_from_residual",
+    "last_merge_report",
     "lora_layer_errors",
     "register",
     "register_lora_layers",

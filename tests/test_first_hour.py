@@ -1,0 +1,147 @@
+"""Issue 20, "the first hour of a new user": lossy merges warn, float merges save and load, the CLI reaches every
+config field, other libraries' names get our equivalent, model cards, `hf-quant inspect` summaries."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import hf_quant
+from hf_quant import HfQuantConfig, QuantLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+LLAMA = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def float_llama(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama") / "float"
+    tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)).save_pretrained(path)
+    return path
+
+
+def _lora_model(path, std=0.05):
+    from peft import LoraConfig, get_peft_model
+
+    base = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=HfQuantConfig(bits=4, group_size=32))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * std
+    return model
+
+
+def _lossy(caught):
+    from hf_quant.integrations.peft import LossyMergeWarning
+
+    return [w for w in caught if issubclass(w.category, LossyMergeWarning)]
+
+
+# --- item 1: a re-quantizing merge says what it lost --------------------------------------------------------------
+
+
+def test_requantizing_merge_warns_once_with_measured_loss(float_llama):
+    from hf_quant.integrations.peft import last_merge_report
+
+    model = _lora_model(float_llama)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(ids).logits
+        lora_logits = model(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = model.merge_and_unload()
+    lossy = _lossy(caught)
+    assert len(lossy) == 1, [str(w.message) for w in caught]  # one warning for the whole merge, not one per layer
+    text = str(lossy[0].message)
+    report = last_merge_report(merged)
+    assert report is not None and report.layers == 2 * len(TARGETS)
+    assert 0 < report.moved_fraction <= 1 and 0 < report.relative_error
+    assert f"{100 * report.moved_fraction:.1f}% of their" in text
+    assert f"relative error of {100 * report.relative_error:.0f}%" in text
+    assert "set_merge_target(model, 'float')" in text and "unmerged" in text
+    # the measured loss is real: the merged model is not the LoRA model
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, lora_logits, atol=1e-4)
+        assert not torch.equal(merged(ids).logits, base_logits)
+
+
+def test_merge_adapter_and_single_layer_merge_warn(float_llama):
+    model = _lora_model(float_llama)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_adapter()
+    assert len(_lossy(caught)) == 1
+    model.unmerge_adapter()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.merge()  # merged on its own, outside PEFT's merge loop: warns at once
+    assert len(_lossy(caught)) == 1
+
+
+def test_float_merge_does_not_warn(float_llama):
+    from hf_quant.integrations.peft import set_merge_target
+
+    model = _lora_model(float_llama)
+    set_merge_target(model, "float")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_and_unload()
+    assert _lossy(caught) == []
+
+
+# --- item 2: a float-merged model saves what it is and loads back ------------------------------------------------
+
+
+def test_float_merged_model_round_trip(float_llama, tmp_path, monkeypatch, capsys):
+    from hf_quant.cli import main as cli_main
+    from hf_quant.integrations.peft import set_merge_target
+
+    monkeypatch.setenv("HF_QUANT_KERNEL", "reference")
+    model = _lora_model(float_llama)
+    set_merge_target(model, "float")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        lora_logits = model(ids).logits
+        merged = model.merge_and_unload()
+        merged_logits = merged(ids).logits
+    assert float((merged_logits - lora_logits).norm() / lora_logits.norm()) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    layers = reloaded.model.layers
+    assert type(layers[0].self_attn.q_proj) is nn.Linear and type(layers[1].mlp.down_proj) is nn.Linear
+    assert type(layers[0].self_attn.k_proj) is QuantLinear  # not an adapter target: still packed
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, merged_logits)
+    saved = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    floats = [p for p, s in saved["overrides"] if s is None]
+    assert r"^model\.layers\.0\.self_attn\.q_proj$" in floats and len(floats) == 2 * len(TARGETS)
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "merged"), "--all"]) == 0
+    printed = capsys.readouterr().out
+    assert "layers.0.self_attn.k_proj" in printed and "layers.0.self_attn.q_proj " not in printed
+
+
+def test_integrations_peft_importable_before_peft():
+    """`from hf_quant.integrations.peft import set_merge_target` in a fresh interpreter (PEFT not imported yet) used
+    to fail on a circular import through hf_quant's after-import hook."""
+    import subprocess
+    import sys
+
+    code = ("from hf_quant.integrations.peft import set_merge_target; from peft import LoraConfig; "
+            "print(sorted(k.__name__ for k in LoraConfig(target_modules=['q_proj'])._custom_modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['QuantExpertWeight', 'QuantLinear']"
