@@ -391,6 +391,59 @@ DECLARATIONS: tuple[Field, ...] = (
 )
 _DECLARED = {f.name: f for f in DECLARATIONS}
 FIELDS = tuple(_DECLARED)
+
+# Other libraries' names for our fields (transformers' GPTQConfig, AwqConfig, BitsAndBytesConfig, HqqConfig,
+# compressed-tensors' QuantizationArgs): passing one is an error that names our equivalent. None is an exact alias
+# (a silently accepted name would also be written back under our name, so a config would not round-trip as given).
+# name -> (whose name it is, what hf_quant calls it and how it differs)
+FOREIGN_NAMES: dict[str, tuple[str, str]] = {
+    "sym": ("GPTQConfig", "symmetric (True: no stored zero-point; the default here is False)"),
+    "desc_act": ("GPTQConfig", "act_order (True by default here)"),
+    "damp_percent": ("GPTQConfig", "damp (the same fraction of the mean Hessian diagonal: 0.01 = 1%; default 0.01)"),
+    "dataset": ("GPTQConfig", "calibration ('botchan', the path of a text file or a list of texts) or "
+                              "calibration_dataset ({'path': ..., 'name': ..., 'split': ..., 'text_field': ...}); "
+                              "give method='gptq' or 'awq' to calibrate"),
+    "nsamples": ("GPTQConfig", "n_samples"),
+    "model_seqlen": ("GPTQConfig", "seq_len"),
+    "tokenizer": ("GPTQConfig", "nothing: calibration text is tokenised with the model's own tokenizer (no field)"),
+    "true_sequential": ("GPTQConfig", "nothing: GPTQ runs block by block, each block on the previous blocks' "
+                                      "quantized outputs (no field)"),
+    "use_exllama": ("GPTQConfig", "nothing: the kernel is chosen per device and format (HF_QUANT_KERNEL overrides it)"),
+    "modules_in_block_to_quantize": ("GPTQConfig", "modules_to_not_convert (modules kept in float) or overrides "
+                                                   "({regex: None} keeps matching modules in float)"),
+    "w_bit": ("AwqConfig", "bits"),
+    "q_group_size": ("AwqConfig", "group_size"),
+    "zero_point": ("AwqConfig", "symmetric (zero_point=False is symmetric=True); give method='awq' for AWQ"),
+    "load_in_4bit": ("BitsAndBytesConfig", "format='fp4' or 'nf4' (bitsandbytes' 4-bit codebooks; its default is "
+                                           "fp4), or bits=4 with format='int' (the default here)"),
+    "load_in_8bit": ("BitsAndBytesConfig", "bits=8 (e.g. bits=8, group_size=-1, symmetric=True: per-channel int8; "
+                                           "outliers_per_row keeps outlier weights exact)"),
+    "bnb_4bit_quant_type": ("BitsAndBytesConfig", "format ('nf4' or 'fp4', the same codebooks)"),
+    "bnb_4bit_use_double_quant": ("BitsAndBytesConfig", "double_quant"),
+    "bnb_4bit_compute_dtype": ("BitsAndBytesConfig", "nothing: computation runs in the model's dtype "
+                                                     "(from_pretrained(..., dtype=torch.bfloat16))"),
+    "llm_int8_skip_modules": ("BitsAndBytesConfig", "modules_to_not_convert"),
+    "llm_int8_threshold": ("BitsAndBytesConfig", "outliers_per_row (a number of weights per row kept exact; "
+                                                 "hf_quant keeps weight outliers, not activation outliers)"),
+    "nbits": ("HqqConfig", "bits"),
+    "num_bits": ("compressed-tensors", "bits"),
+    "actorder": ("compressed-tensors", "act_order"),
+    "ignore": ("compressed-tensors", "modules_to_not_convert"),
+}
+
+
+def _unknown_fields_message(unknown: list[str]) -> str:
+    """The error for unknown keyword arguments: our name for another library's, else the nearest field names."""
+    hints = []
+    for k in unknown:
+        if k in FOREIGN_NAMES:
+            whose, ours = FOREIGN_NAMES[k]
+            hints.append(f"unknown field {k!r} ({whose}'s name): hf_quant calls it {ours}")
+        elif near := difflib.get_close_matches(k, FIELDS, n=1):
+            hints.append(f"{k!r}: did you mean {near[0]!r}?")
+    return (f"HfQuantConfig got unknown field(s) {unknown}" + (f": {'; '.join(hints)}" if hints else "")
+            + f"; known fields: {list(FIELDS)}")
+
 CALIBRATION_FIELDS = tuple(f.name for f in DECLARATIONS if f.group == "calibration")
 
 
@@ -447,10 +500,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"quant_method must be {QUANT_METHOD!r} for HfQuantConfig, got {method_given!r}")
         unknown = sorted(set(kwargs) - set(FIELDS))
         if unknown:
-            hints = {k: difflib.get_close_matches(k, FIELDS, n=1) for k in unknown}
-            hint = "; ".join(f"{k!r}: did you mean {h[0]!r}?" for k, h in hints.items() if h)
-            raise ValueError(f"HfQuantConfig got unknown field(s) {unknown}; known fields: {list(FIELDS)}"
-                             + (f" ({hint})" if hint else ""))
+            raise ValueError(_unknown_fields_message(unknown))
         self.quant_method = QUANT_METHOD
         self._apply({f.name: kwargs.get(f.name, f.default) for f in DECLARATIONS})
 

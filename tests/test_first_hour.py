@@ -145,3 +145,33 @@ def test_integrations_peft_importable_before_peft():
             "print(sorted(k.__name__ for k in LoraConfig(target_modules=['q_proj'])._custom_modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['QuantExpertWeight', 'QuantLinear']"
+
+
+# --- item 6: other libraries' names get ours ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, value, ours", [
+    ("desc_act", True, "hf_quant calls it act_order"),
+    ("sym", True, "hf_quant calls it symmetric"),
+    ("damp_percent", 0.01, "hf_quant calls it damp"),
+    ("dataset", "c4", "hf_quant calls it calibration"),
+    ("load_in_4bit", True, "format='fp4' or 'nf4'"),
+    ("bnb_4bit_quant_type", "nf4", "hf_quant calls it format"),
+    ("bnb_4bit_use_double_quant", True, "hf_quant calls it double_quant"),
+    ("llm_int8_skip_modules", ["lm_head"], "hf_quant calls it modules_to_not_convert"),
+])
+def test_other_libraries_names_name_our_field(name, value, ours):
+    with pytest.raises(ValueError) as e:
+        HfQuantConfig(**{name: value})
+    assert f"unknown field {name!r}" in str(e.value) and ours in str(e.value)
+    # the same through a saved config (from_dict) and through `update`-free construction of every alias
+    with pytest.raises(ValueError, match=f"unknown field '{name}'"):
+        HfQuantConfig.from_dict({"quant_method": "hf_quant", "format_version": 1, name: value})
+
+
+def test_every_foreign_name_is_unknown_and_points_to_a_field_or_says_none():
+    from hf_quant.config import FIELDS, FOREIGN_NAMES
+
+    for name, (_, ours) in FOREIGN_NAMES.items():
+        assert name not in FIELDS
+        assert ours.startswith("nothing") or any(f in ours for f in FIELDS), name
