@@ -19,22 +19,119 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", help="also write the report as JSON to this file")
 
 
+# Every HfQuantConfig field has a flag, generated from its declaration (config.DECLARATIONS: name, default, doc,
+# accepted values), so the CLI cannot drift from the config. A few fields get a shorter alias (FLAG_ALIASES) or a
+# repeatable form (REPEATED). Flags not given leave the config's default.
+FLAG_ALIASES = {"modules_to_not_convert": ["--skip"], "overrides": ["--override"]}
+REPEATED = {"modules_to_not_convert": "MODULE", "overrides": "REGEX=JSON"}
+CLI_ONLY_GROUPS = ("version",)  # written by hf_quant when saving, not chosen by the user
+_FIELD_DEST = "field_"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _short_doc(doc: str, limit: int = 240) -> str:
+    doc = " ".join(doc.split())
+    if len(doc) <= limit:
+        return doc
+    cut = doc.rfind(". ", 0, limit)
+    return (doc[: cut + 1] if cut > 60 else doc[:limit].rsplit(" ", 1)[0] + " ...") + " (see HfQuantConfig)"
+
+
+CLI_SYNTAX = {
+    "overrides": "On the command line: --override 'REGEX=JSON', e.g. --override 'down_proj={\"bits\": 8}' or "
+                 "--override 'lm_head=none' (keep in float), or a JSON object {regex: settings}; repeatable.",
+    "modules_to_not_convert": "On the command line: repeat the flag, once per module.",
+    "calibration_dataset": "On the command line: a JSON object, or just the dataset's path.",
+    "allocation_candidates": "On the command line: a JSON list, e.g. '[{\"bits\": 2}, {\"bits\": 4}]'.",
+}
+
+
+def _shown(value) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "on", False: "off"}[value]
+    return str(value)
+
+
+def _field_help(field) -> str:
+    allowed = field.allowed()
+    listed = "" if allowed is None else "one of: " + ", ".join(_shown(a) for a in allowed) + "; "
+    default = "the format's" if field.name == "bits" else _shown(field.default)
+    syntax = f" {CLI_SYNTAX[field.name]}" if field.name in CLI_SYNTAX else ""
+    return f"{_short_doc(field.doc)}{syntax} [{listed}default: {default}]".replace("%", "%%")
+
+
+def _parse_value(field):
+    """argparse `type` for a field's flag: the literal 'none' where None is accepted, JSON where the text is JSON
+    (numbers, lists, dicts), else the text itself (names, paths); the field's own check judges the value."""
+    allowed = field.allowed() or ()
+
+    def parse(text: str):
+        if text.lower() == "none" and (None in allowed or field.default is None):
+            return None
+        if field.name == "calibration_dataset" and not text.lstrip().startswith("{"):
+            return {"path": text}
+        if allowed and text in allowed:
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    parse.__name__ = field.name  # argparse names the field in "invalid ... value"
+    return parse
+
+
+def _parse_override(text: str):
+    """--override REGEX=JSON (settings dict, or none/null to keep matches in float), or a JSON object of them."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            value = json.loads(stripped)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--override {text!r} is not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"--override {text!r}: give a JSON object {{regex: settings}}")
+        return list(value.items())
+    regex, sep, settings = text.partition("=")
+    if not sep or not regex:
+        raise argparse.ArgumentTypeError(
+            f"--override {text!r}: write REGEX=JSON, e.g. --override 'down_proj={{\"bits\": 8}}' or "
+            "--override 'lm_head=none' (keep in float), or a JSON object {regex: settings}")
+    if settings.strip().lower() in ("none", "null", "float"):
+        return [(regex, None)]
+    try:
+        return [(regex, json.loads(settings))]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--override {text!r}: the settings after '=' are not valid JSON ({e}); "
+                                         "e.g. {\"bits\": 8, \"group_size\": -1}") from None
+
+
+def _add_field_args(p: argparse.ArgumentParser) -> None:
+    from .config import DECLARATIONS
+
+    group = p.add_argument_group("quantization settings (HfQuantConfig fields; see README and help(HfQuantConfig))")
+    for field in DECLARATIONS:
+        if field.group in CLI_ONLY_GROUPS:
+            continue
+        flags = [_flag(field.name), *FLAG_ALIASES.get(field.name, [])]
+        dest = _FIELD_DEST + field.name
+        kwargs = {"dest": dest, "default": argparse.SUPPRESS, "help": _field_help(field)}
+        if isinstance(field.default, bool):
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        elif field.name == "overrides":
+            group.add_argument(*flags, action="extend", type=_parse_override, metavar=REPEATED[field.name],
+                               **kwargs)
+        elif field.name in REPEATED:
+            group.add_argument(*flags, action="append", metavar=REPEATED[field.name], **kwargs)
+        else:
+            group.add_argument(*flags, type=_parse_value(field), metavar=field.name.upper(), **kwargs)
+
+
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=None, help="code width for --format int (2, 3, 4, 5, 6, 8; default 4)")
-    p.add_argument("--format", default="int", help="int, nf4, fp4, fp8, ternary or vq")
-    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per output channel)")
-    p.add_argument("--method", default="mse",
-                   help="mse (data-free error-minimizing, default), rtn, or gptq (calibrated; see --calibration)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="calibrated methods: a UTF-8 text file (default: Botchan after the tokens perplexity uses)")
-    p.add_argument("--n-samples", type=int, default=None, help="calibrated methods: number of calibration sequences")
-    p.add_argument("--seq-len", type=int, default=None, help="calibrated methods: tokens per calibration sequence")
-    p.add_argument("--symmetric", action="store_true", help="int only: no stored zero-point")
-    p.add_argument("--double-quant", action="store_true", help="8-bit second-level scales (fewer bits per weight)")
-    p.add_argument("--target-bits", type=float, default=None,
-                   help="mixed precision: one scheme per layer so the average true bits per weight is at most this "
-                   "(e.g. 2.5); the other scheme flags set what every candidate inherits")
-    p.add_argument("--lowrank-rank", type=int, default=0, help="low-rank error correction W ~ Q(W) + U V of this rank")
+    _add_field_args(p)
     p.add_argument("--sensitivity", choices=["weight", "activation", "fisher", "gptq", "gptq_fisher"],
                    default="weight",
                    help="--target-bits: what ranks layers. weight (data-free, default) allocates while loading; "
@@ -45,9 +142,6 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evolve", type=int, default=0, metavar="GENERATIONS",
                    help="--target-bits with a data-aware --sensitivity: refine the allocation by this many generations "
                         "of evolutionary search on calibration loss (EvoPress style; data-free codes, causal LMs)")
-    p.add_argument("--planes", type=int, default=1, help="--format ternary: 1 or 2 trit-planes; vq: 1 or 2 codebooks")
-    p.add_argument("--outliers-per-row", type=int, default=0, help="keep this many weights per row exactly (sparse)")
-    p.add_argument("--skip", action="append", default=None, metavar="MODULE", help="keep this module in float (repeatable)")
     p.add_argument("--lm-head", choices=["float", "int8", "same"], default="float",
                    help="lm_head (and a tied one: it is untied): kept float (default), 8-bit per channel, or the "
                         "same scheme as the other layers")
@@ -57,25 +151,60 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
 LM_HEAD_INT8 = {"bits": 8, "group_size": -1, "symmetric": True}
 
 
+def _field_values(args) -> dict:
+    """The HfQuantConfig fields given on the command line."""
+    values = {k[len(_FIELD_DEST):]: v for k, v in vars(args).items() if k.startswith(_FIELD_DEST)}
+    if "overrides" in values:
+        pairs = values["overrides"]
+        seen = [r for r, _ in pairs]
+        duplicate = next((r for r in seen if seen.count(r) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"--override gives the regex {duplicate!r} more than once; give each regex once")
+        values["overrides"] = dict(pairs)
+    return values
+
+
 def _config_from_args(args):
     from .config import HfQuantConfig
 
-    return HfQuantConfig(
-        bits=args.bits, format=args.format, group_size=args.group_size, method=args.method,
-        symmetric=args.symmetric, double_quant=args.double_quant,
-        modules_to_not_convert=args.skip if args.lm_head == "float" else [m for m in args.skip or [] if m != "lm_head"],
-        **({"overrides": {"lm_head": LM_HEAD_INT8}} if args.lm_head == "int8" else {}),
-        target_bits=args.target_bits, lowrank_rank=args.lowrank_rank, planes=args.planes,
-        outliers_per_row=args.outliers_per_row,
-        calibration=args.calibration,
-        **{k: v for k, v in (("n_samples", args.n_samples), ("seq_len", args.seq_len)) if v is not None},
-    )
+    values = _field_values(args)
+    if args.lm_head != "float":
+        skip = values.get("modules_to_not_convert")
+        values["modules_to_not_convert"] = [m for m in skip or [] if m != "lm_head"]
+        if args.lm_head == "int8":
+            values["overrides"] = {**values.get("overrides", {}), "lm_head": LM_HEAD_INT8}
+    return HfQuantConfig(**values)
+
+
+_HUB_ID = r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?"
+
+
+def _check_model_path(path: str, what: str = "model") -> None:
+    """A model argument is a local folder or a Hub id: say which it is not, before transformers raises about repo
+    ids."""
+    import re
+
+    if Path(path).exists():
+        if not Path(path).is_dir():
+            raise ValueError(f"{what} path {path!r} is a file; pass the model's folder (with config.json)")
+        return
+    looks_local = path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
+    if looks_local or not re.fullmatch(_HUB_ID, path) or "--" in path or ".." in path:
+        raise ValueError(f"{what} path {path!r} does not exist, and it is not a valid Hugging Face Hub id either "
+                         "(owner/name): pass a local model folder or a Hub model id")
 
 
 def _load(path: str, **kwargs):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    _check_model_path(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        raise ValueError(f"model path {path!r} does not exist locally, and loading it as a Hugging Face Hub id "
+                         f"failed: {e}") from None
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
     return cls.from_pretrained(path, **kwargs), causal
@@ -148,7 +277,7 @@ def _data_aware_allocation(model_path: str, config, args):
     from .algorithms.allocation import allocate_model, calibration_batches, config_with_allocation
     from .pipeline import BOTCHAN_EVAL_TOKENS, calibration_text
 
-    if args.target_bits is None:
+    if config.target_bits is None:
         raise SystemExit(f"--sensitivity {args.sensitivity} ranks layers for --target-bits; give --target-bits too")
     if args.evolve and (args.sensitivity == "weight" or args.sensitivity.startswith("gptq") or config.method == "gptq"):
         raise SystemExit("--evolve refines an allocation of data-free codes measured on calibration text: use it with "
@@ -175,10 +304,10 @@ def _data_aware_allocation(model_path: str, config, args):
         from .algorithms.evolution import evolve_allocation
 
         table = measure_model(float_model, config, (args.sensitivity,), batches)
-        result = evolve_allocation(float_model, table, table.choose(args.target_bits, args.sensitivity), batches,
+        result = evolve_allocation(float_model, table, table.choose(config.target_bits, args.sensitivity), batches,
                                    generations=args.evolve)
     else:
-        result = allocate_model(float_model, config, args.target_bits, args.sensitivity, batches)
+        result = allocate_model(float_model, config, config.target_bits, args.sensitivity, batches)
     print(result.summary())
     return config_with_allocation(config, result)
 
@@ -257,10 +386,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _scheme_flags_given(args) -> list[str]:
+    given = [_flag(k[len(_FIELD_DEST):]) for k in vars(args) if k.startswith(_FIELD_DEST)]
     reference = argparse.ArgumentParser()
     _add_scheme_args(reference)
     defaults = vars(reference.parse_args([]))
-    return [f"--{k.replace('_', '-')}" for k, v in defaults.items() if k != "dtype" and getattr(args, k) != v]
+    return given + [_flag(k) for k, v in defaults.items() if k != "dtype" and getattr(args, k) != v]
 
 
 def cmd_eval(args) -> int:
@@ -383,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs a parsed subcommand; bad input becomes a one-line message and exit status 2."""
     try:
         return args.func(args)
-    except ValueError as e:  # invalid settings or checkpoint: a message, not a traceback
+    except (ValueError, OSError) as e:  # invalid settings, paths or checkpoint: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -20,8 +20,10 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .formats.format import format_names
 from .formats.scheme import (
-    CALIBRATION_METHODS, SCHEME_FIELDS, QuantScheme, check_scheme_field, default_bits, resolve_scheme,
+    CALIBRATION_METHODS, GROUP_SIZES, METHODS, SCHEME_FIELDS, QuantScheme, check_scheme_field, default_bits,
+    resolve_scheme,
 )
 
 try:
@@ -76,6 +78,7 @@ def _one_of(*allowed) -> Callable[[str, Any], Any]:
             names = [repr(a) for a in allowed]
             raise ValueError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
         return value
+    check.allowed = allowed
     return check
 
 
@@ -284,6 +287,14 @@ class Field:
     doc: str
     check: Callable[[str, Any], Any]
     dump: Callable[[Any], Any] = copy.deepcopy
+    choices: Callable[[], tuple] | None = None  # the accepted values, where they are a list (else see `check`)
+
+    def allowed(self) -> tuple | None:
+        """The accepted values where they form a list (the check's own list for `_one_of` fields), else None:
+        what `hf-quant --help` lists, so the CLI cannot drift from the config."""
+        if self.choices is not None:
+            return tuple(self.choices())
+        return getattr(self.check, "allowed", None)
 
 
 # Declaration order is `to_dict` order and check order; format_version comes first so that a config from a newer
@@ -300,21 +311,22 @@ DECLARATIONS: tuple[Field, ...] = (
     # Scheme fields (compressed-tensors' QuantizationScheme/QuantizationArgs): what each weight is stored as.
     Field("format", "int", "scheme",
           'the weight format: "int" (affine integer), "nf4", "fp4" (E2M1), "fp8" (E4M3, weight-only), "ternary" '
-          '(trit-planes) or "vq" (8-dim vector codebooks); see `planes`.', _scheme_field),
+          '(trit-planes) or "vq" (8-dim vector codebooks); see `planes`.', _scheme_field, choices=format_names),
     Field("bits", None, "scheme",
           'code width of "int" weights (2, 3, 4, 5, 6, 8). Default (None): 4 for "int", the format\'s own width for '
           "codebook formats (nf4, fp4: 4; fp8: 8). The resolved width is stored, so `to_dict()` always holds an int "
           "and a round trip gives an equal config. Codebook formats reject any other width.", _bits),
     Field("group_size", 128, "scheme",
           "32, 64, 128, 256, or -1 for one scale per output channel. In-features that are not a multiple of the group "
-          "size are zero-padded to the next multiple; the padding is part of the stored layout.", _scheme_field),
+          "size are zero-padded to the next multiple; the padding is part of the stored layout.", _scheme_field,
+          choices=lambda: GROUP_SIZES),
     Field("symmetric", False, "scheme",
           '"int" only: no stored zero-point. True with a codebook format is an error.', _scheme_field),
     Field("method", "mse", "scheme",
           '"mse" (default; data-free error-minimizing scale/zero search), "rtn" (round to nearest) or "gptq" '
           "(calibrated while loading: GPTQ block by block on the calibration data below; every format, GPTVQ for "
           '"vq", and with low-rank / sparse-outlier terms) or "awq" (calibrated activation-aware per-channel scales '
-          'folded into the preceding norm/linear, then "mse").', _scheme_field),
+          'folded into the preceding norm/linear, then "mse").', _scheme_field, choices=lambda: METHODS),
     Field("double_quant", False, "scheme",
           "store scales/zero-points as 8-bit codes (about 0.12 fewer bits per weight at group 128).", _scheme_field),
     Field("lowrank_rank", 0, "scheme",

@@ -175,3 +175,99 @@ def test_every_foreign_name_is_unknown_and_points_to_a_field_or_says_none():
     for name, (_, ours) in FOREIGN_NAMES.items():
         assert name not in FIELDS
         assert ours.startswith("nothing") or any(f in ours for f in FIELDS), name
+
+
+# --- item 5: every config field on the command line ---------------------------------------------------------------
+
+
+def _parser_flags():
+    from hf_quant.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    return {name: {opt: action for action in p._actions for opt in action.option_strings}
+            for name, p in sub.choices.items()}
+
+
+def test_every_config_field_has_a_cli_flag():
+    from hf_quant.config import DECLARATIONS
+
+    flags = _parser_flags()
+    for command in ("quantize", "eval"):
+        for field in DECLARATIONS:
+            if field.group == "version":
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            assert flag in flags[command], (command, flag)
+            assert field.doc.split()[0] in flags[command][flag].help  # the declaration's own doc
+        for alias in ("--override", "--skip", "--rotation", "--damp", "--act-order", "--no-act-order",
+                      "--calibration", "--calibration-dataset", "--n-samples", "--seq-len"):
+            assert alias in flags[command], alias
+
+
+def test_method_help_lists_every_method():
+    from hf_quant.formats.scheme import METHODS
+
+    help_text = _parser_flags()["quantize"]["--method"].help
+    assert "awq" in METHODS
+    assert all(m in help_text.split("one of:")[1] for m in METHODS)
+
+
+def test_cli_flags_build_the_config():
+    from hf_quant.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args([
+        "quantize", "x", "--out", "y", "--method", "gptq", "--rotation", "hadamard", "--damp", "0.05",
+        "--no-act-order", "--override", 'down_proj={"bits": 8}', "--override", "o_proj=none", "--skip", "lm_head",
+        "--calibration-dataset", "wikitext", "--n-samples", "3", "--seq-len", "16", "--rotation-seed", "7",
+        "--token-weighting", "attention", "--group-size", "-1", "--symmetric", "--target-bits", "3.5",
+        "--allocation-candidates", '[{"bits": 2}, {"bits": 4}]',
+    ])
+    c = _config_from_args(args)
+    assert (c.method, c.rotation, c.damp, c.act_order, c.n_samples, c.seq_len) == ("gptq", "hadamard", 0.05, False,
+                                                                                   3, 16)
+    assert c.overrides == {"down_proj": {"bits": 8}, "o_proj": None}
+    assert c.modules_to_not_convert == ["lm_head"] and c.calibration_dataset == {"path": "wikitext"}
+    assert (c.rotation_seed, c.token_weighting, c.group_size, c.symmetric, c.target_bits) == (7, "attention", -1,
+                                                                                              True, 3.5)
+    assert c.allocation_candidates == [{"bits": 2}, {"bits": 4}]
+    # flags not given keep the config's defaults; --rotation none is None
+    args = build_parser().parse_args(["quantize", "x", "--out", "y", "--rotation", "none"])
+    assert _config_from_args(args) == HfQuantConfig()
+    # --lm-head int8 adds its override after the user's
+    args = build_parser().parse_args(["quantize", "x", "--out", "y", "--lm-head", "int8", "--override",
+                                      '{"down_proj": {"bits": 8}}'])
+    assert list(_config_from_args(args).overrides) == ["down_proj", "lm_head"]
+
+
+def test_cli_bad_flag_values_are_one_line_errors(float_llama, tmp_path, capsys):
+    from hf_quant.cli import main as cli_main
+
+    assert cli_main(["quantize", str(float_llama), "--out", str(tmp_path / "q"), "--damp", "20"]) == 2
+    assert "damp must be a number in (0, 10]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["quantize", str(float_llama), "--out", str(tmp_path / "q"), "--override", "down_proj={bits: 8}"])
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "./no-such-model", "no/such/deep/folder", "bad id!"])
+def test_cli_missing_model_path_says_so(tmp_path, capsys, path):
+    from hf_quant.cli import main as cli_main
+
+    assert cli_main(["quantize", path, "--out", str(tmp_path / "q"), "--eval-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"path {path!r} does not exist" in err and "not a valid Hugging Face Hub id" in err
+    assert "Traceback" not in err
+
+
+def test_cli_quantize_with_override_and_skip(float_llama, tmp_path, capsys):
+    from hf_quant.cli import main as cli_main
+
+    out = tmp_path / "q"
+    assert cli_main(["quantize", str(float_llama), "--out", str(out), "--group-size", "32", "--override",
+                     'down_proj={"bits": 8}', "--override", "o_proj=none", "--skip", "lm_head",
+                     "--eval-tokens", "0"]) == 0
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    layer = model.model.layers[0]
+    assert layer.mlp.down_proj.scheme.bits == 8 and layer.mlp.up_proj.scheme.bits == 4
+    assert type(layer.self_attn.o_proj) is nn.Linear
