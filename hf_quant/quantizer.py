@@ -188,6 +188,8 @@ class HfQuantQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):  # transformers passes model.config.dtype, a string after a config.json round trip
+            dtype = getattr(torch, dtype.removeprefix("torch."))
         return dequantize_model(model, dtype or torch.float32)
 
 

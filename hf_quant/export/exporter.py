@@ -30,9 +30,10 @@ from ..formats.format import active_terms
 from ..formats.scalar import ExportRefused
 from ..nn import PackedWeight, QuantExpertWeight, QuantLinear
 from .compressed_tensors import CompressedTensorsTarget
+from .gguf import GGUFTarget
 from .gptq import GPTQTarget
 
-TARGETS = {"compressed-tensors": CompressedTensorsTarget, "gptq": GPTQTarget}
+TARGETS = {"compressed-tensors": CompressedTensorsTarget, "gptq": GPTQTarget, "gguf": GGUFTarget}
 
 # Files of a source folder that the export writes itself or that describe the hf_quant checkpoint only.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -94,8 +95,9 @@ def export(model_or_dir, to: str, out, requantize: bool = False, scale_dtype: to
 
     model_or_dir: a model holding hf_quant packed modules, an hf_quant checkpoint folder, or a Hub id already in the
         local cache.
-    to: "compressed-tensors" or "gptq".
-    out: the output folder (created; an existing non-empty folder only with `overwrite=True`, replaced whole).
+    to: "compressed-tensors", "gptq" or "gguf".
+    out: the output folder (created; an existing non-empty folder only with `overwrite=True`, replaced whole);
+        for "gguf", a path ending in .gguf is the file itself, otherwise the file is `out`/model.gguf.
     requantize: re-fit what the target cannot hold exactly (fractional or out-of-range zero-points, scales not
         exact in the target's dtype) to codes it holds, per group the better of the nearest codes under the
         target's rounding of our scale/zero-point and the format's own search with integer zero-points on the
@@ -147,6 +149,16 @@ def export(model_or_dir, to: str, out, requantize: bool = False, scale_dtype: to
     for name, module in packed.items():
         for t in module.packed_names:
             state.pop(f"{name}.{t}", None)
+    write_file = getattr(target, "write", None)
+    if write_file is not None:
+        # A single-file target (GGUF): it names and lays out every tensor itself.
+        try:
+            report.files = write_file(model, state, {f"{n}.weight": (packed[n], w) for n, w in exported.items()},
+                                      report, source_dir, out)
+        except ExportRefused as e:
+            raise ExportRefusedModules(target.name, [e]) from None
+        return report
+    for name in packed:
         state.update({f"{name}.{t}": v.detach().cpu().contiguous() for t, v in exported[name].tensors.items()})
     report.files = _write(model, state, quant_config, extra_files, source_dir, out, max_shard_size)
     return report

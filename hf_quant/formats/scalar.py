@@ -556,7 +556,13 @@ class IntFormat(ScalarFormat):
         params = unpack(scheme, tensors, in_features)
         problems, new_scale = self._export_scales(target, scheme, params.scale)
         zero = new_zero = params.zero
-        if zero is not None:
+        hold_zero = getattr(target, "hold_zero", None)
+        if zero is not None and hold_zero is not None:
+            # The target stores something other than an integer zero-point (GGUF's Q4_1: a float16 offset
+            # -scale * zero): it says what it cannot hold and what it would hold instead.
+            zero_problems, new_zero = hold_zero(scheme, new_scale, zero)
+            problems += zero_problems
+        elif zero is not None:
             lo, hi, why, fix = target.zero_range(scheme)
             rounded = zero.round()
             frac = zero != rounded
