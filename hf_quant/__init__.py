@@ -17,16 +17,39 @@ from .version import __version__  # noqa: F401
 
 _register()  # transformers, PEFT and experts registrations: hf_quant/integrations/__init__.py
 
+
+def __getattr__(name: str):
+    # Imported on first use: `import hf_quant` stays light (tests/test_architecture.py).
+    if name in ("load_foreign", "ImportRefused"):
+        from . import importers
+
+        return getattr(importers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+
+def __getattr__(name: str):
+    # HfQuantCache is imported on first use, so `import hf_quant` does not get slower (benchmarks/import_time.py)
+    if name == "HfQuantCache":
+        from .cache import HfQuantCache
+
+        return HfQuantCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ExportRefused",
     "FORMAT_VERSION",
+    "HfQuantCache",
     "HfQuantConfig",
     "HfQuantQuantizer",
+    "ImportRefused",
     "QuantExpertWeight",
     "QuantLinear",
     "QuantScheme",
     "dequantize_model",
     "export",
+    "load_foreign",
     "packed_modules",
     "push_to_hub",
     "save_pretrained_atomic",

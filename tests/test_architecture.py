@@ -25,6 +25,7 @@ LAYERS = [
     "formats",  # Format objects: layout, coding, checks
     "config",  # HfQuantConfig: declared fields -> schemes
     "kernels",  # custom ops and their per-device implementations
+    "cache",  # the quantized KV cache (transformers Cache subclass) over formats' packing
     "nn",  # packed modules
     "model",  # the model walker and the checkpoint files' checks
     "algorithms",  # model-level methods: GPTQ driving, AWQ, rotations, allocation, experts
