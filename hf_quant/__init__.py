@@ -19,21 +19,15 @@ _register()  # transformers, PEFT and experts registrations: hf_quant/integratio
 
 
 def __getattr__(name: str):
-    # Imported on first use: `import hf_quant` stays light (tests/test_architecture.py).
-    if name in ("load_foreign", "ImportRefused"):
-        from . import importers
-
-        return getattr(importers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-
-def __getattr__(name: str):
     # HfQuantCache is imported on first use, so `import hf_quant` does not get slower (benchmarks/import_time.py)
     if name == "HfQuantCache":
         from .cache import HfQuantCache
 
         return HfQuantCache
+    if name in ("load_foreign", "ImportRefused"):  # hf_quant.importers, likewise on first use
+        from . import importers
+
+        return getattr(importers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -32,6 +32,7 @@ LAYERS = [
     "pipeline",  # the calibration block loop and its processors
     "eval",  # perplexity, storage accounting, reports
     "export",  # checkpoints in other libraries' formats (compressed-tensors, GPTQ)
+    "importers",  # other libraries' checkpoints (GPTQ, AWQ, compressed-tensors) as hf_quant modules
     "quantizer",  # the transformers HfQuantizer
     "integrations",  # transformers/PEFT/Hub/experts registration
     "cli",
