@@ -31,6 +31,7 @@ _FIX = "re-export the checkpoint with AutoAWQ (version 'gemm')"
 
 class AWQSource:
     name = "AWQ"
+    quantized_only = ("qzeros",)  # other tensors marking a quantized module
     marker = "qweight"
     tensors = ("qweight", "qzeros", "scales")
     method = "awq"

@@ -45,6 +45,7 @@ _ACT_FIX = ("load it with vLLM or transformers' compressed-tensors support; hf_q
 
 class CompressedTensorsSource:
     name = "compressed-tensors"
+    quantized_only = ("weight_scale",)  # other tensors marking a quantized module
     marker = "weight_packed"
     tensors = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
     method = "rtn"

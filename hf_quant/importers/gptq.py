@@ -39,6 +39,7 @@ _FIX_EXPORT = "re-export the checkpoint with GPTQModel or AutoGPTQ (checkpoint_f
 
 class GPTQSource:
     name = "GPTQ"
+    quantized_only = ("qzeros",)  # other tensors marking a quantized module
     marker = "qweight"
     tensors = ("qweight", "qzeros", "scales", "g_idx")
     method = "gptq"

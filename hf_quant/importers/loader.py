@@ -77,15 +77,18 @@ def load_foreign(path, **from_pretrained_kwargs):
 
     weights, refusals = {}, []
     marker = "." + source.marker
-    for name in sorted({k[: -len(marker)] for k in ckpt.keys() if k.endswith(marker)}):
+    # modules the checkpoint stores quantized: the packed tensor, or any tensor only a quantized module has (e.g. a
+    # compressed-tensors FP8 weight's scale: its scheme is then refused by name)
+    suffixes = tuple(f".{t}" for t in (source.marker, *source.quantized_only))
+    for name in sorted({k.rpartition(".")[0] for k in ckpt.keys() if k.endswith(suffixes)}):
         try:
             module = linears.get(name)
             if module is None:
-                raise ImportRefused(name, f"packed tensors ({name}{marker}) for a module that is not a linear layer of "
+                raise ImportRefused(name, f"quantized tensors ({name}.*) for a module that is not a linear layer of "
                                     f"{cls.__name__} built from config.json (checkpoints whose tensor names "
                                     "transformers renames when loading, e.g. per-expert MoE weights, are not imported "
                                     "yet)", "check that config.json belongs to these weights")
-            if f"{name}.weight" in ckpt:
+            if f"{name}.weight" in ckpt and f"{name}{marker}" in ckpt:
                 raise ImportRefused(name, "the checkpoint stores both a float weight and packed tensors",
                                     "remove one of them; the checkpoint is inconsistent")
             w = module.weight
