@@ -482,3 +482,18 @@ def test_load_foreign_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
     assert isinstance(QuantLinear, type)
+
+
+@pytest.mark.real_model
+def test_smollm2_export_import_round_trips(tmp_path, monkeypatch):
+    """SmolLM2-135M int4 g64 (576 in-features: not a multiple of 128): GPTQ and compressed-tensors asymmetric."""
+    from hf_quant.assets import smollm2_path
+
+    monkeypatch.setenv("HF_QUANT_KERNEL", "reference")
+    for target, settings in (("gptq", dict(bits=4, group_size=64, symmetric=True, method="rtn")),
+                             ("compressed-tensors", dict(bits=4, group_size=64, method="rtn"))):
+        ours = quantized(smollm2_path(), **settings)
+        export(ours, to=target, out=tmp_path / target)
+        imported = load_foreign(tmp_path / target)
+        assert len(packed(imported)) == 30 * 7
+        assert_same_model(ours, imported)
