@@ -6,6 +6,7 @@
 """
 
 from .config import FORMAT_VERSION, HfQuantConfig
+from .eval.storage import count_parameters
 from .export import ExportRefused, export
 from .formats import QuantScheme
 from .integrations import register as _register
@@ -41,6 +42,7 @@ __all__ = [
     "QuantExpertWeight",
     "QuantLinear",
     "QuantScheme",
+    "count_parameters",
     "dequantize_model",
     "export",
     "load_foreign",

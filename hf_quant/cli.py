@@ -4,6 +4,7 @@ saved checkpoint, push it to the Hugging Face Hub with a generated model card.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -248,11 +249,17 @@ def cmd_quantize(args) -> int:
         "out": str(out),
         "config": config.to_dict(),
         "quantize_seconds": round(quant_seconds, 2),
-        "float_checkpoint_bytes": _dir_bytes(Path(model_path)),
+        "float_checkpoint_bytes": _dir_bytes(Path(model_path)),  # the files on disk (headers and metadata too)
         "quantized_checkpoint_bytes": _dir_bytes(out),
+        "bytes_before": storage.bytes_before,  # every stored tensor, as `hf-quant inspect` and `eval` count them
+        "bytes_after": storage.total_bytes,
         "bits_per_weight": storage.bits_per_weight,
         "quantized_modules": len(storage.modules),
+        "peak_rss_bytes": _peak_rss_bytes(),
     }
+    calibration = getattr(getattr(model, "hf_quantizer", None), "calibration_report", None)
+    if calibration is not None:
+        report["calibration"] = dataclasses.asdict(calibration)
     if args.eval_tokens and causal and tokenizer is not None:
         from .assets import botchan_text
         from .eval import perplexity
@@ -312,12 +319,17 @@ def _data_aware_allocation(model_path: str, config, args):
     return config_with_allocation(config, result)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (loading, calibration and quantization included)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _print_report(r: dict) -> None:
     from .config import HfQuantConfig
+    from .eval.storage import mib, size_line
 
     c = r["config"]
     fmt = HfQuantConfig.from_dict(c).default_scheme.label
@@ -326,10 +338,14 @@ def _print_report(r: dict) -> None:
     print(f"hf_quant report: {fmt}, {group}, method {c['method']}{', double quant' if c['double_quant'] else ''}")
     print(f"  quantized modules      {r['quantized_modules']}")
     print(f"  bits per weight        {r['bits_per_weight']:.3f} (codes + scales + zero-points, quantized weights)")
-    before, after = r["float_checkpoint_bytes"], r["quantized_checkpoint_bytes"]
-    ratio = f" ({before / after:.2f}x smaller)" if after and before else ""
-    print(f"  checkpoint size        {_mb(before)} -> {_mb(after)}{ratio}")
-    print(f"  quantize time          {r['quantize_seconds']:.1f} s")
+    print(f"  size                   {size_line(r['bytes_before'], r['bytes_after'])} (every stored tensor)")
+    print(f"  quantize time          {r['quantize_seconds']:.1f} s (loading included)")
+    if "calibration" in r:
+        c = r["calibration"]
+        print(f"  calibration            {c['seconds']:.1f} s, {c['quantized_modules']} modules in {c['blocks']} blocks "
+              f"on {c['n_samples']}x{c['seq_len']} tokens; activations+Hessians peak "
+              f"{mib(c['peak_calibration_bytes'])}")
+    print(f"  peak memory            {mib(r['peak_rss_bytes'])} (process resident set)")
     if "perplexity" in r:
         p = r["perplexity"]
         delta = p["quantized"] - p["float"]
@@ -338,9 +354,39 @@ def _print_report(r: dict) -> None:
     print(f"  saved to               {r['out']}")
 
 
+INSPECT_ROWS = 40  # more modules than this: one row per module name pattern (all blocks together) unless --all
+
+
+def _grouped_rows(modules: list) -> list:
+    """One row per (name with its numbers taken out, kind, shape, format): the per-block layers of a model
+    collapse into one row each, named with the range of block numbers, e.g. model.layers.{0..29}.mlp.up_proj."""
+    import re
+
+    groups: dict[tuple, list] = {}
+    for m in modules:
+        key = (re.sub(r"\.\d+\.", ".#.", m.name), m.kind, tuple(m.shape), m.format, round(m.bits_per_weight, 6))
+        groups.setdefault(key, []).append(m)
+    rows = []
+    for (pattern, *_), group in groups.items():
+        if len(group) == 1:
+            rows.append(group[0])
+            continue
+        numbers = sorted({int(n) for m in group for n in re.findall(r"\.(\d+)\.", m.name)})
+        runs: list[list[int]] = []
+        for n in numbers:
+            if runs and n == runs[-1][-1] + 1:
+                runs[-1].append(n)
+            else:
+                runs.append([n])
+        span = "{" + ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) + "}"
+        first = group[0]
+        rows.append(dataclasses.replace(first, name=f"{pattern.replace('.#.', f'.{span}.')} (x{len(group)})"))
+    return rows
+
+
 def cmd_inspect(args) -> int:
     from .config import HfQuantConfig
-    from .eval.storage import checkpoint_storage
+    from .eval.storage import checkpoint_storage, mib, natural_key, size_line
 
     folder = Path(args.folder)
     cfg_path = folder / "config.json"
@@ -357,16 +403,31 @@ def cmd_inspect(args) -> int:
         return 2
     qc = HfQuantConfig.from_dict(qc)  # validated like a load: what is printed below is a checked value
     report = checkpoint_storage(folder)
-    width = max((len(m.name) for m in report.modules), default=10)
+    print(f"{folder}: hf_quant format version {qc.format_version}, method {qc.method}")
+    modules = sorted(report.modules, key=lambda m: natural_key(m.name))
+    rows = modules if args.all or len(modules) <= INSPECT_ROWS else _grouped_rows(modules)
+    width = max((len(m.name) for m in rows), default=10)
     print(f"{'module':<{width}}  {'kind':<17} {'shape':<18} {'format':<18} {'bits/w':>7}")
-    for m in report.modules:
+    for m in rows:
         shape = "x".join(map(str, m.shape))
         print(f"{m.name:<{width}}  {m.kind:<17} {shape:<18} {m.format:<18} {m.bits_per_weight:>7.3f}")
+    if rows is not modules:
+        print(f"({len(modules)} modules in {len(rows)} rows: {{i-j}} stands for the block numbers i to j; "
+              "--all lists every module)")
     print()
-    print(f"format version {qc.format_version}, method {qc.method}")
-    print(f"quantized weights {report.quantized_weights:,} at {report.bits_per_weight:.3f} bits per weight "
-          f"({_mb(report.quantized_bits // 8)}); float tensors {_mb(report.float_bytes)}; total {_mb(report.total_bytes)} "
-          f"({report.model_bits_per_weight:.3f} bits per weight, whole model)")
+    print("summary")
+    by_format: dict[str, list] = {}
+    for m in modules:
+        by_format.setdefault(m.format, []).append(m)
+    for fmt, group in sorted(by_format.items()):
+        weights = sum(m.weights for m in group)
+        stored = sum(m.stored_bytes for m in group)
+        print(f"  {fmt:<18} {len(group):>5} modules  {weights:>14,} weights  {mib(stored):>11}  "
+              f"{8 * stored / weights:.3f} bits per weight")
+    print(f"  {'kept in float':<18} {'':>5}          {report.float_weights:>14,} weights  {mib(report.float_bytes):>11}")
+    print(f"  quantized weights {report.quantized_weights:,} at {report.bits_per_weight:.3f} bits per weight; whole "
+          f"model {report.model_bits_per_weight:.3f} bits per weight")
+    print(f"  size {size_line(report.bytes_before, report.total_bytes)} (every stored tensor)")
     if args.json_out:  # the `storage` record of `hf-quant eval --json`
         Path(args.json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
@@ -476,6 +537,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_quantize)
     i = sub.add_parser("inspect", help="formats and true bits per weight of a saved checkpoint")
     i.add_argument("folder")
+    i.add_argument("--all", action="store_true",
+                   help=f"list every module (by default, over {INSPECT_ROWS} modules are listed one row per name "
+                        "pattern, all blocks together)")
     i.add_argument("--json", dest="json_out", help="also write the per-module table as JSON")
     i.set_defaults(func=cmd_inspect)
     e = sub.add_parser("eval", help="quality (perplexity or embedding cosine vs float) and true storage, as a "
@@ -485,8 +549,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="write an hf_quant checkpoint as compressed-tensors (vLLM, SGLang, "
                        "transformers) or GPTQ, exactly or refused")
     x.add_argument("source", help="hf_quant checkpoint folder (or a Hub id in the local cache)")
-    x.add_argument("--to", required=True, choices=["compressed-tensors", "gptq"], help="target format")
-    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--to", required=True, choices=["compressed-tensors", "gptq", "gguf"], help="target format")
+    x.add_argument("--out", required=True, help="output folder (gguf: a path ending in .gguf is the file itself)")
     x.add_argument("--requantize", action="store_true",
                    help="re-fit weights the target cannot hold exactly (e.g. fractional zero-points) and report the "
                    "added error per module; without it such modules are refused")

@@ -271,3 +271,139 @@ def test_cli_quantize_with_override_and_skip(float_llama, tmp_path, capsys):
     layer = model.model.layers[0]
     assert layer.mlp.down_proj.scheme.bits == 8 and layer.mlp.up_proj.scheme.bits == 4
     assert type(layer.self_attn.o_proj) is nn.Linear
+
+
+# --- item 9: inspect sorts and summarises; one size figure everywhere; calibration figures; true parameter count ---
+
+
+def test_natural_key_sorts_block_numbers():
+    from hf_quant.eval.storage import natural_key
+
+    names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.1.mlp", "lm_head"]
+    assert sorted(names, key=natural_key) == ["lm_head", "model.layers.1.mlp", "model.layers.2.mlp",
+                                              "model.layers.10.mlp"]
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    """12 blocks, 84 quantized modules: more than `hf-quant inspect` lists one by one."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("deep") / "float"
+    tf.LlamaForCausalLM(tf.LlamaConfig(**{**LLAMA, "num_hidden_layers": 12})).save_pretrained(path)
+    return path
+
+
+def test_cli_sizes_agree_and_inspect_summarises(deep_llama, tmp_path, capsys):
+    from hf_quant.cli import main as cli_main
+
+    out, report_json, inspect_json, eval_json = (tmp_path / n for n in ("q", "r.json", "i.json", "e.json"))
+    assert cli_main(["quantize", str(deep_llama), "--out", str(out), "--group-size", "32", "--override",
+                     r'layers\.1[01]\.mlp\.down_proj={"bits": 8}', "--eval-tokens", "0", "--json",
+                     str(report_json)]) == 0
+    quantize_out = capsys.readouterr().out
+    assert cli_main(["inspect", str(out), "--json", str(inspect_json)]) == 0
+    inspect_out = capsys.readouterr().out
+    assert cli_main(["eval", str(out), "--json", str(eval_json)]) == 0
+    eval_out = capsys.readouterr().out
+    report = json.loads(report_json.read_text())
+    storage = json.loads(inspect_json.read_text())
+    record = json.loads(eval_json.read_text())["storage"]
+    assert report["bytes_after"] == storage["bytes_after"] == record["bytes_after"]
+    assert report["bytes_before"] == storage["bytes_before"] == record["bytes_before"]
+    size = [line.split("size", 1)[1].split("(every")[0].strip() for line in quantize_out.splitlines()
+            if line.strip().startswith("size ")]
+    assert size and all(size[0] in text for text in (inspect_out, eval_out))
+    # inspect: one row per name pattern over 40 modules, block numbers in natural order; a summary per format
+    rows = [line for line in inspect_out.splitlines() if line.startswith("model.")]
+    assert "model.layers.{0-11}.self_attn.q_proj (x12)" in inspect_out
+    assert "model.layers.{0-9}.mlp.down_proj (x10)" in inspect_out and "model.layers.{10-11}.mlp.down_proj (x2)" \
+        in inspect_out
+    assert len(rows) == 8 and "summary" in inspect_out and "int8 g32" in inspect_out
+    assert " 82 modules" in inspect_out and "  2 modules" in inspect_out and "kept in float" in inspect_out
+    assert cli_main(["inspect", str(out), "--all"]) == 0
+    every = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("model.")]
+    assert len(every) == 84
+    blocks = [int(n.split(".")[2]) for n in every]
+    assert blocks == sorted(blocks) and blocks.index(2) < blocks.index(10)
+
+
+def test_cli_quantize_prints_calibration_time_and_peak_memory(tmp_path, capsys):
+    from hf_quant.assets import smollm2_path
+    from hf_quant.cli import main as cli_main
+
+    tok = tf.AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**{**LLAMA, "vocab_size": len(tok)})).save_pretrained(tmp_path / "float")
+    tok.save_pretrained(tmp_path / "float")
+    (tmp_path / "cal.txt").write_text("Calibration text about quantization and rounding errors. " * 100)
+    assert cli_main(["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--method", "gptq",
+                     "--calibration", str(tmp_path / "cal.txt"), "--n-samples", "2", "--seq-len", "32",
+                     "--group-size", "32", "--eval-tokens", "0", "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration"]["n_samples"] == 2 and report["calibration"]["seconds"] > 0
+    assert "calibration " in printed and "on 2x32 tokens" in printed and "peak memory" in printed
+    assert report["peak_rss_bytes"] > 0
+
+
+def test_count_parameters_counts_packed_weights(float_llama):
+    model = _lora_model(float_llama)
+    total_float = sum(p.numel() for p in tf.AutoModelForCausalLM.from_pretrained(float_llama).parameters())
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    count = hf_quant.count_parameters(model)
+    assert count.total == total_float + lora and count.trainable == lora
+    assert count.quantized == sum(m.in_features * m.out_features for m in model.modules()
+                                  if isinstance(m, QuantLinear))
+    trainable, peft_total = model.get_nb_trainable_parameters()
+    assert peft_total < count.total  # what PEFT's print_trainable_parameters shows
+    assert f"all params: {count.total:,}" in str(count)
+
+
+# --- item 7: model cards --------------------------------------------------------------------------------------------
+
+
+def _front_matter(card: str) -> dict:
+    import re
+
+    import yaml
+
+    return yaml.safe_load(re.match(r"---\n(.*?)\n---\n", card, re.DOTALL).group(1))
+
+
+def test_model_card_install_dataset_rounding_and_float_modules(float_llama, tmp_path):
+    from hf_quant.eval import QualityResult, make_record, model_storage
+    from hf_quant.integrations.hub import render_model_card
+
+    model = tf.AutoModelForCausalLM.from_pretrained(float_llama, quantization_config=HfQuantConfig(group_size=32))
+    model.save_pretrained(tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    quality = [QualityResult("perplexity", "botchan", 256, 131.24681234567891, 133.97531234567891),
+               QualityResult("perplexity", "wikitext", 256, 11.123456789, 12.987654321)]
+    record = make_record("base", qc, model_storage(model), quality)
+    card = render_model_card(tmp_path / "q", repo_id="me/tiny-int4", eval_record=record)
+    assert 'pip install "hf-quant==' not in card and "not published on PyPI" in card and "source" in card
+    meta = _front_matter(card)
+    (result,) = meta["model-index"][0]["results"]  # only the Hub dataset; Botchan is named in the text instead
+    assert result["dataset"]["type"] == "wikitext" and result["metrics"][0]["value"] == 12.99
+    assert "botchan" not in json.dumps(meta).lower()
+    assert "| perplexity | botchan | 256 | 131.25 | 133.98 |" in card and "1234" not in card
+    assert "`test/botchan.txt`" in card and "sentencepiece" in card
+    kept = next(line for line in card.splitlines() if line.startswith("Kept in float:"))
+    assert kept.count("embed") == 1 and "`model.embed_tokens`" in kept and "`lm_head`" in kept
+    assert "Calibration data" not in card  # data-free
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"calibration": ["some calibration text " * 50]}, "1 text(s) given in the config; 4 sequences of 32 tokens "
+                                                       "(128 tokens)"),
+    ({"calibration": "botchan"}, "Botchan (Natsume"),
+    ({"calibration_dataset": {"path": "wikitext", "name": "wikitext-2-raw-v1"}},
+     "the `datasets` dataset `wikitext` (config `wikitext-2-raw-v1`), split `train`"),
+])
+def test_model_card_states_calibration_data_and_tokens(settings, expected):
+    from hf_quant.integrations.hub import _calibration_description
+
+    qc = HfQuantConfig(method="gptq", n_samples=4, seq_len=32, **settings).to_dict()
+    text = _calibration_description(qc)
+    assert expected in text and "(128 tokens)" in text
+    assert _calibration_description(HfQuantConfig().to_dict()) is None

@@ -11,14 +11,23 @@ from hf_quant.eval.report import (
     validate_record,
     write_record,
 )
-from hf_quant.eval.storage import QuantizedModule, StorageReport, checkpoint_storage, model_storage
+from hf_quant.eval.storage import (
+    ParameterCount,
+    QuantizedModule,
+    StorageReport,
+    checkpoint_storage,
+    count_parameters,
+    model_storage,
+)
 
 __all__ = [
+    "ParameterCount",
     "QualityResult",
     "QuantizedModule",
     "StorageReport",
     "botchan_sentences",
     "checkpoint_storage",
+    "count_parameters",
     "embedding_cosine",
     "evaluate_causal_lm",
     "evaluate_encoder",

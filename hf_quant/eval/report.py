@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .storage import StorageReport
+from .storage import StorageReport, size_line
 
 __all__ = [
     "METRICS",
@@ -148,10 +148,6 @@ def read_record(path: str | os.PathLike) -> dict:
     return record
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 def format_table(record: dict, *, per_module: bool = False) -> str:
     """The record as a terminal table."""
     s = record["storage"]
@@ -166,8 +162,7 @@ def format_table(record: dict, *, per_module: bool = False) -> str:
         f"  quantized modules      {len(s['modules'])} ({', '.join(formats) or 'none'})",
         f"  bits per weight        {s['quantized_bits_per_weight']:.3f} quantized modules, "
         f"{s['bits_per_weight']:.3f} whole model (every stored tensor)",
-        f"  size                   {_mib(s['bytes_before'])} -> {_mib(s['bytes_after'])}"
-        + (f" ({s['bytes_before'] / s['bytes_after']:.2f}x smaller)" if s["bytes_after"] else ""),
+        f"  size                   {size_line(s['bytes_before'], s['bytes_after'])}",
     ]
     if record["quality"]:
         lines.append(f"  {'metric':<17} {'dataset':<9} {'tokens':>7} {'float':>9} {'quantized':>10} {'change':>8}")

@@ -150,7 +150,8 @@ def render_model_card(
     config = _read_config(folder)
     qc = config["quantization_config"]
     storage = eval_record["storage"] if eval_record is not None else checkpoint_storage(folder).to_dict()
-    quality = [dict(q, change_percent=100 * (q["quantized"] - q["float"]) / q["float"])
+    quality = [dict(q, change_percent=100 * (q["quantized"] - q["float"]) / q["float"], digits=_digits(q["metric"]),
+                    source=TEXT_SOURCES.get(q["dataset"]))
                for q in (eval_record or {}).get("quality", [])]
     base_id, base_card = _base_model_card(base_model, endpoint=endpoint, token=token)
     model_class, pipeline_tag = _model_kind(config)
@@ -165,9 +166,10 @@ def render_model_card(
         tags=_tags(groups),
         base_model_relation="quantized" if base_id else None,
     )
-    if quality:
+    on_hub = [q for q in quality if q["dataset"] not in TEXT_SOURCES]  # model-index names Hub datasets only
+    if on_hub:
         card_data.model_name = repo_id
-        card_data.eval_results = [_eval_result(q, pipeline_tag) for q in quality]
+        card_data.eval_results = [_eval_result(q, pipeline_tag) for q in on_hub]
     return ModelCard.from_template(
         card_data,
         template_path=str(_template_dir() / CARD_TEMPLATE),
@@ -185,10 +187,71 @@ def render_model_card(
         quantization_config_json=json.dumps(qc, indent=2, sort_keys=True),
         method_description=_METHOD_DESCRIPTIONS.get(qc.get("method")),
         module_groups=[g | {"names": ", ".join(f"`{n}`" for n in g["names"])} for g in groups],
-        float_modules=", ".join(f"`{m}`" for m in qc.get("modules_to_not_convert") or []) + (
-            ", " if qc.get("modules_to_not_convert") else "") + "embeddings, norms, biases",
+        float_modules=_float_modules(folder, qc, storage["modules"]),
+        calibration=_calibration_description(qc),
+        install=INSTALL,
         quality=quality,
     ).content
+
+
+# Texts hf_quant measures quality on that are not Hub datasets: named in the card, never as a model-index dataset.
+TEXT_SOURCES = {
+    "botchan": "Botchan (Natsume Sōseki, English translation from Project Gutenberg), the text sentencepiece ships "
+               "as `test/botchan.txt` in its source distribution (sentencepiece 0.2.3 on PyPI; "
+               "`hf_quant.assets.botchan_text()`)",
+}
+# hf_quant is not on PyPI yet: the card says how to install it from its source.
+INSTALL = ("hf_quant is not published on PyPI yet: install it from a checkout of its source repository, e.g. "
+           "`pip install /path/to/hf_quant` (or `pip install -e .` inside the checkout).")
+
+
+def _digits(metric: str) -> int:
+    """Decimals a metric is printed with: perplexity 2, cosine similarity 4 (near 1, its changes are small)."""
+    return 2 if metric == "perplexity" else 4
+
+
+def _float_modules(folder: Path, qc: dict, quantized: dict) -> str:
+    """The modules kept in float, each named once: the config's `modules_to_not_convert` and every module with a
+    float weight of two or more dimensions in the checkpoint (embeddings included), then norms and biases."""
+    from safetensors import safe_open
+
+    from ..eval.storage import natural_key
+
+    names = {m for m in qc.get("modules_to_not_convert") or [] if m not in quantized}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                module, _, tensor = key.rpartition(".")
+                if tensor == "weight" and module not in quantized and len(f.get_slice(key).get_shape()) >= 2:
+                    names.add(module)
+    listed = ", ".join(f"`{n}`" for n in sorted(names, key=natural_key))
+    return (listed + "; " if listed else "") + "every norm and bias"
+
+
+def _calibration_description(qc: dict) -> str | None:
+    """What a calibrated checkpoint (GPTQ, AWQ, rotations) was calibrated on, and how many tokens; None for
+    data-free ones."""
+    from ..config import HfQuantConfig
+
+    config = HfQuantConfig.from_dict(qc)
+    if not config.quantizes_after_loading:
+        return None
+    tokens = config.n_samples * config.seq_len
+    if config.calibration_dataset is not None:
+        d = config.calibration_dataset
+        text = (f"the `datasets` dataset `{d['path']}`" + (f" (config `{d['name']}`)" if d.get("name") else "")
+                + f", split `{d.get('split', 'train')}`, field `{d.get('text_field', 'text')}`")
+    elif config.calibration is None or config.calibration == "botchan":
+        from ..pipeline.data import BOTCHAN_EVAL_TOKENS
+
+        text = (f"{TEXT_SOURCES['botchan']}, after its first {BOTCHAN_EVAL_TOKENS:,} tokens (disjoint from the text "
+                "hf_quant's perplexity evaluation reads)")
+    elif isinstance(config.calibration, str):
+        text = f"the text file `{Path(config.calibration).name}`"
+    else:
+        text = f"{len(config.calibration)} text(s) given in the config"
+    return (f"{text}; {config.n_samples} sequences of {config.seq_len} tokens ({tokens:,} tokens), tokenised with "
+            "this model's tokenizer")
 
 
 def load_eval_record(record: str | os.PathLike | dict, folder: str | os.PathLike) -> dict:
@@ -372,7 +435,8 @@ def _eval_result(q: dict, pipeline_tag: str | None):
     from huggingface_hub import EvalResult
 
     return EvalResult(task_type=pipeline_tag or "feature-extraction", dataset_type=q["dataset"],
-                      dataset_name=q["dataset"], metric_type=q["metric"], metric_value=q["quantized"])
+                      dataset_name=q["dataset"], metric_type=q["metric"],
+                      metric_value=round(q["quantized"], _digits(q["metric"])))
 
 
 def _template_dir() -> Path:
