@@ -1,0 +1,178 @@
+"""Quantized KV caches on SmolLM2-135M (float32, CPU) and Botchan text: hf_quant's `HfQuantCache` beside
+transformers' `QuantizedCache` with the quanto and HQQ backends at the same bits.
+
+For every cache:
+- perplexity over windows of `--window` tokens (SmolLM2 allows 2048), the tokens fed `--chunk` at a time through
+  the cache (chunked prefill: every chunk after the first attends to the cached, quantized history);
+- bytes per token of the cache at the end of a window (every tensor it holds, all 30 layers; the float32 model's
+  float window included), and bits per cached key/value entry;
+- greedy agreement with the float cache: a `--prompt`-token prompt, then `--new-tokens` greedy steps; the length of
+  the common prefix and the fraction of positions equal to the float cache's tokens;
+- decode tokens/s over those steps (context `--prompt` tokens and up).
+
+The peers are optional (`QuantizedCache` needs optimum-quanto / hqq); installed beside the venv so that their import
+side effects (hqq loads torch._inductor when transformers imports it) stay out of the shared environment:
+
+    pip install --no-deps --target /tmp/kv_bench_deps optimum-quanto hqq termcolor einops
+    PYTHONPATH=/tmp/kv_bench_deps OMP_NUM_THREADS=1 python benchmarks/kv_cache.py [--windows 1] [--only NAME ...]
+
+A peer that does not import or fails is listed with its error, not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, QuantizedCache
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from hf_quant.assets import botchan_text, smollm2_path  # noqa: E402
+from hf_quant.cache import HfQuantCache  # noqa: E402
+
+FLOAT = "float"
+OURS = {
+    "ours int8": dict(bits=8),
+    "ours int4": dict(bits=4),
+    "ours int3": dict(bits=3),
+    "ours int2": dict(bits=2),
+    "ours int2 hadamard": dict(bits=2, rotation="hadamard"),
+    "ours int2 outliers=2": dict(bits=2, outliers=2),
+}
+# transformers' QuantizedCache defaults (q_group_size 64, residual_length 128); HQQ on axis 1 as transformers'
+# documentation recommends for it, quanto on its default axis 0 (it accepts only 0 or -1).
+PEERS = {
+    "quanto int4": dict(backend="quanto", nbits=4),
+    "quanto int2": dict(backend="quanto", nbits=2),
+    "hqq int4": dict(backend="hqq", nbits=4, axis_key=1, axis_value=1),
+    "hqq int2": dict(backend="hqq", nbits=2, axis_key=1, axis_value=1),
+}
+
+
+def make_cache(name: str, config):
+    if name == FLOAT:
+        return DynamicCache(config=config)
+    if name in OURS:
+        return HfQuantCache(config=config, **OURS[name])
+    return QuantizedCache(config=config, **PEERS[name])
+
+
+def tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor reachable from `obj` (tensor subclasses such as quanto's through
+    `__tensor_flatten__`, containers, object attributes), each storage counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
+        key = (obj.untyped_storage().data_ptr(), obj.numel(), obj.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(tensor_bytes(v, seen) for k, v in vars(obj).items() if k not in ("optimizer", "quantizer"))
+    return 0
+
+
+def cache_bytes(cache) -> int:
+    return sum(tensor_bytes(layer) for layer in cache.layers)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, name: str, windows: int, window: int, chunk: int):
+    nll, count, bytes_per_token = 0.0, 0, []
+    for w in range(windows):
+        x = ids[w * window: (w + 1) * window].unsqueeze(0)
+        cache = make_cache(name, model.config)
+        for c0 in range(0, window, chunk):
+            logits = model(input_ids=x[:, c0: c0 + chunk], cache=cache, use_cache=True).logits[0].float()
+            target = x[0, c0 + 1: c0 + chunk + 1]
+            logp = torch.log_softmax(logits[: target.numel()], -1)
+            nll -= float(logp.gather(-1, target[:, None]).sum())
+            count += target.numel()
+        bytes_per_token.append(cache_bytes(cache) / cache.get_seq_length())
+    return math.exp(nll / count), sum(bytes_per_token) / len(bytes_per_token)
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, name: str, new_tokens: int):
+    """(generated tokens, decode seconds): greedy steps after one prefill, as `generate(do_sample=False)` does."""
+    cache = make_cache(name, model.config)
+    logits = model(input_ids=prompt[None], cache=cache, use_cache=True).logits[0, -1]
+    tokens = [int(logits.argmax())]
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+    return tokens, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--windows", type=int, default=1)
+    ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=1536)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "kv_cache.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(tok(botchan_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    start = args.windows * args.window + 1024  # the generation prompt: text after the perplexity windows
+    prompt = ids[start: start + args.prompt]
+    cfg = model.config.get_text_config(decoder=True)
+    entries_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+
+    names = [FLOAT, *OURS, *PEERS] if not args.only else [FLOAT, *[n for n in args.only if n != FLOAT]]
+    rows, float_tokens = [], None
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            ppl, bpt = perplexity(model, ids, name, args.windows, args.window, args.chunk)
+            tokens, decode_s = greedy(model, prompt, name, args.new_tokens)
+        except Exception as e:  # a peer that does not import or fails: listed, not measured
+            rows.append(dict(name=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            print(f"{name}: {rows[-1]['error']}", flush=True)
+            continue
+        if float_tokens is None:
+            float_tokens = tokens
+        prefix = next((i for i, (a, b) in enumerate(zip(tokens, float_tokens)) if a != b), len(tokens))
+        rows.append(dict(name=name, ppl=ppl, bytes_per_token=bpt, bits_per_entry=bpt * 8 / entries_per_token,
+                         same_prefix=prefix, same_frac=sum(a == b for a, b in zip(tokens, float_tokens)) / len(tokens),
+                         decode_tok_s=(args.new_tokens - 1) / decode_s, seconds=time.perf_counter() - t0))
+        print(json.dumps(rows[-1]), flush=True)
+
+    base = next(r["ppl"] for r in rows if r["name"] == FLOAT)
+    print(f"\nSmolLM2-135M float32, Botchan, {args.windows} x {args.window} tokens fed {args.chunk} at a time; "
+          f"greedy {args.new_tokens} tokens after a {args.prompt}-token prompt; torch threads {torch.get_num_threads()}")
+    print("| cache | bytes/token | bits/entry | perplexity | vs float | greedy prefix = float | greedy same | "
+          "decode tok/s |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | not measured: {r['error']} |||||||")
+            continue
+        print(f"| {r['name']} | {r['bytes_per_token']:.0f} | {r['bits_per_entry']:.2f} | {r['ppl']:.3f} | "
+              f"{100 * (r['ppl'] / base - 1):+.2f}% | {r['same_prefix']}/{args.new_tokens} | "
+              f"{100 * r['same_frac']:.0f}% | {r['decode_tok_s']:.1f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
