@@ -21,6 +21,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .formats.format import format_names
+from .formats.targets import SERVING_TARGETS
 from .formats.scheme import (
     CALIBRATION_METHODS, GROUP_SIZES, METHODS, SCHEME_FIELDS, QuantScheme, check_scheme_field, default_bits,
     resolve_scheme,
@@ -356,6 +357,12 @@ DECLARATIONS: tuple[Field, ...] = (
           "A regex that could backtrack for hours (nested repetition such as `(\\w+\\.)*`, backreferences, many "
           "open-ended repeats in a row) or is over 1000 characters is refused, here and in modules_to_not_convert.",
           _overrides, _override_pairs),
+    Field("target", None, "placement",
+          'the engine the checkpoint is for: "gguf" (llama.cpp; int 4/5/8-bit symmetric, group_size 32) or "vllm" '
+          "(GPTQ / compressed-tensors; int 4/8-bit symmetric, group_size 32/64/128/-1). Every scheme the config "
+          "can produce is checked so that `hf_quant.export` writes it exactly (no requantize), and the fields not "
+          "given default to what the target needs (symmetric=True; gguf: group_size=32; quantize_experts=False). "
+          "None: no restriction.", _one_of(None, *SERVING_TARGETS)),
     Field("quantize_experts", True, "placement",
           "also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).", _bool),
     # Calibration fields (hf_quant.pipeline); data-free methods ignore them.
@@ -472,6 +479,8 @@ def _check_across(values: dict[str, Any]) -> dict[str, Any]:
     if values["bits"] is None:
         values["bits"] = default_bits(values["format"])
     own = {f: values[f] for f in SCHEME_FIELDS}
+    if values["target"] is not None:
+        SERVING_TARGETS[values["target"]].check_format("the default scheme", values["format"])
     default_scheme = QuantScheme(**own)  # the format's own rules (bits, symmetric, planes, ...)
     patterns = [(re.compile(p), None if s is None else _resolved(f"overrides[{p!r}]", own, s))
                 for p, s in values["overrides"].items()]
@@ -488,7 +497,29 @@ def _check_across(values: dict[str, Any]) -> dict[str, Any]:
     if values["double_quant"] and not values["static_groups"]:
         raise ValueError("double_quant=True needs static_groups=True (its 8-bit scale codes are fitted to all of a "
                          "layer's scales at once)")
+    if values["target"] is not None:
+        _check_target(SERVING_TARGETS[values["target"]], values, default_scheme, patterns)
     return {"default_scheme": default_scheme, "_override_patterns": patterns}
+
+
+def _check_target(target, values: dict[str, Any], default_scheme: QuantScheme, patterns) -> None:
+    """Every scheme the config can produce, and the fields outside the schemes, within what `target` exports."""
+    target.check_scheme("the default scheme", default_scheme)
+    for pattern, scheme in patterns:
+        if scheme is not None:
+            target.check_scheme(f"overrides[{pattern.pattern!r}]", scheme)
+    own = {f: values[f] for f in SCHEME_FIELDS}
+    for i, settings in enumerate(values["allocation_candidates"] or ()):
+        target.check_scheme(f"allocation_candidates[{i}]", resolve_scheme(own, settings))
+    if values["target_bits"] is not None and values["allocation_candidates"] is None:
+        raise ValueError(f"target={target.name!r}: target_bits with the default candidate ladder (2-8 bits, "
+                         "double-quantized scales) leaves the target; give allocation_candidates the target holds")
+    if values["rotation"] == "hadamard":
+        raise ValueError(f"target={target.name!r}: rotation='hadamard' rotates inputs online, which "
+                         f"{target.engines} loaders do not do; use rotation='residual' (folded into the weights)")
+    if values["quantize_experts"]:
+        raise ValueError(f"target={target.name!r}: quantize_experts=True, but no exporter writes fused MoE experts "
+                         "yet; set quantize_experts=False (experts kept in float)")
 
 
 def _args_doc() -> str:
@@ -514,6 +545,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(_unknown_fields_message(unknown))
         self.quant_method = QUANT_METHOD
+        preset = SERVING_TARGETS.get(kwargs.get("target")) if isinstance(kwargs.get("target"), str) else None
+        if preset is not None:  # the target's defaults for the fields not given (given ones are checked, not changed)
+            kwargs = {**preset.defaults, **kwargs}
         self._apply({f.name: kwargs.get(f.name, f.default) for f in DECLARATIONS})
 
     def _apply(self, values: Mapping[str, Any]) -> None:

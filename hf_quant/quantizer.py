@@ -31,6 +31,7 @@ from .model.checkpoint import (
 )
 from .model import (
     check_patterns_match,
+    check_target_shapes,
     expert_params,
     find_targets,
     is_fused_experts,
@@ -79,6 +80,8 @@ class HfQuantQuantizer(HfQuantizer):
             # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
             config.modules_to_not_convert = sorted(self.get_modules_to_not_convert(model, None, None))
         self.modules_to_not_convert = modules_kept_float(model, config)
+        if not self.pre_quantized:
+            check_target_shapes(model, config, self.modules_to_not_convert)
         if config.target_bits is not None and not self.pre_quantized:
             # Mixed precision: the per-layer choice becomes overrides, so the saved config describes the checkpoint.
             from .algorithms.allocation import allocate_from_checkpoint, config_with_allocation

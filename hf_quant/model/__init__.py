@@ -5,6 +5,7 @@ calibration, allocation and export all find their targets here, so they agree.""
 from .walker import (
     Target,
     check_patterns_match,
+    check_target_shapes,
     decoder_blocks,
     expert_params,
     find_targets,
@@ -14,5 +15,5 @@ from .walker import (
     tied_linear_targets,
 )
 
-__all__ = ["Target", "check_patterns_match", "decoder_blocks", "expert_params", "find_targets", "is_float_linear", "is_fused_experts",
+__all__ = ["Target", "check_patterns_match", "check_target_shapes", "decoder_blocks", "expert_params", "find_targets", "is_float_linear", "is_fused_experts",
            "modules_kept_float", "tied_linear_targets"]

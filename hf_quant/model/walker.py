@@ -112,6 +112,32 @@ def check_patterns_match(model: nn.Module, config) -> None:
                          "pattern, or remove it")
 
 
+def check_target_shapes(model: nn.Module, config, skip: list[str]) -> None:
+    """With `config.target`, every module to quantize must be exportable to it with its shape (its group size
+    dividing its in_features; no GPT-2 Conv1D): otherwise ValueError listing the modules and the fix, before
+    anything is quantized. (The schemes themselves were checked by the config.)"""
+    if config.target is None:
+        return
+    from ..formats.targets import SERVING_TARGETS
+
+    target = SERVING_TARGETS[config.target]
+    problems = []
+    for t in find_targets(model, config, skip):
+        if t.conv1d:
+            problems.append(f"{t.name}: a GPT-2 Conv1D (no exporter writes them yet)")
+        elif (reason := target.check_shape(t.name, t.scheme, t.shape[-1])) is not None:
+            problems.append(reason)
+    for name, scheme in tied_linear_targets(model, config, skip).items():
+        in_features = model.get_submodule(name).weight.shape[-1]
+        if (reason := target.check_shape(name, scheme, in_features)) is not None:
+            problems.append(reason)
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} modules)" if len(problems) > 6 else "")
+        raise ValueError(f"target={config.target!r}: {shown}. Fix: give these modules a group size that divides "
+                         "their in_features (e.g. group_size=64, or overrides={regex: {'group_size': -1}}), or keep "
+                         "them in float (modules_to_not_convert)")
+
+
 def tied_linear_targets(model: nn.Module, config, skip: list[str]) -> dict[str, QuantScheme]:
     """Linear layers to quantize whose weight is tied to another parameter (lm_head tied to the input embedding):
     name -> scheme. The checkpoint stores only the tied source, so these cannot be quantized as they load."""
