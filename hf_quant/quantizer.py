@@ -23,6 +23,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .algorithms import quantize_weight
 from .config import HfQuantConfig
+from .formats import bits_per_weight
 from .model.checkpoint import (
     check_checkpoint_files,
     check_model_packed_values,
@@ -63,6 +64,21 @@ class HfQuantQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         return torch.float32 if dtype is None else dtype
+
+    def param_element_size(self, model, param_name: str, param) -> float:
+        # `device_map="auto"` / `max_memory` are sized by what each weight occupies once quantized (transformers
+        # asks before loading): a QuantLinear's float `weight` is a placeholder whose packed buffers, already
+        # registered on meta with their shapes, are counted themselves; a fused-expert tensor quantized as it loads
+        # takes its scheme's stored bits.
+        if not self.pre_quantized:
+            if param_name in self.pending_experts:
+                scheme, transposed, _ = self.pending_experts[param_name]
+                e, a, b = param.shape
+                return bits_per_weight(scheme, (e, b, a) if transposed else (e, a, b)) / 8
+            module, name = get_module_from_name(model, param_name)
+            if isinstance(module, QuantLinear) and name == "weight":
+                return 0.0
+        return param.element_size()
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:

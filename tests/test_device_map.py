@@ -116,6 +116,21 @@ def test_device_map(tiny, source, device_map, tmp_path):
     assert torch.equal(logits(model, tiny.ids), tiny.ref)  # a second pass (kernel caches warm) agrees too
 
 
+@pytest.mark.parametrize("source", ["float", "quantized"])
+def test_auto_device_map_is_sized_by_packed_sizes(tiny, source, tmp_path):
+    """A CPU budget that holds the packed model but not the float one keeps every layer in RAM, whether quantizing
+    while loading (sized by the packed tensors, not the float weights they replace) or reloading."""
+    packed = sum(t.numel() * t.element_size() for t in tiny.state.values())
+    floats = sum(p.numel() * p.element_size() for p in tiny.float_model.parameters())
+    budget = int(packed * 1.3)
+    assert budget < 0.6 * floats  # the float model would not fit: before sizing by packed sizes, layers went to disk
+    model = load(tiny, source, device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "offload")
+    # (transformers sets no hf_device_map when everything lands on one device)
+    assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}, model.hf_device_map
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert torch.equal(logits(model, tiny.ids), tiny.ref)
+
+
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
 @pytest.mark.parametrize("source", ["float", "quantized"])
 def test_disk_offload_of_packed_tensors(tiny, source, tmp_path):
