@@ -345,7 +345,7 @@ DECLARATIONS: tuple[Field, ...] = (
     Field("modules_to_not_convert", None, "placement",
           "list of module names (or dotted prefixes) kept in float. Default (None): the output embedding, tied "
           "weights and the last module, as transformers computes them; the resolved list is recorded in the config "
-          "when the model is loaded. Embeddings are never quantized. Entries are matched as regexes up to a module "
+          "when the model is loaded (with quantize_embeddings, the embeddings are left out of that default). Entries are matched as regexes up to a module "
           "boundary (transformers' `should_convert_module`), under the rules of `overrides`.", _module_names),
     Field("overrides", None, "placement",
           "{regex: {setting: value}} applied to modules whose full name matches the regex (`re.search`); the first "
@@ -365,6 +365,13 @@ DECLARATIONS: tuple[Field, ...] = (
           "None: no restriction.", _one_of(None, *SERVING_TARGETS)),
     Field("quantize_experts", True, "placement",
           "also quantize fused MoE expert tensors (3-D parameters of transformers v5 experts).", _bool),
+    Field("quantize_embeddings", False, "placement",
+          "also quantize nn.Embedding tables (token embeddings; transformers' scaled word embeddings too) with the "
+          "scheme `overrides` give their name (e.g. `{\"embed_tokens\": {\"bits\": 8}}`), else the default one; "
+          "rows are grouped along the hidden dimension and a lookup decodes only the gathered rows. Scalar formats "
+          "only (int, nf4, fp4, fp8; double_quant allowed; no lowrank_rank/outliers_per_row). A head tied to a "
+          "quantized embedding (lm_head with tie_word_embeddings) shares its packed table, whatever "
+          "modules_to_not_convert says of the head. False (default): embeddings stay float.", _bool),
     # Calibration fields (hf_quant.pipeline); data-free methods ignore them.
     Field("calibration", None, "calibration",
           'calibration-based methods only: None or "botchan" (default: the Botchan text after its first 8192 tokens, '
@@ -520,6 +527,9 @@ def _check_target(target, values: dict[str, Any], default_scheme: QuantScheme, p
     if values["quantize_experts"]:
         raise ValueError(f"target={target.name!r}: quantize_experts=True, but no exporter writes fused MoE experts "
                          "yet; set quantize_experts=False (experts kept in float)")
+    if values["quantize_embeddings"]:
+        raise ValueError(f"target={target.name!r}: quantize_embeddings=True, but no exporter writes quantized "
+                         "embeddings yet; set quantize_embeddings=False (embeddings kept in float)")
 
 
 def _args_doc() -> str:

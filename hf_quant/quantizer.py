@@ -33,13 +33,15 @@ from .model.checkpoint import (
 from .model import (
     check_patterns_match,
     check_target_shapes,
+    default_modules_to_not_convert,
     expert_params,
+    find_embedding_targets,
     find_targets,
     is_fused_experts,
     modules_kept_float,
     tied_linear_targets,
 )
-from .nn import PackedWeight, QuantExpertWeight, QuantLinear
+from .nn import PackedWeight, QuantEmbedding, QuantExpertWeight, QuantLinear, QuantTiedHead
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class HfQuantQuantizer(HfQuantizer):
                 e, a, b = param.shape
                 return bits_per_weight(scheme, (e, b, a) if transposed else (e, a, b)) / 8
             module, name = get_module_from_name(model, param_name)
-            if isinstance(module, QuantLinear) and name == "weight":
+            if isinstance(module, (QuantLinear, QuantEmbedding)) and name == "weight":
                 return 0.0
         return param.element_size()
 
@@ -86,7 +88,7 @@ class HfQuantQuantizer(HfQuantizer):
         if param_name in self.pending_experts:
             return True
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantLinear) and name == "weight"
+        return isinstance(module, (QuantLinear, QuantEmbedding)) and name == "weight"
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         config = self.quantization_config
@@ -94,7 +96,7 @@ class HfQuantQuantizer(HfQuantizer):
             check_patterns_match(model, config)
         if config.modules_to_not_convert is None:
             # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
-            config.modules_to_not_convert = sorted(self.get_modules_to_not_convert(model, None, None))
+            config.modules_to_not_convert = default_modules_to_not_convert(model, config)
         self.modules_to_not_convert = modules_kept_float(model, config)
         if not self.pre_quantized:
             check_target_shapes(model, config, self.modules_to_not_convert)
@@ -146,6 +148,8 @@ class HfQuantQuantizer(HfQuantizer):
                                                                 self.modules_to_not_convert)
         if self.tied_to_quantize:
             quantize_tied_linears(model, self.tied_to_quantize)
+        if not self.pre_quantized and self.quantization_config.quantizes_after_loading:
+            quantize_embeddings_after_loading(model, self.quantization_config, self.modules_to_not_convert)
         if self.load_errors:
             errors = sorted(self.load_errors.items())
             listed = "; ".join(f"{name}: {why}" for name, why in errors[:10])
@@ -159,7 +163,7 @@ class HfQuantQuantizer(HfQuantizer):
             check_model_packed_values(model, self.records)
         missing = []
         for name, module in model.named_modules():
-            if isinstance(module, QuantLinear) and "weight" in module._parameters:
+            if isinstance(module, (QuantLinear, QuantEmbedding)) and "weight" in module._parameters:
                 missing.append(f"{name}.weight")
             if is_fused_experts(module):
                 missing += [f"{name}.{p}" for p in expert_params(module) if f"{name}.{p}" in self.pending_experts]
@@ -224,8 +228,8 @@ class HfQuantQuantize(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             module, pname = get_module_from_name(model, name)
-            if isinstance(module, QuantLinear) and pname == "weight":
-                weight = value.t() if module.source_is_conv1d else value
+            if isinstance(module, (QuantLinear, QuantEmbedding)) and pname == "weight":
+                weight = value.t() if getattr(module, "source_is_conv1d", False) else value
                 try:
                     packed = quantize_weight(weight, module.scheme)
                 except ValueError as e:
@@ -314,6 +318,17 @@ def install_quantized_modules(
     pending_experts: dict,
 ) -> int:
     """Swap the modules to quantize for packed modules on the meta device; returns how many were swapped."""
+    embeddings = find_embedding_targets(model, config, modules_to_not_convert)
+    for t in embeddings:
+        module = model.get_submodule(t.module_name)
+        with torch.device("meta"):
+            q = QuantEmbedding.like(module, t.scheme, dtype=compute_dtype)
+        if not pre_quantized:
+            q.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+        q.requires_grad_(False)
+        model.set_submodule(t.module_name, q)
+        tie_heads_to(model, q, t)
+    # (after the tied heads are replaced: they are not linears to quantize of their own)
     targets = find_targets(model, config, modules_to_not_convert)
     for t in targets:
         module = model.get_submodule(t.module_name)
@@ -334,7 +349,41 @@ def install_quantized_modules(
             module.add_module(t.param, q)
         else:
             pending_experts[t.name] = (t.scheme, t.transposed, compute_dtype)
-    return len(targets)
+    return len(targets) + len(embeddings)
+
+
+def tie_heads_to(model: nn.Module, embedding: QuantEmbedding, target) -> None:
+    """Replace the heads tied to the embedding `target` by `QuantTiedHead`s over its packed table, and drop the ties
+    from transformers' mapping (there is no float parameter left to tie)."""
+    for head_name in target.tied_heads:
+        head = model.get_submodule(head_name)
+        bias = head.bias if head.bias is not None else None
+        model.set_submodule(head_name, QuantTiedHead(embedding, target.module_name, bias).requires_grad_(False))
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied:
+        for head_name in target.tied_heads:
+            for a, b in list(tied.items()):
+                if {a, b} == {f"{head_name}.weight", f"{target.module_name}.weight"}:
+                    tied.pop(a)
+
+
+@torch.no_grad()
+def quantize_embeddings_after_loading(model: nn.Module, config: HfQuantConfig, skip: list[str]) -> None:
+    """Quantize the embeddings (data-free) of a model whose weights loaded in float (calibration, rotations): after
+    calibration, so a rotation folded into the table is quantized with it."""
+    for t in find_embedding_targets(model, config, skip):
+        module = model.get_submodule(t.module_name)
+        if module.weight.device.type == "meta":
+            raise ValueError(f"hf_quant cannot quantize the embedding {t.module_name!r} when device_map offloads it "
+                             f"to disk; place it on a device or the CPU, or keep it in float with "
+                             f"overrides={{{t.module_name!r}: None}}")
+        q = QuantEmbedding.from_float(module, t.scheme, t.module_name).requires_grad_(False)
+        if (hook := getattr(module, "_hf_hook", None)) is not None:
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(q, hook)
+        model.set_submodule(t.module_name, q)
+        tie_heads_to(model, q, t)
 
 
 @torch.no_grad()
@@ -362,10 +411,14 @@ def quantize_tied_linears(model: nn.Module, schemes: dict) -> None:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Replace every packed module by its float equivalent (nn.Linear / a 3-D expert parameter)."""
+    """Replace every packed module by its float equivalent (nn.Linear / a 3-D expert parameter / nn.Embedding, a head
+    tied to a quantized embedding tied again to the float one)."""
     had_experts = False
+    heads = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantTiedHead)]
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantEmbedding):
+            model.set_submodule(name, module.to_float(dtype))
+        elif isinstance(module, QuantLinear):
             layer = module.to_float(dtype)
             if getattr(module, "source_is_conv1d", False):
                 conv = Conv1D(layer.out_features, layer.in_features).to(device=layer.weight.device, dtype=dtype)
@@ -380,6 +433,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                     del module._modules[pname]
                     module.register_parameter(pname, child.to_float(dtype))
                     had_experts = True
+    for name, head in heads:
+        model.set_submodule(name, head.to_float(model.get_submodule(head.tied_to).weight))
+        if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+            model.all_tied_weights_keys[f"{name}.weight"] = f"{head.tied_to}.weight"
     if had_experts and hasattr(model, "set_experts_implementation"):
         # Quantized experts were pinned to "eager"; float ones get transformers' default back. (Setting the config
         # field to None instead leaves the experts without an implementation: transformers warns on every forward.)

@@ -310,6 +310,7 @@ SAMPLES = {
     "modules_to_not_convert": {"modules_to_not_convert": ["lm_head"]},
     "overrides": {"overrides": {"down": {"bits": 8}, "o_proj": None}},
     "quantize_experts": {"quantize_experts": False},
+    "quantize_embeddings": {"quantize_embeddings": True},
     "target": {"target": "vllm", "group_size": 64},
     "calibration": {"calibration": ["some text"]},
     "calibration_dataset": {"calibration_dataset": {"path": "wikitext", "name": "wikitext-2-raw-v1"}},

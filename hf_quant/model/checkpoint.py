@@ -29,7 +29,7 @@ METADATA_TENSORS_KEY = "hf_quant_float_tensors"  # name -> [dtype, SHA-256] of e
 # The HfQuantConfig fields that change how stored tensors are read (calibration and allocation settings do not).
 WEIGHT_FIELDS = ("format_version", "format", "bits", "group_size", "symmetric", "double_quant", "lowrank_rank",
                  "planes", "outliers_per_row", "modules_to_not_convert", "overrides", "quantize_experts", "rotation",
-                 "rotation_seed")
+                 "rotation_seed", "quantize_embeddings")
 SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
@@ -219,7 +219,7 @@ def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], 
     for checkpoints that predate them), whose digests `check_model_packed_values` verifies once the tensors are
     loaded."""
     from ..formats import tensor_specs
-    from ..nn import PackedWeight
+    from ..nn import PackedWeight, QuantTiedHead
 
     found = read_headers(list(checkpoint_files))
     files = [os.path.basename(p) for p in checkpoint_files]
@@ -228,6 +228,14 @@ def check_checkpoint_files(model: torch.nn.Module, checkpoint_files: list[str], 
     packed_names = set()
     recorded_names = set()
     for mod_name, module in model.named_modules():
+        if isinstance(module, QuantTiedHead):  # no tensor of its own: a float weight for it would be dropped
+            for c in _key_candidates(f"{mod_name}.weight", prefix):
+                if c in found:
+                    raise CheckpointError(
+                        f"{os.path.basename(found[c][0])}: holds a float tensor {c!r}, but {mod_name!r} is tied to the "
+                        f"packed embedding {module.tied_to!r} (tie_word_embeddings with quantize_embeddings): one of "
+                        f"them would be ignored. The files were mixed or config.json was edited: {_RESAVE}"
+                    )
         if not isinstance(module, PackedWeight):
             continue
         packed_names.update(_key_candidates(mod_name, prefix))

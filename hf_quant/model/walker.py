@@ -12,7 +12,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..formats import QuantScheme
-from ..nn import QuantLinear
+from ..nn import QuantEmbedding, QuantLinear
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -53,8 +53,69 @@ def modules_kept_float(model: nn.Module, config) -> list[str]:
     the output embedding, tied weights and the last module) plus the model's `_keep_in_fp32_modules`."""
     skip = config.modules_to_not_convert
     if skip is None:
-        skip = sorted(HfQuantizer.get_modules_to_not_convert(model, None, None))
+        skip = default_modules_to_not_convert(model, config)
     return list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+@dataclass(frozen=True)
+class EmbeddingTarget:
+    """An nn.Embedding to quantize (`config.quantize_embeddings`), with the heads whose weight is tied to its table."""
+
+    module_name: str
+    scheme: QuantScheme
+    shape: tuple[int, int]  # [num_embeddings, embedding_dim]
+    tied_heads: tuple[str, ...] = ()  # nn.Linear modules whose weight is the table (lm_head): they share its tensors
+
+    @property
+    def name(self) -> str:
+        return self.module_name
+
+
+def embedding_names(model: nn.Module) -> list[str]:
+    """Names of the model's float nn.Embedding modules (subclasses included)."""
+    return [name for name, m in model.named_modules() if name and isinstance(m, nn.Embedding)]
+
+
+def tied_heads(model: nn.Module, embedding_name: str) -> list[str]:
+    """nn.Linear modules whose `weight` transformers ties to the embedding's (`all_tied_weights_keys`, either way)."""
+    source = f"{embedding_name}.weight"
+    found = []
+    for a, b in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        other = b if a == source else a if b == source else None
+        if other is None:
+            continue
+        name, _, pname = other.rpartition(".")
+        if pname == "weight" and name and type(model.get_submodule(name)) is nn.Linear:
+            found.append(name)
+    return found
+
+
+def find_embedding_targets(model: nn.Module, config, skip: list[str]) -> list[EmbeddingTarget]:
+    """With `config.quantize_embeddings`: every nn.Embedding not in `skip` whose scheme is not None, checked
+    quantizable (ValueError naming the module and the fix otherwise). Empty without it."""
+    if not config.quantize_embeddings:
+        return []
+    out = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, nn.Embedding) or not should_convert_module(name, skip):
+            continue
+        scheme = config.scheme_for(name)
+        if scheme is None:
+            continue
+        QuantEmbedding.check_supported(name, module, scheme)
+        out.append(EmbeddingTarget(name, scheme, (module.num_embeddings, module.embedding_dim),
+                                   tuple(tied_heads(model, name))))
+    return out
+
+
+def default_modules_to_not_convert(model: nn.Module, config) -> list[str]:
+    """transformers' default modules kept in float (the output embedding, tied weights, the last module), less the
+    embeddings when `config.quantize_embeddings` (tied ones are in transformers' list)."""
+    skip = sorted(HfQuantizer.get_modules_to_not_convert(model, None, None))
+    if config.quantize_embeddings:
+        embeddings = set(embedding_names(model))
+        skip = [s for s in skip if s not in embeddings]
+    return skip
 
 
 def find_targets(model: nn.Module, config, skip: list[str], experts: bool = True) -> list[Target]:
@@ -94,9 +155,16 @@ def check_patterns_match(model: nn.Module, config) -> None:
             if is_fused_experts(module):
                 names += [f"{name}.{p}" for p in expert_params(module)]
     problems = []
-    for pattern in config.overrides:
-        if not any(re.search(pattern, n) for n in names):
+    embeddings = set(embedding_names(model))
+    for pattern, settings in config.overrides.items():
+        hits = [n for n in names if re.search(pattern, n)]
+        if not hits:
             problems.append(f"overrides[{pattern!r}]")
+        elif settings is not None and not config.quantize_embeddings and all(
+            n in embeddings or any(n.startswith(e + ".") for e in embeddings) for n in hits
+        ):
+            raise ValueError(f"overrides[{pattern!r}] only matches embeddings ({hits[:3]}), which stay float unless "
+                             "quantize_embeddings=True: set quantize_embeddings=True, or remove the override")
     for entry in config.modules_to_not_convert or []:
         if all(should_convert_module(n, [entry]) for n in names):
             problems.append(f"modules_to_not_convert entry {entry!r}")
@@ -140,11 +208,13 @@ def check_target_shapes(model: nn.Module, config, skip: list[str]) -> None:
 
 def tied_linear_targets(model: nn.Module, config, skip: list[str]) -> dict[str, QuantScheme]:
     """Linear layers to quantize whose weight is tied to another parameter (lm_head tied to the input embedding):
-    name -> scheme. The checkpoint stores only the tied source, so these cannot be quantized as they load."""
+    name -> scheme. The checkpoint stores only the tied source, so these cannot be quantized as they load. (A head
+    tied to an embedding that is quantized is not one: it shares the embedding's packed table.)"""
     found = {}
+    shared = {h for t in find_embedding_targets(model, config, skip) for h in t.tied_heads}
     for target in getattr(model, "all_tied_weights_keys", None) or {}:
         name, _, pname = target.rpartition(".")
-        if pname != "weight" or not name or not should_convert_module(name, skip):
+        if pname != "weight" or not name or not should_convert_module(name, skip) or name in shared:
             continue
         module = model.get_submodule(name)
         if type(module) is nn.Linear and (scheme := config.scheme_for(name)) is not None:
