@@ -43,7 +43,7 @@ from torch import nn
 
 from ..algorithms import quantize_weight
 from ..formats import dequantize
-from ..nn import QuantExpertWeight, QuantLinear
+from ..nn import QuantEmbedding, QuantExpertWeight, QuantLinear, QuantTiedHead
 
 MERGE_TARGETS = ("quantized", "float")
 # init_lora_weights values that need nothing but the adapter's own shapes (the others read a float base weight)
@@ -542,7 +542,23 @@ def init_lora_from_residual(peft_model: nn.Module, float_weights, adapter_name: 
 
 # --- registration --------------------------------------------------------------------------------------------
 
-LORA_LAYERS = {QuantLinear: QuantLoraLinear, QuantExpertWeight: QuantLoraExperts}
+class RefusedLora(nn.Module):
+    """Stands for LoRA on a quantized embedding or on a head tied to one: not supported, refused by name (instead of
+    PEFT's generic "target module is not supported")."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig | None = None, **kwargs: Any):
+        name = getattr(base_layer, "tied_to", None)
+        what = (f"a head tied to the quantized embedding {name!r}" if name is not None
+                else f"a quantized embedding ({base_layer.extra_repr()})")
+        raise ValueError(
+            f"LoRA on {what} is not supported by hf_quant: its table is packed and shared by lookups (and the tied "
+            "head). Leave it out of LoraConfig.target_modules (e.g. target_modules=['q_proj', 'v_proj']), or load "
+            "the model with HfQuantConfig(quantize_embeddings=False) to train LoRA on the float embedding"
+        )
+
+
+LORA_LAYERS = {QuantLinear: QuantLoraLinear, QuantExpertWeight: QuantLoraExperts, QuantEmbedding: RefusedLora,
+               QuantTiedHead: RefusedLora}
 
 
 def register_lora_layers(config: LoraConfig) -> LoraConfig:
