@@ -47,6 +47,7 @@ import torch
 
 from ..formats.scalar import ExportRefused
 from ..version import __version__
+from .packing import refuse_stacked
 
 BLOCK = 32
 # (bits, symmetric) -> (GGUF type name, bytes per block)
@@ -92,10 +93,8 @@ class GGUFTarget:
     # --- affine integers -----------------------------------------------------------------------------
 
     def check_affine_int(self, scheme, shape):
-        *lead, out, in_features = shape
-        if lead:
-            raise ExportRefused(f"stacked expert weights {tuple(shape)} are not exported to GGUF yet",
-                                "quantize with quantize_experts=False (experts kept in float) to export the rest")
+        refuse_stacked(shape, "GGUF")
+        out, in_features = shape
         if (scheme.bits, scheme.symmetric) not in _TYPES:
             kinds = ", ".join(f"int{b}{'-sym' if s else ''} ({t})" for (b, s), (t, _) in _TYPES.items())
             raise ExportRefused(f"GGUF's 32-weight blocks hold {kinds}; {scheme.label} has none (the K-quants use "

@@ -41,7 +41,7 @@ import torch
 
 from ..formats.scalar import ExportRefused
 from ..version import __version__
-from .packing import pack_int32
+from .packing import pack_int32, refuse_stacked
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -54,10 +54,8 @@ class GPTQTarget:
     scale_fix = "quantize without double_quant (GPTQ stores float16 scales)"
 
     def check_affine_int(self, scheme, shape):
-        *lead, out, in_features = shape
-        if lead:
-            raise ExportRefused(f"stacked expert weights {tuple(shape)} are not exported to GPTQ yet",
-                                "quantize with quantize_experts=False (experts kept in float) to export the rest")
+        refuse_stacked(shape, "GPTQ")
+        out, in_features = shape
         if scheme.bits not in GPTQ_BITS:
             raise ExportRefused(f"GPTQ has {', '.join(map(str, GPTQ_BITS))}-bit codes, not {scheme.bits} (GPTQModel's "
                                 "5-7-bit planar packing is read by neither vLLM nor transformers)",

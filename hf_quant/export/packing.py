@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.scalar import ExportRefused
+
 _CHUNK_CODES = 1 << 22  # bounds the int64 scratch
 
 
@@ -68,3 +70,10 @@ def unpack_int32(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch
     hi = flat[base + word + 1] << (32 - offset)
     codes = ((lo | torch.where(offset + bits > 32, hi, 0)) & ((1 << bits) - 1))[:, :n]
     return codes.reshape(*lead, n).movedim(-1, dim)
+
+
+def refuse_stacked(shape: tuple[int, ...], target: str) -> None:
+    """Targets that write one matrix per module refuse stacked expert weights [experts, out, in]."""
+    if len(shape) > 2:
+        raise ExportRefused(f"stacked expert weights {tuple(shape)} are not exported to {target} yet",
+                            "quantize with quantize_experts=False (experts kept in float) to export the rest")
