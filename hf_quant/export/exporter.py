@@ -105,8 +105,8 @@ def export(model_or_dir, to: str, out, requantize: bool = False, scale_dtype: to
         Without it such modules are refused (`ExportRefusedModules`, each module named with the reason and the
         fix); structural gaps (formats, rotations, additive terms, group layouts, bit widths the target lacks) are
         refused either way. Re-fitting codes that already sit on another grid costs about a rounding step's error
-        again (one hand measurement, SmolLM2 int4 g64 mse: Botchan perplexity 32.96 -> 39.97; no script yet):
-        quantizing with integer zero-points in the first place is better.
+        again (SmolLM2 int4 g64 mse: Botchan perplexity 32.98 -> 40.01; benchmarks/export_requantize.py):
+        quantizing for the target in the first place (`HfQuantConfig(target=...)`) is better.
     scale_dtype: compressed-tensors only: torch.float16 (default, hf_quant's scale precision) or torch.float32.
     """
     if to not in TARGETS:
