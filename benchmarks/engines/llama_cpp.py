@@ -8,8 +8,9 @@ For each hf_quant recipe: quantize SmolLM2-135M, export to GGUF, and measure
 - hf_quant's own perplexity of the checkpoint (transformers + hf_quant kernels) on the same windows,
 - llama.cpp's perplexity of the exported file (token ids passed directly: no tokenizer in between),
 - greedy tokens of both from one prompt, and tokens/s of both.
-llama.cpp's own quantization: the float model written as an F32 GGUF by the same exporter, then `llama-quantize` to
-Q4_0 / Q4_1 / Q4_K_M with the embedding kept in F32 like ours (so the linears alone differ). SmolLM2's float
+llama.cpp's own quantization: the float model written as an F32 GGUF by the same exporter, then llama.cpp's quantizer
+(`llama_model_quantize`, what `llama-quantize` runs) to Q4_0 / Q4_1 / Q4_K_M with the embedding kept in F32 like
+ours (so the linears alone differ). SmolLM2's float
 weights were themselves stored as Q4_1 g32 before we got them (hf_quant.assets): Q4_1 re-finds that grid nearly
 losslessly, so its figure flatters; Q4_0 and Q4_K_M are the fair comparisons.
 Results: benchmarks/results/llama_cpp_smollm2.json and a table on stdout (BENCHMARKS.md quotes it).
@@ -30,8 +31,8 @@ from common import REPO, botchan_windows, compare, folder_bytes, hf_quant_side, 
 
 ENGINES = Path(os.environ.get("ENGINES_DIR", REPO.parent / "engines"))
 ENGINE_PYTHON = ENGINES / "llama-cpp" / "bin" / "python"
-LLAMA_QUANTIZE = ENGINES / "llama-cpp-src" / "build" / "bin" / "llama-quantize"
 RUNNER = Path(__file__).with_name("llama_cpp_runner.py")
+QUANTIZER = Path(__file__).with_name("llama_cpp_quantize.py")
 
 RECIPES = {
     "hf_quant mse int4-sym g32 (Q4_0)": dict(bits=4, group_size=32, symmetric=True),
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="recipe names (substring match)")
     args = parser.parse_args()
-    if not ENGINE_PYTHON.exists() or not LLAMA_QUANTIZE.exists():
+    if not ENGINE_PYTHON.exists():
         sys.exit(f"llama.cpp is not set up in {ENGINES}: run bash benchmarks/engines/setup_llama_cpp.sh")
 
     import torch
@@ -74,9 +75,9 @@ def main() -> None:
     rows = {"float (F32 GGUF)": (float_gguf, None, float_model)}
     for qtype in LLAMA_TYPES:
         out = scratch / f"llama-{qtype}.gguf"
-        subprocess.run([str(LLAMA_QUANTIZE), "--token-embedding-type", "f32", "--output-tensor-type", "f32",
-                        str(float_gguf), str(out), qtype, str(args.threads)], check=True, capture_output=True)
-        rows[f"llama.cpp llama-quantize {qtype}"] = (out, None, None)
+        subprocess.run([str(ENGINE_PYTHON), str(QUANTIZER), str(float_gguf), str(out), qtype, str(args.threads)],
+                       check=True)
+        rows[f"llama.cpp quantizer {qtype}"] = (out, None, None)
     for name, settings in RECIPES.items():
         if args.only and not any(o in name for o in args.only):
             continue

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp for benchmarks/engines/llama_cpp.py, in its own venv (never CI's): llama-cpp-python built from its
-# sdist (CPU), plus llama.cpp's own `llama-quantize` built from the same vendored source, for the comparison with
-# llama.cpp's quantizer. About 15-25 min on 2 cores. ENGINES_DIR (default ../engines beside the repository).
+# sdist (CPU build). llama.cpp's own quantizer is reached through its C API (`llama_model_quantize`, what
+# `llama-quantize` calls). About 40 min on 2 cores. ENGINES_DIR (default ../engines beside the repository).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ENGINES_DIR=${ENGINES_DIR:-$(cd .. && pwd)/engines}
@@ -23,13 +23,4 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   CMAKE_BUILD_PARALLEL_LEVEL=$JOBS CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" \
     "$VENV/bin/python" -m pip install -q --no-binary :all: "$SDIST"
 fi
-# llama-quantize from the vendored llama.cpp of the same sdist.
-SRC=$ENGINES_DIR/llama-cpp-src
-if [ ! -x "$SRC/build/bin/llama-quantize" ]; then
-  rm -rf "$SRC" && mkdir -p "$SRC"
-  tar -xzf "$SDIST" -C "$SRC" --strip-components=1
-  cmake -S "$SRC/vendor/llama.cpp" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$SRC/build" --target llama-quantize -j "$JOBS" >/dev/null
-fi
-echo "llama.cpp ready: $VENV/bin/python (llama_cpp), $SRC/build/bin/llama-quantize"
+echo "llama.cpp ready: $VENV/bin/python (llama_cpp; llama.cpp's quantizer through its C API)"
