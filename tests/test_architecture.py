@@ -108,7 +108,7 @@ def test_import_does_not_load_optional_heavy_libraries():
     code = ("import hf_quant; from peft import LoraConfig; "
             "print(sorted(k.__name__ for k in LoraConfig(target_modules=['q_proj'])._custom_modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['QuantExpertWeight', 'QuantLinear']"
+    assert out.strip() == "['QuantEmbedding', 'QuantExpertWeight', 'QuantLinear', 'QuantTiedHead']"
     code = ("import hf_quant; from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS; "
             "print('hf_quant_triton' in ALL_EXPERTS_FUNCTIONS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
