@@ -166,7 +166,70 @@ def markdown(results: list[dict], base: dict | None) -> str:
     return "\n".join(rows)
 
 
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The configurations no other beats on both bits per weight and perplexity, by increasing bits."""
+    front, best = [], float("inf")
+    for r in sorted(points, key=lambda r: (r["bpw"], r["ppl"])):
+        if r["ppl"] < best:
+            front.append(r)
+            best = r["ppl"]
+    return front
+
+
+def _place_labels(ax, items: list[tuple[float, float, str]], fontsize: float) -> list[tuple[float, float]]:
+    """Greedy label placement in display space: for each (x, y, text), the nearest offset (in points, on rings
+    around the marker) where its box overlaps no marker and no label placed before. Returns the offsets."""
+    import math
+
+    to_display = ax.transData.transform
+    scale = ax.figure.dpi / 72  # points -> pixels
+    markers = [to_display((x, y)) for x, y, _ in items]
+    boxes: list[tuple[float, float, float, float]] = []
+    offsets = []
+
+    def overlaps(box) -> bool:
+        x0, y0, x1, y1 = box
+        if any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in boxes):
+            return True
+        pad = 4 * scale
+        return any(x0 - pad < mx < x1 + pad and y0 - pad < my < y1 + pad for mx, my in markers)
+
+    for (x, y, text), (mx, my) in zip(items, markers):
+        w, h = (0.62 * fontsize * len(text) + 2) * scale, (fontsize + 2) * scale
+        chosen = None
+        for radius in (6, 10, 15, 21, 28, 36, 45, 55, 66):
+            for k in range(16):
+                angle = 2 * math.pi * k / 16 + math.pi / 4
+                dx, dy = radius * math.cos(angle), radius * math.sin(angle)
+                left = mx + dx * scale - (w if dx < 0 else 0)
+                bottom = my + dy * scale - (h if dy < 0 else 0)
+                box = (left, bottom, left + w, bottom + h)
+                if not overlaps(box):
+                    chosen = (dx, dy, box)
+                    break
+            if chosen:
+                break
+        if chosen is None:  # crowded beyond every ring: put it on the outermost ring anyway
+            dx, dy = 66.0, 0.0
+            chosen = (dx, dy, (mx + dx * scale, my, mx + dx * scale + w, my + h))
+        boxes.append(chosen[2])
+        offsets.append(chosen[:2])
+    return offsets
+
+
 def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) -> None:
+    """Perplexity against bits per weight: every configuration a numbered marker (its library's shape), the Pareto
+    front labelled by name, and a table beside the plot naming every number (values of clipped points too).
+    With results of several models (a "model" key), one plot per model, named after it."""
+    models = sorted({r.get("model", "") for r in results})
+    if len(models) > 1:
+        for model in models:
+            mine = [r for r in results if r.get("model", "") == model]
+            own_base = next((r for r in mine if r["name"] == FLOAT and "error" not in r), None)
+            slug = "".join(c if c.isalnum() else "_" for c in model).strip("_").lower()
+            pareto_plot([{k: v for k, v in r.items() if k != "model"} for r in mine], own_base,
+                        path.with_name(f"{path.stem}_{slug}{path.suffix}"), f"{model}: {title}")
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,38 +239,74 @@ def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) 
     points = [r for r in results if "error" not in r and r["name"] != FLOAT]
     # Collapsed configurations (perplexity in the thousands) would flatten the rest: clip them to the top edge.
     top = 10 * base["ppl"] if base else max(r["ppl"] for r in points)
-    fig, ax = plt.subplots(figsize=(10, 6))
-    libraries = sorted({r["library"].split()[0] for r in points})
-    markers = dict(zip(libraries, "os^Dvp*"))
+    libraries = sorted({r["library"].split()[0] for r in points}, key=lambda lib: (lib != "hf_quant", lib))
+    markers = dict(zip(libraries, "os^Dvp*h"))
+    colors = dict(zip(libraries, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    lib_of = {id(r): r["library"].split()[0] for r in points}
+    # numbers follow the table: by library, then bits per weight, then perplexity
+    ordered = sorted(points, key=lambda r: (libraries.index(lib_of[id(r)]), r["bpw"], r["ppl"]))
+    number = {id(r): i + 1 for i, r in enumerate(ordered)}
+    front = pareto_front(points)
+    on_front = {id(r) for r in front}
+
+    fig = plt.figure(figsize=(15, 8))
+    ax = fig.add_axes((0.06, 0.08, 0.58, 0.82))
+    table = fig.add_axes((0.66, 0.02, 0.33, 0.94))
+    table.axis("off")
     for lib in libraries:
-        mine = [r for r in points if r["library"].split()[0] == lib]
-        ax.scatter([r["bpw"] for r in mine], [min(r["ppl"], top) for r in mine], label=lib, marker=markers[lib], s=40)
-        for r in mine:
-            off = r["ppl"] > top
-            text = f"{r['name']} ({r['ppl']:.3g})" if off else r["name"]
-            ax.annotate(text, (r["bpw"], min(r["ppl"], top)), fontsize=6, textcoords="offset points",
-                        xytext=(3, -12) if off else (3, 3), rotation=-30 if off else 20)
-    front, best = [], float("inf")
-    for r in sorted(points, key=lambda r: (r["bpw"], r["ppl"])):
-        if r["ppl"] < best:
-            front.append(r)
-            best = r["ppl"]
+        mine = [r for r in points if lib_of[id(r)] == lib]
+        ax.scatter([r["bpw"] for r in mine], [min(r["ppl"], top) for r in mine], label=lib, marker=markers[lib],
+                   s=36, color=colors[lib], zorder=3)
     ax.step([r["bpw"] for r in front], [min(r["ppl"], top) for r in front], where="post", color="grey", lw=1,
-            label="Pareto front")
+            label="Pareto front", zorder=2)
     if base:
         ax.axhline(base["ppl"], color="black", ls="--", lw=1, label=f"float32 ({base['ppl']:.2f})")
     ax.set_yscale("log")
-    ax.set_ylim(top=top * 1.15)
+    xs = [r["bpw"] for r in points]
+    ax.set_xlim(min(xs) - 0.4, max(xs) + 0.6)
+    ax.set_ylim(min(min(r["ppl"] for r in points), base["ppl"] if base else float("inf")) * 0.9, top * 1.35)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("bits per weight of the quantized layers (every stored tensor)")
     ax.set_ylabel("perplexity (Botchan, log scale)")
-    ax.set_title(f"{title}\n(perplexity above {top:.0f} clipped to the top edge, value in brackets)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{title}\nnumbers: the table on the right; the Pareto front is labelled by name; perplexity above "
+                 f"{top:.0f} is clipped to the top edge (value in the table)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    fig.canvas.draw()  # fixes the data -> display transform the label placement measures in
+    fontsize = 6.5
+    # front labels first (they are longer), then the numbers, each kept off markers and earlier labels
+    labelled = sorted(points, key=lambda r: id(r) not in on_front)
+    items = [(r["bpw"], min(r["ppl"], top),
+              f"{number[id(r)]} {r['name']}" if id(r) in on_front else str(number[id(r)])) for r in labelled]
+    for r, (x, y, text), (dx, dy) in zip(labelled, items, _place_labels(ax, items, fontsize)):
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                    ha="right" if dx < 0 else "left", va="top" if dy < 0 else "bottom",
+                    fontweight="bold" if id(r) in on_front else "normal", color=colors[lib_of[id(r)]],
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="grey", shrinkA=0, shrinkB=3), zorder=4)
+    lines, y = [], 1.0
+    step = min(0.024, 0.97 / (len(ordered) + 2 * len(libraries) + 2))
+    table.text(0, y, f"{'#':>3}  {'configuration':<28} {'bits/w':>7} {'perplexity':>11}", family="monospace",
+               fontsize=fontsize + 0.5, fontweight="bold", va="top")
+    y -= step * 1.3
+    for lib in libraries:
+        table.scatter([0.005], [y - step * 0.45], marker=markers[lib], color=colors[lib], s=20, clip_on=False)
+        table.text(0.03, y, lib, fontsize=fontsize + 0.5, fontweight="bold", va="top")
+        y -= step
+        for r in (r for r in ordered if lib_of[id(r)] == lib):
+            mark = " *" if id(r) in on_front else ""
+            ppl = f"{r['ppl']:.4g}" if r["ppl"] < 1e5 else f"{r['ppl']:.2e}"
+            table.text(0, y, f"{number[id(r)]:>3}  {r['name'][:28]:<28} {r['bpw']:>7.3f} {ppl:>11}{mark}",
+                       family="monospace", fontsize=fontsize, va="top", color=colors[lib])
+            y -= step
+        y -= step * 0.4
+    table.text(0, y, "* on the Pareto front" + (f"; float32: {base['ppl']:.2f}" if base else ""),
+               fontsize=fontsize, va="top")
+    table.set_xlim(0, 1)
+    table.set_ylim(0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_all(args) -> list[dict]:
@@ -246,6 +345,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="configuration names (float32 is always run)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: torch's)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the Pareto plot from OUT/quality.json (no benchmark run, no table rewritten)")
     ap.add_argument("--render", nargs="*", metavar="LOG",
                     help="only rebuild the table, JSON and plot from the result lines of earlier runs' output")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
@@ -261,6 +362,17 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens, args.sentences, args.threads)), flush=True)
         return
+    out = Path(args.out)
+    plot = args.plot or (HERE / "plot" / "pareto_smollm2.png" if out.resolve() == (HERE / "results").resolve()
+                         else out / "pareto_smollm2.png")
+    if args.replot:
+        saved = json.loads((out / "quality.json").read_text())
+        results = saved["results"]
+        base = next((r for r in results if r["name"] == FLOAT and "error" not in r), None)
+        pareto_plot(results, base, Path(plot),
+                    f"SmolLM2-135M, Botchan {saved['tokens']} tokens: perplexity vs true bits per weight")
+        print(f"wrote {plot}")
+        return
     if args.render:
         results = _results_from_logs(args.render)
     else:
@@ -268,12 +380,9 @@ def main() -> None:
     base = next((r for r in results if r["name"] == FLOAT and "error" not in r), None)
     table = markdown(results, base)
     print(table)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"tokens": args.tokens, "results": results}, indent=1) + "\n")
     (out / "quality.md").write_text(table + "\n")
-    plot = args.plot or (HERE / "plot" / "pareto_smollm2.png" if out.resolve() == (HERE / "results").resolve()
-                         else out / "pareto_smollm2.png")
     pareto_plot(results, base, Path(plot),
                 f"SmolLM2-135M, Botchan {args.tokens} tokens: perplexity vs true bits per weight")
 
