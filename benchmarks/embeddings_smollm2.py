@@ -2,12 +2,12 @@
 logical weight, `model_storage(...).model_bits_per_weight`; the tied lm_head shares the embedding's table, so the
 table counts once) and Botchan perplexity on the first --tokens tokens, against the linears-only baseline.
 
-    OMP_NUM_THREADS=1 python benchmarks/embeddings_smollm2.py [--tokens 1024] [--json results.json]
+    OMP_NUM_THREADS=1 python benchmarks/embeddings_smollm2.py [--tokens 1024] [--json results.json] [--rows 0 1 ...]
 
 Rows: the linears at int4 g128 (hf_quant's default scheme) with the embedding float (the default); the same with
 the embedding (and its tied lm_head) at int8 g128, int4 g128, int4 g64, nf4 g64 double-quant; and, for comparison,
 the pre-existing way to shrink the head (modules_to_not_convert=[]: lm_head quantized int4 and untied, the float
-embedding kept beside it).
+embedding kept beside it); then the embedding at int5 and int6 g128. --rows runs only the rows of these indices.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ ROWS = [
                                                       "overrides": {EMBED: {"format": "nf4", "group_size": 64,
                                                                             "double_quant": True}}}),
     ("lm_head int4 g128 untied, embedding float (before)", {"modules_to_not_convert": []}),
+    ("+ embedding int5 g128 (tied head shares it)", {"quantize_embeddings": True,
+                                                     "overrides": {EMBED: {"bits": 5}}}),
+    ("+ embedding int6 g128 (tied head shares it)", {"quantize_embeddings": True,
+                                                     "overrides": {EMBED: {"bits": 6}}}),
 ]
 
 
@@ -65,12 +69,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--rows", type=int, nargs="*", help=f"indices into the {len(ROWS)} rows (default: all)")
     args = ap.parse_args()
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
     text = botchan_text()
     results = {}
-    for label, kwargs in ROWS:
+    for i, (label, kwargs) in enumerate(ROWS):
+        if args.rows is not None and i not in args.rows:
+            continue
         r = measure(path, tok, text, args.tokens, kwargs)
         results[label] = r
         print(f"{label:52s} model {r['model_bits_per_weight']:6.2f} b/w  linears "
