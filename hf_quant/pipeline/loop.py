@@ -2,7 +2,9 @@
 
 1. Calibration data (pipeline/data.py) is tokenised into `n_samples` windows of `seq_len` tokens.
 2. The model runs up to its first block; that block's inputs (and the keyword arguments the model passes its
-   blocks: attention mask, rotary embeddings) are kept.
+   blocks: attention mask, rotary embeddings) are kept. In hybrid-attention models (layer_types mixing sliding-
+   window and full attention: Gemma 2/3, gpt-oss, ...) it runs up to its last block once instead, keeping each
+   block's own arguments.
 3. For each block: the processors (pipeline/processors.py, one per method: AWQ, RSQ token weighting, GPTQ, fused
    experts) declare the statistics they need; one pass of the float block over the calibration inputs collects them
    (the Hessian X^T X of each linear's inputs, linears reading the same tensor sharing one); the processors choose
@@ -56,12 +58,6 @@ class CalibrationReport:
 
 def check_calibration_supported(model: nn.Module, config) -> None:
     """Raise before weights load for models the block-by-block pipeline cannot calibrate."""
-    layer_types = getattr(model.config, "layer_types", None) or []
-    if len(set(layer_types)) > 1:
-        raise ValueError(
-            f"calibration methods need every block to take the same attention inputs; {type(model).__name__} mixes "
-            f"layer types {sorted(set(layer_types))}. Use a data-free method (method='mse')"
-        )
     if config.quantize_experts and config.rotation == "hadamard" and any(
             is_fused_experts(m) and expert_params(m) for m in model.modules()):
         raise ValueError(
@@ -74,16 +70,36 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_first_block_inputs(model, block, token_ids, batch):
-    """Per batch of sequences: (hidden states entering `block`, its other positional args, its keyword args)."""
+def _mixed_layer_types(model: nn.Module) -> bool:
+    """Whether the model gives its blocks different attention inputs (sliding-window and full-attention layers get
+    different masks, Gemma 3's also different rotary embeddings)."""
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    return len(set(layer_types)) > 1
+
+
+def _capture_block_inputs(model, blocks, token_ids, batch, every_block: bool):
+    """Per batch of sequences: (hidden states entering blocks[0], its other positional args, its keyword args); and,
+    with `every_block`, per block and batch the (positional args, keyword args) the model gives that block, so that
+    each block of a hybrid-attention model is calibrated with its own mask and rotary embeddings. The float model
+    then runs up to its last block once (the arguments do not depend on the hidden states, and the tensors are
+    shared between blocks of one layer type); otherwise it stops at the first block."""
     captured = []
+    per_block = [[] for _ in blocks] if every_block else None
+    last = len(blocks) - 1 if every_block else 0
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, args[1:], kwargs))
-        raise _StopForward
+    def grab(index):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                captured.append((hidden, args[1:], kwargs))
+            if per_block is not None:
+                per_block[index].append((args[1:], kwargs))
+            if index == last:
+                raise _StopForward
+        return hook
 
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(last + 1)]
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     try:
         for i in range(0, token_ids.shape[0], batch):
@@ -92,8 +108,9 @@ def _capture_first_block_inputs(model, block, token_ids, batch):
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    return captured, per_block
 
 
 def _block_output(out):
@@ -151,7 +168,8 @@ def quantize_with_calibration(
         for p in processors:
             p.prepare(model, config, blocks_name, blocks)
         rotations = _rotations(blocks, prefixes, targets, config)
-        states = _capture_first_block_inputs(model, blocks[0], token_ids, _BLOCK_BATCH) if needs_data else []
+        states, block_inputs = (_capture_block_inputs(model, blocks, token_ids, _BLOCK_BATCH, _mixed_layer_types(model))
+                                if needs_data else ([], None))
         # Data-free modules outside the blocks need no activations.
         for name, scheme in targets.items():
             if not any(name.startswith(p) for p in prefixes):
@@ -159,6 +177,8 @@ def quantize_with_calibration(
                 done += 1
         bar = _progress(len(blocks), progress)
         for index, (block, prefix) in enumerate(zip(blocks, prefixes)):
+            if block_inputs is not None:  # this block's own mask and rotary embeddings (hybrid attention)
+                states = [(h, *block_inputs[index][b]) for b, (h, _, _) in enumerate(states)]
             local = {n[len(prefix):]: s for n, s in targets.items() if n.startswith(prefix)}
             ctx = BlockContext(index, prefix, block, local, {n: block.get_submodule(n) for n in local},
                                {n[len(prefix):]: ps for n, ps in experts.items() if n.startswith(prefix)}, config,
