@@ -144,7 +144,7 @@ def test_integrations_peft_importable_before_peft():
     code = ("from hf_quant.integrations.peft import set_merge_target; from peft import LoraConfig; "
             "print(sorted(k.__name__ for k in LoraConfig(target_modules=['q_proj'])._custom_modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['QuantExpertWeight', 'QuantLinear']"
+    assert {"QuantExpertWeight", "QuantLinear"} <= set(eval(out))  # registered: the import did not fail half way
 
 
 # --- item 6: other libraries' names get ours ----------------------------------------------------------------------
