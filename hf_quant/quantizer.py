@@ -58,6 +58,7 @@ class HfQuantQuantizer(HfQuantizer):
         self.load_errors: dict[str, str] = {}  # weight name -> why it could not be quantized (quantize-on-load)
         self.tied_to_quantize: dict[str, object] = {}  # tied linear (e.g. lm_head) -> scheme, quantized after load
         self.records: dict | None = None  # pre-quantized: the weights' own records (modules, float tensor digests)
+        self.streamer = None  # calibration: the decoder blocks, read one at a time (pipeline/streaming.py)
 
     # --- loading hooks ----------------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class HfQuantQuantizer(HfQuantizer):
             from .pipeline import check_calibration_supported
 
             check_calibration_supported(model, config)
+            self.streamer = block_streamer(model, config, checkpoint_files, compute_dtype, kwargs.get("device_map"))
             return
         replaced = install_quantized_modules(
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
@@ -144,8 +146,11 @@ class HfQuantQuantizer(HfQuantizer):
         if not self.pre_quantized and self.quantization_config.quantizes_after_loading:
             from .pipeline import quantize_with_calibration
 
+            streamer, self.streamer = self.streamer, None
+            if streamer is not None:
+                streamer.attach(model)  # the blocks come back with their float weights on meta, read one at a time
             self.calibration_report = quantize_with_calibration(model, self.quantization_config,
-                                                                self.modules_to_not_convert)
+                                                                self.modules_to_not_convert, streamer=streamer)
         if self.tied_to_quantize:
             quantize_tied_linears(model, self.tied_to_quantize)
         if not self.pre_quantized and self.quantization_config.quantizes_after_loading:
@@ -257,6 +262,20 @@ class HfQuantQuantize(ConversionOps):
             if missing_keys is not None:
                 missing_keys.discard(name)
         return result
+
+
+def block_streamer(model: nn.Module, config: HfQuantConfig, checkpoint_files, dtype, device_map):
+    """Calibration in bounded memory: take the decoder blocks out of the model before weights load, to be read one
+    block at a time during calibration (None, with the reason logged, when the whole float model must load)."""
+    from .pipeline.streaming import ENV_DISABLE, BlockStreamer, streaming_disabled_reason
+
+    reason = streaming_disabled_reason(model, config, checkpoint_files, device_map)
+    if reason is not None:
+        log = logger.info if ENV_DISABLE in reason else logger.warning
+        log("hf_quant: calibration loads the whole float model first (peak memory at least the float model's "
+            "size) because %s", reason)
+        return None
+    return BlockStreamer.detach(model, checkpoint_files, dtype)
 
 
 def initialize_weights_with_stubs(model: nn.Module, initialize_weights) -> None:

@@ -47,11 +47,17 @@ class CalibrationReport:
     seconds: float
     peak_rss_bytes: int  # the process's peak resident memory (includes loading the model)
     peak_calibration_bytes: int  # largest size of the held activations + Hessians (one block's worth)
+    streamed: bool = False  # the blocks' float weights were read one block at a time (pipeline/streaming.py)
+    largest_block_bytes: int = 0  # float weights of the largest block (held at once)
+    largest_tensor_bytes: int = 0  # the largest single float weight tensor of the blocks
 
     def summary(self) -> str:
+        how = "streamed block by block, " if self.streamed else ""
         return (
-            f"calibrated {self.quantized_modules} modules in {self.blocks} blocks on {self.n_samples}x{self.seq_len} "
-            f"tokens in {self.seconds:.1f} s; activations+Hessians peak {self.peak_calibration_bytes / 2**20:.0f} MiB, "
+            f"calibrated {self.quantized_modules} modules in {self.blocks} blocks ({how}largest block "
+            f"{self.largest_block_bytes / 2**20:.0f} MiB of float weights, largest tensor "
+            f"{self.largest_tensor_bytes / 2**20:.0f} MiB) on {self.n_samples}x{self.seq_len} tokens in "
+            f"{self.seconds:.1f} s; activations+Hessians peak {self.peak_calibration_bytes / 2**20:.0f} MiB, "
             f"process peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
         )
 
@@ -77,7 +83,7 @@ def _mixed_layer_types(model: nn.Module) -> bool:
     return len(set(layer_types)) > 1
 
 
-def _capture_block_inputs(model, blocks, token_ids, batch, every_block: bool):
+def _capture_block_inputs(model, blocks, token_ids, batch, every_block: bool, streamer=None):
     """Per batch of sequences: (hidden states entering blocks[0], its other positional args, its keyword args); and,
     with `every_block`, per block and batch the (positional args, keyword args) the model gives that block, so that
     each block of a hybrid-attention model is calibrated with its own mask and rotary embeddings. The float model
@@ -100,6 +106,10 @@ def _capture_block_inputs(model, blocks, token_ids, batch, every_block: bool):
         return hook
 
     handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(last + 1)]
+    if streamer is not None:  # blocks before the last run once per batch: each read, run and dropped in turn
+        for i in range(last):
+            handles.append(blocks[i].register_forward_pre_hook(lambda m, a, i=i: streamer.load(i)))
+            handles.append(blocks[i].register_forward_hook(lambda m, a, o, i=i: streamer.offload(i)))
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     try:
         for i in range(0, token_ids.shape[0], batch):
@@ -119,9 +129,13 @@ def _block_output(out):
 
 @torch.no_grad()
 def quantize_with_calibration(
-    model: nn.Module, config, modules_to_not_convert: list[str], tokenizer=None, progress: bool = True
+    model: nn.Module, config, modules_to_not_convert: list[str], tokenizer=None, progress: bool = True,
+    streamer=None,
 ) -> CalibrationReport:
-    """Quantize the weights of a loaded float `model` as `config` says, calibrating block by block."""
+    """Quantize the weights of a loaded float `model` as `config` says, calibrating block by block.
+
+    With a `streamer` (pipeline/streaming.py) the blocks' float weights are on the meta device and each block is
+    read from the checkpoint just before it is calibrated; its float weights are garbage once it is packed."""
     start = time.perf_counter()
     found = find_targets(model, config, modules_to_not_convert)
     targets = {t.name: t.scheme for t in found if not t.experts}
@@ -164,12 +178,13 @@ def quantize_with_calibration(
     model.eval()
     peak_held = 0
     done = 0
+    largest_block = largest_tensor = 0
     try:
         for p in processors:
             p.prepare(model, config, blocks_name, blocks)
         rotations = _rotations(blocks, prefixes, targets, config)
-        states, block_inputs = (_capture_block_inputs(model, blocks, token_ids, _BLOCK_BATCH, _mixed_layer_types(model))
-                                if needs_data else ([], None))
+        states, block_inputs = (_capture_block_inputs(model, blocks, token_ids, _BLOCK_BATCH, _mixed_layer_types(model),
+                                                      streamer) if needs_data else ([], None))
         # Data-free modules outside the blocks need no activations.
         for name, scheme in targets.items():
             if not any(name.startswith(p) for p in prefixes):
@@ -177,6 +192,11 @@ def quantize_with_calibration(
                 done += 1
         bar = _progress(len(blocks), progress)
         for index, (block, prefix) in enumerate(zip(blocks, prefixes)):
+            if streamer is not None:
+                streamer.load(index)
+            floats = [p.numel() * p.element_size() for p in block.parameters() if p.is_floating_point()]
+            largest_block = max(largest_block, sum(floats))
+            largest_tensor = max([largest_tensor, *floats])
             if block_inputs is not None:  # this block's own mask and rotary embeddings (hybrid attention)
                 states = [(h, *block_inputs[index][b]) for b, (h, _, _) in enumerate(states)]
             local = {n[len(prefix):]: s for n, s in targets.items() if n.startswith(prefix)}
@@ -210,17 +230,26 @@ def quantize_with_calibration(
             for n, q in quantized.items():
                 block.set_submodule(n, q)
                 done += 1
+            # Nothing here may keep the block's float linears alive while the next block is read.
+            ctx = quantized = modules = w = None
+            bar.set_postfix_str(f"peak RSS {_peak_rss() / 2**30:.2f} GiB", refresh=False)
             bar.update(1)
         bar.close()
     finally:
         model.train(was_training)
         for p in processors:
             p.restore(model)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if streamer is not None:
+            streamer.close()
     report = CalibrationReport(token_ids.shape[0], token_ids.shape[-1], len(blocks), done,
-                               time.perf_counter() - start, rss, peak_held)
+                               time.perf_counter() - start, _peak_rss(), peak_held, streamer is not None,
+                               largest_block, largest_tensor)
     logger.info(report.summary())
     return report
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _calibration_pass(ctx: BlockContext, states, token_ids) -> int:

@@ -1,0 +1,176 @@
+"""Calibration in bounded memory: the decoder blocks' float weights are read from the checkpoint one block at a time.
+
+When `from_pretrained` quantizes a safetensors checkpoint with a calibration-based method, the quantizer detaches the
+model's list of decoder blocks before the weights load (`BlockStreamer.detach`): transformers then loads only what lies
+outside the blocks (embeddings, final norm, head) and never reads a block tensor (their checkpoint keys are skipped
+as expected-unexpected). After loading the blocks are put back with their parameters on the meta device
+(`attach`), and the calibration loop asks for one block at a time (`load`): its tensors are read from the memory-mapped
+safetensors files through transformers' own loader (`convert_and_load_state_dict_in_model`, restricted to that block's
+keys), so renamings, fused-expert conversions and dtype casts are exactly those of a full load and the calibrated codes
+are bit-identical. Once the loop has replaced the block's linears by packed modules, the float weights are garbage.
+
+Peak memory: the packed model so far + one block's float weights + the calibration activations and statistics of one
+block + the float modules outside the blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ENV_DISABLE = "HF_QUANT_STREAM_CALIBRATION"  # "0": load the whole float model first (the former path)
+
+
+def streaming_disabled_reason(model: nn.Module, config, checkpoint_files, device_map) -> str | None:
+    """Why calibrating `model` must load the whole float model first; None when its blocks can stream."""
+    if os.environ.get(ENV_DISABLE, "1") == "0":
+        return f"{ENV_DISABLE}=0"
+    if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
+        return "the checkpoint is not in safetensors files (streaming reads one block at a time from them)"
+    if device_map not in (None, "cpu") and not (isinstance(device_map, dict) and set(map(str, device_map.values()))
+                                                 <= {"cpu"}):
+        return f"device_map={device_map!r} (streaming calibrates on the CPU only; use device_map=None or 'cpu')"
+    if config.rotation == "residual":
+        return ("rotation='residual' folds the rotation into every block and checks the fold on the whole model's "
+                "logits before calibrating (use rotation='hadamard' to stream)")
+    from ..model import decoder_blocks
+
+    try:
+        _, blocks = decoder_blocks(model)
+    except ValueError as e:
+        return str(e)
+    if any(True for block in blocks for _ in _non_persistent_buffers(block)):
+        return "its decoder blocks hold non-persistent buffers, which transformers creates for the whole model"
+    return None
+
+
+def _non_persistent_buffers(module: nn.Module):
+    for name, m in module.named_modules():
+        for b in m._non_persistent_buffers_set:
+            if m._buffers.get(b) is not None:
+                yield f"{name}.{b}"
+
+
+class BlockStreamer:
+    """The decoder blocks of a model being loaded, and the checkpoint they are read from one at a time."""
+
+    def __init__(self, blocks_name: str, blocks: nn.ModuleList, checkpoint_files: Sequence[str], dtype):
+        self.blocks_name = blocks_name
+        self.blocks = blocks
+        self.checkpoint_files = [str(f) for f in checkpoint_files]
+        self.dtype = dtype
+        self.model: nn.Module | None = None
+        self._pattern = rf"^{re.escape(blocks_name)}\.\d+\."
+        self._keys: list[dict[str, object]] = []  # per block: checkpoint key -> lazy safetensors slice
+        self._files: list = []
+        self._mapping = None
+        self._dtype_plan = None
+        self.loaded_bytes: list[int] = []  # float bytes read per block (report)
+
+    # --- before and after transformers loads the rest ----------------------------------------------------------
+
+    @classmethod
+    def detach(cls, model: nn.Module, checkpoint_files, dtype) -> "BlockStreamer":
+        """Take the decoder blocks out of `model` (on the meta device, before weights load) so that transformers
+        neither reads nor initializes their weights; their checkpoint keys are ignored as unexpected."""
+        from ..model import decoder_blocks
+
+        blocks_name, blocks = decoder_blocks(model)
+        streamer = cls(blocks_name, blocks, checkpoint_files, dtype)
+        model.set_submodule(blocks_name, nn.ModuleList())
+        ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = ignored | {streamer._pattern}
+        return streamer
+
+    def attach(self, model: nn.Module) -> None:
+        """Put the blocks back (their weights still on meta) and index the checkpoint's tensors by block."""
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        ignored = set(model._keys_to_ignore_on_load_unexpected or ())
+        ignored.discard(self._pattern)
+        model._keys_to_ignore_on_load_unexpected = ignored
+        model.set_submodule(self.blocks_name, self.blocks)
+        self.blocks.train(model.training)
+        self.model = model
+        self._mapping = get_model_conversion_mapping(model)
+        self._dtype_plan = model._get_dtype_plan(self.dtype)
+        renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in self._mapping if isinstance(t, WeightConverter)]
+        meta_state = model.state_dict()
+        block_of = re.compile(rf"^{re.escape(self.blocks_name)}\.(\d+)\.")
+        self._keys = [{} for _ in self.blocks]
+        for path in self.checkpoint_files:
+            f = safe_open(path, framework="pt", device="cpu")
+            self._files.append(f)
+            for key in f.keys():
+                renamed, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+                if renamed not in meta_state and key in meta_state:
+                    renamed, _ = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
+                match = block_of.match(renamed)
+                if match and int(match[1]) < len(self.blocks):
+                    self._keys[int(match[1])][key] = f.get_slice(key)
+        # What save_pretrained reverts: the transforms a full load would have used (every key was renamed above).
+        model._weight_conversions = [t for t in self._mapping if t.was_used()]
+
+    # --- during calibration ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load(self, index: int) -> None:
+        """Read block `index`'s float tensors from the checkpoint into the model (transformers' loader, restricted
+        to that block's keys: the same renamings, conversions and dtype casts as a full load)."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        model = self.model
+        conversions = getattr(model, "_weight_conversions", None)
+        load_config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self._dtype_plan, weight_mapping=self._mapping)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' per-call "Loading weights" bar, once per block
+        try:
+            info, _ = convert_and_load_state_dict_in_model(model, dict(self._keys[index]), load_config)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+            model._weight_conversions = conversions
+        prefix = f"{self.blocks_name}.{index}."
+        block = self.blocks[index]
+        if info.mismatched_keys:
+            raise ValueError(f"hf_quant: the checkpoint's tensors for {sorted(k for k, *_ in info.mismatched_keys)[:5]} "
+                             "do not have the model's shapes; check that config.json matches the weights")
+        if info.conversion_errors:
+            raise ValueError(f"hf_quant: converting the checkpoint's tensors of block {index} failed: "
+                             f"{dict(list(info.conversion_errors.items())[:3])}")
+        missing = [prefix + n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.device.type == "meta"]
+        if missing:
+            raise ValueError(
+                f"hf_quant: the checkpoint has no tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}, so "
+                f"block {index} cannot be calibrated from it; check the checkpoint, or set {ENV_DISABLE}=0 to load "
+                "the whole float model first (missing weights are then initialized by transformers)"
+            )
+        self.loaded_bytes.append(sum(t.numel() * t.element_size() for t in block.parameters() if t.is_floating_point()))
+
+    def offload(self, index: int) -> None:
+        """Drop block `index`'s float parameters back to the meta device (they are read again by `load`)."""
+        for module in self.blocks[index].modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                            requires_grad=p.requires_grad)
+
+    def close(self) -> None:
+        self._files.clear()
+        self._keys = []
+        self.model = None
+
+
+__all__ = ["BlockStreamer", "ENV_DISABLE", "streaming_disabled_reason"]
