@@ -181,6 +181,10 @@ class HfQuantQuantizer(HfQuantizer):
             # grouped/batched expert kernels read the whole 3-D float tensor; the eager loop indexes one expert
             # at a time, which QuantExpertWeight supports.
             model.set_experts_implementation("eager")
+        # disk offload (device_map with "disk"): packed tensors leave RAM too, with no offload_buffers=True
+        from .model.offload import offload_packed_tensors
+
+        offload_packed_tensors(model)
         model._weight_conversions = conversions_sparing_packed(model)
         model.config.quantization_config = self.quantization_config
         # Saves are atomic (a temporary sibling folder swapped in): transformers writes config.json before the

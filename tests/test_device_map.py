@@ -107,8 +107,8 @@ def test_device_map(tiny, source, device_map, tmp_path):
         assert model.hf_device_map == OFFLOAD_MAP
         # float params of the disk layer live on disk (meta in the model) ...
         assert model.model.layers[1].input_layernorm.weight.device.type == "meta"
-        # ... packed tensors are buffers: accelerate keeps buffers in RAM unless offload_buffers=True
-        assert model.model.layers[1].mlp.down_proj.qweight.device.type == "cpu"
+        # ... and so are its packed tensors, with no offload_buffers=True (hf_quant.model.offload)
+        assert model.model.layers[1].mlp.down_proj.qweight.device.type == "meta"
     else:
         assert all(t.device.type == "cpu" for t in model.state_dict().values())
         assert all(torch.equal(t, tiny.state[k]) for k, t in model.state_dict().items())
@@ -132,12 +132,14 @@ def test_auto_device_map_is_sized_by_packed_sizes(tiny, source, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
+@pytest.mark.parametrize("offload_buffers", [False, True], ids=["default", "offload_buffers"])
 @pytest.mark.parametrize("source", ["float", "quantized"])
-def test_disk_offload_of_packed_tensors(tiny, source, tmp_path):
-    """With offload_buffers=True the packed tensors of the disk layer stay on disk between forwards: none of them,
-    nor a kernel's repacked copy, is kept in RAM. Saving the offloaded model writes the same checkpoint."""
+def test_disk_offload_of_packed_tensors(tiny, source, offload_buffers, tmp_path):
+    """The packed tensors of the disk layer stay on disk between forwards, with or without offload_buffers=True:
+    none of them, nor a kernel's repacked copy, is kept in RAM. Saving the offloaded model writes the same
+    checkpoint."""
     offload = tmp_path / "offload"
-    model = load(tiny, source, device_map=OFFLOAD_MAP, offload_folder=offload, offload_buffers=True)
+    model = load(tiny, source, device_map=OFFLOAD_MAP, offload_folder=offload, offload_buffers=offload_buffers)
     disk_layers = [m for n, m in model.named_modules() if isinstance(m, PackedWeight) and ".layers.1." in f".{n}"]
     ram_layers = [m for n, m in model.named_modules() if isinstance(m, PackedWeight) and ".layers.0." in f".{n}"]
     assert len(disk_layers) == len(ram_layers) == 7
