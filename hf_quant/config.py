@@ -404,6 +404,13 @@ DECLARATIONS: tuple[Field, ...] = (
           'GPTQ only: None, or "attention" (RSQ-style): each token\'s row of the Hessian is weighted by the attention '
           "it receives in the block (mean over heads, summed over queries, relative to its sequence's mean, clipped "
           "to [0.1, 10]). Calibration then runs with eager attention.", _one_of(None, "attention")),
+    Field("moe_calibrate_all_experts", False, "calibration",
+          "GPTQ on fused MoE experts: True collects every expert's input statistics from every calibration token (as "
+          "if each token were routed to each expert; llm-compressor's moe_calibrate_all_experts), so no expert is "
+          "left to data-free rounding; the block's outputs still follow the router. Costs about num_experts / top_k "
+          "times the experts' statistics work. False: each expert sees the tokens routed to it (experts no token "
+          "reached are rounded data-free, with a warning). Either way the calibration report gives the tokens each "
+          "expert saw.", _bool),
     # Allocation fields (hf_quant.algorithms.allocation): mixed precision under a bit budget.
     Field("target_bits", None, "allocation",
           "mixed precision under a budget: when quantizing, choose one scheme per linear layer from "

@@ -322,6 +322,7 @@ SAMPLES = {
     "rotation": {"rotation": "hadamard"},
     "rotation_seed": {"rotation_seed": 3},
     "token_weighting": {"token_weighting": "attention"},
+    "moe_calibrate_all_experts": {"moe_calibrate_all_experts": True},
     "target_bits": {"target_bits": 2.5},
     "allocation_candidates": {"allocation_candidates": [{"bits": 2}, {"bits": 4, "double_quant": True}]},
 }

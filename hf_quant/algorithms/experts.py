@@ -7,7 +7,10 @@ block runs on the calibration batches; on the first batch it also recomputes the
 and refuses (naming the module) when they do not reproduce it, i.e. an experts module of another layout.
 
 Experts that no calibration token reached have no statistics: they are quantized data-free (the `mse` search), and
-how many were is logged. Double-quantized scales are fitted per 3-D tensor, which per-expert GPTQ cannot honour:
+how many were is logged. With `all_tokens` (HfQuantConfig.moe_calibrate_all_experts) every expert's statistics come
+from every token instead, as if each token were routed to each expert (the module's output, and so the next block's
+input, still follows the router). `seen` counts, per expert, the tokens its statistics came from; `routed` the tokens
+the router sent it. Double-quantized scales are fitted per 3-D tensor, which per-expert GPTQ cannot honour:
 refused with the fix.
 """
 
@@ -50,7 +53,7 @@ def _intermediate(module: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
 class ExpertHessians:
     """Per-expert input Hessians of one experts module's `gate_up_proj` ("in") and `down_proj` ("mid")."""
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, all_tokens: bool = False):
         if not all(hasattr(module, p) for p in ("gate_up_proj", "down_proj", "act_fn")):
             raise ValueError(f"hf_quant: experts module {name} ({type(module).__name__}) lacks gate_up_proj / down_proj "
                              "/ act_fn; its experts cannot be calibrated (set quantize_experts=False or use a "
@@ -58,7 +61,9 @@ class ExpertHessians:
         self.name, self.module = name, module
         n = module.gate_up_proj.shape[0]
         self.sums = {"in": [None] * n, "mid": [None] * n}
-        self.counts = [0] * n
+        self.counts = [0] * n  # tokens in each expert's statistics
+        self.routed = [0] * n  # tokens the router sent to each expert
+        self.all_tokens = all_tokens
         self.checked = False
         self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -70,14 +75,25 @@ class ExpertHessians:
         for e in range(len(self.counts)):
             hit = index == e
             rows = hit.any(-1)
-            if not rows.any():
+            n_routed = int(rows.sum())
+            self.routed[e] += n_routed
+            if self.all_tokens:
+                mid_all = _intermediate(module, x, e)
+                for key, value in (("in", x), ("mid", mid_all)):
+                    h = value.t() @ value
+                    self.sums[key][e] = h if self.sums[key][e] is None else self.sums[key][e].add_(h)
+                self.counts[e] += x.shape[0]
+            if not n_routed:
                 continue
             xe = x[rows]
-            mid = _intermediate(module, xe, e)
-            for key, value in (("in", xe), ("mid", mid)):
-                h = value.t() @ value
-                self.sums[key][e] = h if self.sums[key][e] is None else self.sums[key][e].add_(h)
-            self.counts[e] += xe.shape[0]
+            if not self.all_tokens:
+                mid = _intermediate(module, xe, e)
+                for key, value in (("in", xe), ("mid", mid)):
+                    h = value.t() @ value
+                    self.sums[key][e] = h if self.sums[key][e] is None else self.sums[key][e].add_(h)
+                self.counts[e] += xe.shape[0]
+            elif rebuilt is not None:
+                mid = mid_all[rows]
             if rebuilt is not None:
                 gate = (top_k_weights.reshape(index.shape).float() * hit).sum(-1)[rows]
                 rebuilt[rows] += (mid @ _weight(module, "down_proj", e).t()) * gate.unsqueeze(-1)

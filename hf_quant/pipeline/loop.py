@@ -50,16 +50,28 @@ class CalibrationReport:
     streamed: bool = False  # the blocks' float weights were read one block at a time (pipeline/streaming.py)
     largest_block_bytes: int = 0  # float weights of the largest block (held at once)
     largest_tensor_bytes: int = 0  # the largest single float weight tensor of the blocks
+    # fused MoE experts calibrated with GPTQ: full module name -> (tokens the router sent each expert, tokens in each
+    # expert's statistics: the same, or every token with moe_calibrate_all_experts)
+    expert_tokens: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         how = "streamed block by block, " if self.streamed else ""
         return (
             f"calibrated {self.quantized_modules} modules in {self.blocks} blocks ({how}largest block "
-            f"{self.largest_block_bytes / 2**20:.0f} MiB of float weights, largest tensor "
-            f"{self.largest_tensor_bytes / 2**20:.0f} MiB) on {self.n_samples}x{self.seq_len} tokens in "
+            f"{self.largest_block_bytes / 2**20:.1f} MiB of float weights, largest tensor "
+            f"{self.largest_tensor_bytes / 2**20:.1f} MiB) on {self.n_samples}x{self.seq_len} tokens in "
             f"{self.seconds:.1f} s; activations+Hessians peak {self.peak_calibration_bytes / 2**20:.0f} MiB, "
-            f"process peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+            f"process peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB{self._experts_summary()}"
         )
+
+    def _experts_summary(self) -> str:
+        if not self.expert_tokens:
+            return ""
+        routed = [n for r, _ in self.expert_tokens.values() for n in r]
+        seen = [n for _, s in self.expert_tokens.values() for n in s]
+        return (f"; {len(routed)} experts in {len(self.expert_tokens)} modules: routed tokens per expert "
+                f"{min(routed)}-{max(routed)} ({routed.count(0)} unrouted), statistics from {min(seen)}-{max(seen)} "
+                "tokens per expert")
 
 
 def check_calibration_supported(model: nn.Module, config) -> None:
@@ -179,6 +191,7 @@ def quantize_with_calibration(
     peak_held = 0
     done = 0
     largest_block = largest_tensor = 0
+    expert_tokens: dict = {}
     try:
         for p in processors:
             p.prepare(model, config, blocks_name, blocks)
@@ -215,6 +228,9 @@ def quantize_with_calibration(
                 p.end(ctx)
             ctx.collector = None  # the block's statistics are no longer needed
             done += ctx.quantized
+            expert_tokens.update(ctx.expert_tokens)
+            for name, (routed, seen) in ctx.expert_tokens.items():
+                logger.info("%s: tokens routed to each expert %s, in each expert's statistics %s", name, routed, seen)
             quantized = {n: _quantized_module(ctx.modules[n], scheme, ctx.packed.get(n), rotations.get(prefix + n))
                          for n, scheme in local.items()}
             if needs_data and index + 1 < len(blocks):  # the last block's outputs are not needed
@@ -243,7 +259,7 @@ def quantize_with_calibration(
             streamer.close()
     report = CalibrationReport(token_ids.shape[0], token_ids.shape[-1], len(blocks), done,
                                time.perf_counter() - start, _peak_rss(), peak_held, streamer is not None,
-                               largest_block, largest_tensor)
+                               largest_block, largest_tensor, expert_tokens)
     logger.info(report.summary())
     return report
 

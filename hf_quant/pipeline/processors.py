@@ -45,6 +45,8 @@ class BlockContext:
     collector: InputCollector | None = None
     packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # local name -> canonical tensors
     quantized: int = 0  # weights a processor packed in place (fused experts)
+    # full experts module name -> (tokens routed to each expert, tokens in each expert's statistics)
+    expert_tokens: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
 
     def names_with(self, method: str) -> set[str]:
         return {n for n, s in self.schemes.items() if s.method == method}
@@ -153,16 +155,18 @@ class Gptq(BlockProcessor):
 
 
 class FusedExperts(BlockProcessor):
-    """Fused MoE expert tensors: GPTQ per expert on the tokens routed to it (statistics from the experts' own
-    hooks), data-free for experts no token reached and for data-free schemes; packed in place, so the loop's pass to
+    """Fused MoE expert tensors: GPTQ per expert on the tokens routed to it, or on every token with
+    moe_calibrate_all_experts (statistics from the experts' own hooks), data-free for experts no token reached and
+    for data-free schemes; packed in place, so the loop's pass to
     the next block already runs them quantized."""
 
     def __init__(self):
         self._stats: dict[str, ExpertHessians] = {}
 
     def begin(self, ctx):
-        self._stats = {n: ExpertHessians(ctx.prefix + n, ctx.block.get_submodule(n)) for n, ps in ctx.experts.items()
-                       if any(s.method == "gptq" for s in ps.values())}
+        all_tokens = ctx.config.moe_calibrate_all_experts
+        self._stats = {n: ExpertHessians(ctx.prefix + n, ctx.block.get_submodule(n), all_tokens)
+                       for n, ps in ctx.experts.items() if any(s.method == "gptq" for s in ps.values())}
         ctx.needs_pass |= bool(self._stats)
 
     def close(self, ctx):
@@ -172,6 +176,8 @@ class FusedExperts(BlockProcessor):
     def end(self, ctx):
         config = ctx.config
         gptq_kwargs = dict(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups)
+        for n, stats in self._stats.items():
+            ctx.expert_tokens[ctx.prefix + n] = (list(stats.routed), list(stats.counts))
         for n, schemes in ctx.experts.items():
             module = ctx.block.get_submodule(n)
             for pname, scheme in schemes.items():
