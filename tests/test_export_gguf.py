@@ -232,9 +232,10 @@ def test_cli_exports_gguf_or_refuses_with_status_2(family_dirs, tmp_path, capsys
 def test_gemma3_with_other_layer_pattern_is_refused(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                       layer_types=["sliding_attention", "full_attention"])).save_pretrained(tmp_path / "f")
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              layer_types=["sliding_attention", "full_attention"])
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "f")
     byte_level_tokenizer(tmp_path / "f")
     quantize_and_save(tmp_path / "f", tmp_path / "q", bits=4, group_size=32, symmetric=True)
     with pytest.raises(ExportRefusedModules, match="every 6th layer global"):

@@ -27,8 +27,8 @@ otherwise), re-rounded ones give the reported added error.
 
 The tensors are named and laid out as llama.cpp's converter (convert_hf_to_gguf.py) writes them for each family
 (`FAMILIES`): Llama/Mistral Q and K rows permuted to llama.cpp's interleaved RoPE, Gemma 3 norm weights shifted by
-+1 (its RMSNorm multiplies by 1 + w); the vocabulary padded with unused tokens to the embedding's rows. Float tensors are written as
-they are (float32; bfloat16 widened to float32, exactly; float16 kept). The tokenizer comes from the checkpoint
++1 (its RMSNorm multiplies by 1 + w); the vocabulary padded with unused tokens to the embedding's rows. Float tensors
+are written as they are (float32; bfloat16 widened to float32, exactly; float16 kept). The tokenizer comes from the checkpoint
 folder's tokenizer.json: byte-level BPE ("gpt2" with its pre-tokenizer identified from tokenizer.json) or
 SentencePiece-style BPE with byte fallback ("llama", as Gemma and Llama 2 use).
 """
@@ -99,8 +99,8 @@ class GGUFTarget:
             kinds = ", ".join(f"int{b}{'-sym' if s else ''} ({t})" for (b, s), (t, _) in _TYPES.items())
             raise ExportRefused(f"GGUF's 32-weight blocks hold {kinds}; {scheme.label} has none (the K-quants use "
                                 "256-weight super-blocks with 6/8-bit sub-block scales, which hf_quant's codes do not "
-                                "have)", "quantize this module as one of those (e.g. bits=4, group_size=32), or keep it "
-                                "in float (modules_to_not_convert)")
+                                "have)", "quantize this module as one of those (e.g. bits=4, group_size=32), or keep "
+                                "it in float (modules_to_not_convert)")
         if scheme.group_size != BLOCK or in_features % BLOCK:
             raise ExportRefused(f"GGUF blocks are {BLOCK} weights of one row; this weight is [{out}, {in_features}] "
                                 f"with group_size={scheme.group_size}",
