@@ -1,4 +1,4 @@
-"""Shared by the engine benchmarks (llama_cpp.py, vllm_cpu.py): the Botchan windows, hf_quant's side of each
+"""Shared by the engine benchmarks (bench_llama_cpp.py, bench_vllm_cpu.py): the Botchan windows, hf_quant's side of each
 measurement, running an engine's runner script in its own venv, and the table."""
 
 from __future__ import annotations

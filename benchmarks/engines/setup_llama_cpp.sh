@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# llama.cpp for benchmarks/engines/llama_cpp.py, in its own venv (never CI's): llama-cpp-python built from its
+# llama.cpp for benchmarks/engines/bench_llama_cpp.py, in its own venv (never CI's): llama-cpp-python built from its
 # sdist (CPU build). llama.cpp's own quantizer is reached through its C API (`llama_model_quantize`, what
 # `llama-quantize` calls). About 40 min on 2 cores. ENGINES_DIR (default ../engines beside the repository).
 set -euo pipefail

@@ -2,7 +2,7 @@
 quantizer on the same float model: perplexity on Botchan, greedy tokens, prefill and decode tokens/s.
 
     bash benchmarks/engines/setup_llama_cpp.sh        # once: the engine venv (~20 min on 2 cores)
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engines/llama_cpp.py [--tokens 2048] [--threads 2]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engines/bench_llama_cpp.py [--tokens 2048] [--threads 2]
 
 For each hf_quant recipe: quantize SmolLM2-135M, export to GGUF, and measure
 - hf_quant's own perplexity of the checkpoint (transformers + hf_quant kernels) on the same windows,

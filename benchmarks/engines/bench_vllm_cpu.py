@@ -3,7 +3,7 @@ vLLM on the float model and hf_quant in transformers: perplexity from prompt_log
 prefill and decode tokens/s.
 
     bash benchmarks/engines/setup_vllm.sh             # once: the engine venv
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engines/vllm_cpu.py [--tokens 2048] [--dtype bfloat16]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engines/bench_vllm_cpu.py [--tokens 2048] [--dtype bfloat16]
 
 The recipe is GPTQ int4 symmetric group 64 (SmolLM2's 576 in-features are not a multiple of 128; symmetric codes
 export exactly to both formats). Token ids go to vLLM directly, so no tokenizer differs.
