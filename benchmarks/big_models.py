@@ -1,0 +1,183 @@
+"""Big models in bounded memory (issue 17): peak RSS and wall time of quantize-on-load (mse) and of GPTQ calibration,
+streamed block by block, on synthetic checkpoints of real shapes (random bfloat16 weights: quality is meaningless,
+memory and time are not).
+
+The checkpoint is written once (sharded safetensors with an index, ~1 GiB shards, and a byte-level tokenizer) under
+--out; every measurement runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. With --blocks N the
+checkpoint holds only the first N decoder blocks (embeddings and head at full size) and the GPTQ time is projected to
+the whole depth.
+
+    OMP_NUM_THREADS=1 python benchmarks/big_models.py [--shape tinyllama|llama3-8b] [--blocks N]
+        [--n-samples 16] [--seq-len 512] [--runs mse gptq gptq-full] [--threads 1] [--out DIR] [--json FILE]
+
+Runs: "mse" quantize-on-load (int4 g128), "gptq" (int4 g128, streamed: one block's float weights at a time),
+"gptq-full" (the same with HF_QUANT_STREAM_CALIBRATION=0: the whole float model loads first, for comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+}
+SCHEME = dict(bits=4, group_size=128)
+SHARD_BYTES = 1 << 30
+
+
+def write_checkpoint(folder: Path, shape: dict, blocks: int | None) -> int:
+    """A LlamaForCausalLM checkpoint of `shape` with random bfloat16 weights (N(0, 0.02), norms 1); returns its
+    size in bytes. Written tensor by tensor: the whole model is never in memory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    layers = blocks or shape["num_hidden_layers"]
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    names = [("model.embed_tokens.weight", (v, h))]
+    for b in range(layers):
+        p = f"model.layers.{b}."
+        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                  (p + "mlp.down_proj.weight", (h, i))]
+    names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, shard, size, total = {}, {}, 0, 0
+
+    def flush():
+        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+
+    for name, shp in names:
+        t = (torch.ones(shp) if len(shp) == 1 else torch.randn(shp, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+            shard, size = {}, 0
+    if shard:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(folder)
+    _tokenizer(folder)
+    return total
+
+
+def _tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer (ids below 300; calibration text only needs to map to valid ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>").save_pretrained(folder)
+
+
+def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
+    """One measurement (in its own process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_quant import HfQuantConfig
+
+    settings = dict(SCHEME)
+    if run.startswith("gptq"):
+        settings.update(method="gptq", n_samples=n_samples, seq_len=seq_len)
+    if run == "gptq-full":
+        os.environ["HF_QUANT_STREAM_CALIBRATION"] = "0"
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=HfQuantConfig(**settings))
+    seconds = time.perf_counter() - start
+    report = getattr(model.hf_quantizer, "calibration_report", None)
+    state = model.state_dict()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {
+        "run": run, "seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model_bytes": model_bytes, "threads": torch.get_num_threads(),
+        "calibration": None if report is None else {
+            "summary": report.summary(), "seconds": report.seconds, "blocks": report.blocks,
+            "streamed": report.streamed, "largest_block_bytes": report.largest_block_bytes,
+            "largest_tensor_bytes": report.largest_tensor_bytes, "n_samples": report.n_samples,
+            "seq_len": report.seq_len},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    parser.add_argument("--blocks", type=int, default=None, help="write and run only the first N decoder blocks")
+    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--runs", nargs="+", default=["mse", "gptq", "gptq-full"],
+                        choices=["mse", "gptq", "gptq-full"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="/tmp/hf_quant_big_models")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("RUN", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(child(*args.child, args.n_samples, args.seq_len)))
+        return
+
+    shape = SHAPES[args.shape]
+    folder = Path(args.out) / f"{args.shape}{'' if args.blocks is None else f'-{args.blocks}blocks'}"
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        float_bytes = json.loads(index.read_text())["metadata"]["total_size"]
+    else:
+        start = time.perf_counter()
+        float_bytes = write_checkpoint(folder, shape, args.blocks)
+        print(f"wrote {folder} ({float_bytes / 2**30:.2f} GiB bf16) in {time.perf_counter() - start:.0f} s")
+    layers = args.blocks or shape["num_hidden_layers"]
+    results = {"shape": args.shape, "config": shape, "blocks_run": layers, "float_checkpoint_bytes": float_bytes,
+               "n_samples": args.n_samples, "seq_len": args.seq_len, "threads": args.threads, "runs": []}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for run in args.runs:
+        cmd = [sys.executable, __file__, "--child", run, str(folder), "--n-samples", str(args.n_samples),
+               "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{run}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        if args.blocks is not None and r["calibration"]:
+            per_block = r["calibration"]["seconds"] / layers
+            r["projected_calibration_seconds"] = per_block * shape["num_hidden_layers"]
+        results["runs"].append(r)
+        cal = r["calibration"]
+        print(f"{run:>9}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB, quantized model "
+              f"{r['model_bytes'] / 2**30:.2f} GiB (float checkpoint {float_bytes / 2**30:.2f} GiB bf16)"
+              + (f"\n           {cal['summary']}" if cal else "")
+              + (f"\n           projected calibration of all {shape['num_hidden_layers']} blocks: "
+                 f"{r['projected_calibration_seconds'] / 60:.1f} min" if "projected_calibration_seconds" in r else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
