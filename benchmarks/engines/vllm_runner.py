@@ -20,7 +20,6 @@ import time
 
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

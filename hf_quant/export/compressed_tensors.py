@@ -148,7 +148,8 @@ class CompressedTensorsTarget:
             "sparsity_config": {},
             "transform_config": {},
             "version": _library_version(),
-            "producer": f"hf_quant {__version__}",
+            # a dict, as ModelOpt writes it: vLLM reads quantization_config["producer"]["name"]
+            "producer": {"name": "hf_quant", "version": __version__},
         }
         return config, {}
 
