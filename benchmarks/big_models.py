@@ -10,6 +10,10 @@ the whole depth.
     OMP_NUM_THREADS=1 python benchmarks/big_models.py [--shape tinyllama|llama3-8b] [--blocks N]
         [--n-samples 16] [--seq-len 512] [--runs mse gptq gptq-full] [--threads 1] [--out DIR] [--json FILE]
 
+Peak memory is reported three ways: ru_maxrss (what `time -v` shows; it includes the pages of the memory-mapped
+checkpoint the process touched, which are page cache, given back under pressure), the peak anonymous resident memory
+(RssAnon, sampled every 20 ms: what the process itself holds) and that of the mapped files (RssFile).
+
 Runs: "mse" quantize-on-load (int4 g128), "gptq" (int4 g128, streamed: one block's float weights at a time),
 "gptq-full" (the same with HF_QUANT_STREAM_CALIBRATION=0: the whole float model loads first, for comparison).
 """
@@ -94,6 +98,37 @@ def _tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>").save_pretrained(folder)
 
 
+class MemorySampler:
+    """Peak anonymous and file-backed resident memory of this process, sampled every 20 ms from /proc/self/status.
+    ru_maxrss counts the memory-mapped checkpoint pages the process touched (file-backed: the page cache, given back
+    under pressure); RssAnon is what the process itself holds (tensors, activations, the interpreter)."""
+
+    def __init__(self, period: float = 0.02):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(value.split()[0]) * 1024)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self.sample()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self.peak
+
+
 def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
     """One measurement (in its own process)."""
     import torch
@@ -106,15 +141,21 @@ def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
         settings.update(method="gptq", n_samples=n_samples, seq_len=seq_len)
     if run == "gptq-full":
         os.environ["HF_QUANT_STREAM_CALIBRATION"] = "0"
+    sampler = MemorySampler()
+    baseline = dict(sampler.stop())  # after imports: the interpreter, torch and transformers
+    sampler = MemorySampler()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=HfQuantConfig(**settings))
     seconds = time.perf_counter() - start
+    peaks = sampler.stop()
     report = getattr(model.hf_quantizer, "calibration_report", None)
     state = model.state_dict()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     return {
         "run": run, "seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "model_bytes": model_bytes, "threads": torch.get_num_threads(),
+        "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"], "baseline_anon_bytes":
+            baseline["RssAnon"],
         "calibration": None if report is None else {
             "summary": report.summary(), "seconds": report.seconds, "blocks": report.blocks,
             "streamed": report.streamed, "largest_block_bytes": report.largest_block_bytes,
@@ -170,7 +211,9 @@ def main() -> None:
             r["projected_calibration_seconds"] = per_block * shape["num_hidden_layers"]
         results["runs"].append(r)
         cal = r["calibration"]
-        print(f"{run:>9}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB, quantized model "
+        print(f"{run:>9}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB (anonymous "
+              f"{r['peak_anon_bytes'] / 2**30:.2f} GiB of which {r['baseline_anon_bytes'] / 2**30:.2f} GiB after "
+              f"imports, mapped checkpoint pages {r['peak_file_bytes'] / 2**30:.2f} GiB), quantized model "
               f"{r['model_bytes'] / 2**30:.2f} GiB (float checkpoint {float_bytes / 2**30:.2f} GiB bf16)"
               + (f"\n           {cal['summary']}" if cal else "")
               + (f"\n           projected calibration of all {shape['num_hidden_layers']} blocks: "
