@@ -17,7 +17,7 @@ from hf_quant import HfQuantConfig
 from hf_quant.export import ExportRefusedModules, export
 from hf_quant.export.gguf import pack_blocks
 from hf_quant.nn import PackedWeight
-from tiny_families import VOCAB, byte_level_tokenizer, tiny_family
+from tiny_families import VOCAB, byte_level_tokenizer, sentencepiece_style_tokenizer, tiny_family
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
@@ -240,3 +240,25 @@ def test_gemma3_with_other_layer_pattern_is_refused(tmp_path):
     quantize_and_save(tmp_path / "f", tmp_path / "q", bits=4, group_size=32, symmetric=True)
     with pytest.raises(ExportRefusedModules, match="every 6th layer global"):
         export(tmp_path / "q", to="gguf", out=tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_sentencepiece_style_tokenizer_is_written_as_llama_vocab(tmp_path, space_prefix):
+    """Gemma / Llama 2 style tokenizers (BPE with byte fallback): the "llama" vocabulary with every token, its type,
+    and add_space_prefix read from the tokenizer itself (llama.cpp then tokenizes exactly as the tokenizer does:
+    checked by hand with llama-cpp-python, BENCHMARKS.md; transformers' own GGUF tokenizer reader ignores the flag)."""
+    torch.manual_seed(0)
+    tiny_family("gemma3").save_pretrained(tmp_path / "f")
+    ours = sentencepiece_style_tokenizer(tmp_path / "f", space_prefix=space_prefix)
+    quantize_and_save(tmp_path / "f", tmp_path / "q", bits=4, group_size=32, symmetric=True)
+    export(tmp_path / "q", to="gguf", out=tmp_path / "m.gguf")
+    reader, _ = read_gguf(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is space_prefix
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    vocab = ours.get_vocab()
+    assert len(tokens) == VOCAB and all(tokens[i] == t for t, i in vocab.items())
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[vocab["<0x41>"]] == int(gguf.TokenType.BYTE) and types[vocab["▁the"]] == int(gguf.TokenType.NORMAL)
+    assert all(t == int(gguf.TokenType.UNUSED) for t in types[len(vocab):])
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == ours.eos_token_id

@@ -51,3 +51,26 @@ def tiny_family(kind: str):
                     p.normal_(0, 0.3)
         return model
     raise ValueError(kind)
+
+
+def sentencepiece_style_tokenizer(folder, space_prefix: bool = True):
+    """A tiny SentencePiece-style BPE tokenizer (byte fallback, "▁" for spaces; Llama 2 / Gemma style) saved in
+    `folder`; `space_prefix`: a "▁" put before the text (Llama 2's dummy prefix; Gemma's tokenizer has none)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("a", "n"), ("▁", "a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    steps = [normalizers.Prepend("▁")] if space_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast

@@ -71,7 +71,6 @@ class Family:
     arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # Llama: HF's rotate-half RoPE rows -> llama.cpp's interleaved pairs
     norm_shift: float = 0.0  # Gemma: RMSNorm computes x * (1 + w); llama.cpp stores 1 + w
-    space_prefix: bool | None = None  # SentencePiece vocab: add_space_prefix to write
 
 
 FAMILIES = {
@@ -79,7 +78,7 @@ FAMILIES = {
     "mistral": Family("LLAMA", permute_qk=True),
     "qwen2": Family("QWEN2"),
     "qwen3": Family("QWEN3"),
-    "gemma3_text": Family("GEMMA3", norm_shift=1.0, space_prefix=False),
+    "gemma3_text": Family("GEMMA3", norm_shift=1.0),
 }
 
 
@@ -383,6 +382,19 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str | None:
     return None
 
 
+def _adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether the SentencePiece-style tokenizer puts "▁" before the text (Llama 2's dummy prefix; Gemma's does not):
+    a Prepend("▁") normalizer or a Metaspace pre-tokenizer that prepends."""
+    def steps(part):
+        part = tokenizer_json.get(part) or {}
+        return part.get("normalizers", part.get("pretokenizers", [part])) if part.get("type") == "Sequence" else [part]
+
+    if any(s.get("type") == "Prepend" and s.get("prepend") == "\u2581" for s in steps("normalizer")):
+        return True
+    return any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") in ("always", "first")
+               for s in steps("pre_tokenizer"))
+
+
 def _tokenizer_dir(source_dir: Path | None) -> Path:
     if source_dir is None or not (source_dir / "tokenizer.json").is_file():
         where = str(source_dir) if source_dir is not None else "the model's folder (it has none: an in-memory model)"
@@ -447,7 +459,6 @@ def _write_tokenizer(gguf, writer, folder: Path, family: Family, n_vocab: int) -
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        if family.space_prefix is not None:
-            writer.add_add_space_prefix(family.space_prefix)
+        writer.add_add_space_prefix(_adds_space_prefix(data))
         special = gguf.SpecialVocab(folder, n_vocab=size)
     special.add_to_gguf(writer, quiet=True)
