@@ -137,6 +137,7 @@ class BlockStreamer:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # transformers' per-call "Loading weights" bar, once per block
         try:
+            # (a block may be read more than once: the capture pass of hybrid-attention models runs it first)
             info, _ = convert_and_load_state_dict_in_model(model, dict(self._keys[index]), load_config)
         finally:
             if bars:
