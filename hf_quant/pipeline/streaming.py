@@ -68,8 +68,7 @@ class BlockStreamer:
         self.dtype = dtype
         self.model: nn.Module | None = None
         self._pattern = rf"^{re.escape(blocks_name)}\.\d+\."
-        self._keys: list[dict[str, object]] = []  # per block: checkpoint key -> lazy safetensors slice
-        self._files: list = []
+        self._keys: list[dict[str, str]] = []  # per block: checkpoint key -> its safetensors file
         self._mapping = None
         self._dtype_plan = None
         self.loaded_bytes: list[int] = []  # float bytes read per block (report)
@@ -109,15 +108,15 @@ class BlockStreamer:
         block_of = re.compile(rf"^{re.escape(self.blocks_name)}\.(\d+)\.")
         self._keys = [{} for _ in self.blocks]
         for path in self.checkpoint_files:
-            f = safe_open(path, framework="pt", device="cpu")
-            self._files.append(f)
-            for key in f.keys():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+            for key in keys:
                 renamed, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
                 if renamed not in meta_state and key in meta_state:
                     renamed, _ = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
                 match = block_of.match(renamed)
                 if match and int(match[1]) < len(self.blocks):
-                    self._keys[int(match[1])][key] = f.get_slice(key)
+                    self._keys[int(match[1])][key] = path
         # What save_pretrained reverts: the transforms a full load would have used (every key was renamed above).
         model._weight_conversions = [t for t in self._mapping if t.was_used()]
 
@@ -127,19 +126,26 @@ class BlockStreamer:
     def load(self, index: int) -> None:
         """Read block `index`'s float tensors from the checkpoint into the model (transformers' loader, restricted
         to that block's keys: the same renamings, conversions and dtype casts as a full load)."""
+        from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
         model = self.model
+        # The files are mapped for this block only: once its tensors are copied out, the mapping goes, and with it
+        # the checkpoint pages this process touched (they would otherwise count in its resident memory).
+        files = {path: safe_open(path, framework="pt", device="cpu") for path in set(self._keys[index].values())}
+        slices = {key: files[path].get_slice(key) for key, path in self._keys[index].items()}
         conversions = getattr(model, "_weight_conversions", None)
         load_config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self._dtype_plan, weight_mapping=self._mapping)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # transformers' per-call "Loading weights" bar, once per block
         try:
             # (a block may be read more than once: the capture pass of hybrid-attention models runs it first)
-            info, _ = convert_and_load_state_dict_in_model(model, dict(self._keys[index]), load_config)
+            info, _ = convert_and_load_state_dict_in_model(model, slices, load_config)
         finally:
+            del slices
+            files.clear()
             if bars:
                 hf_logging.enable_progress_bar()
             model._weight_conversions = conversions
@@ -169,7 +175,6 @@ class BlockStreamer:
                                                             requires_grad=p.requires_grad)
 
     def close(self) -> None:
-        self._files.clear()
         self._keys = []
         self.model = None
 
