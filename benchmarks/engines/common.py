@@ -13,6 +13,34 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The young teacher arrived in the small town and"
 
 
+def add_arguments(parser) -> None:
+    """The options every engine benchmark takes."""
+    parser.add_argument("--tokens", type=int, default=2048, help="Botchan tokens scored (windows of --window)")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def setup(args, engine_python: Path, setup_script: str, prefix: str):
+    """(SmolLM2's folder, its tokenizer, the scored ids, their windows, the prompt's ids, a scratch folder), after
+    checking that the engine's venv exists."""
+    import sys
+    import tempfile
+
+    if not engine_python.exists():
+        sys.exit(f"the engine is not set up ({engine_python} is missing): run bash benchmarks/engines/{setup_script}")
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_quant.assets import smollm2_path
+
+    torch.set_num_threads(args.threads)
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids, windows, prompt_ids = botchan_windows(tok, args.tokens, args.window)
+    return path, tok, ids, windows, prompt_ids, Path(tempfile.mkdtemp(prefix=prefix))
+
+
 def botchan_windows(tok, tokens: int, window: int) -> tuple[list[int], list[list[int]], list[int]]:
     """(the first `tokens` Botchan ids, non-overlapping windows of them, the prompt's ids)."""
     from hf_quant.assets import botchan_text
