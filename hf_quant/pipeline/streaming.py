@@ -151,6 +151,13 @@ class BlockStreamer:
             model._weight_conversions = conversions
         prefix = f"{self.blocks_name}.{index}."
         block = self.blocks[index]
+        # A tensor read in its stored dtype is a view of the file mapping: the block's float modules that stay float
+        # (norms, unquantized linears) would keep the whole mapped file alive, and its touched pages resident.
+        for module in block.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, t in tensors.items():
+                    if t is not None and t.device.type == "cpu" and not t.untyped_storage().resizable():
+                        t.data = t.data.clone()
         if info.mismatched_keys:
             raise ValueError(f"hf_quant: the checkpoint's tensors for {sorted(k for k, *_ in info.mismatched_keys)[:5]} "
                              "do not have the model's shapes; check that config.json matches the weights")
