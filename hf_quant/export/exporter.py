@@ -41,6 +41,21 @@ _NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index
                "pytorch_model.bin.index.json", "README.md", "quantize_config.json", ".gitattributes"}
 
 
+def lines_by_fix(refusals, where, shown: int, collection: str) -> list[str]:
+    """The body of a many-refusals message: refusals grouped by their `fix`, up to `shown` of each group listed as
+    `where(r)`: reason (shared by export and import)."""
+    by_fix: dict[str, list] = {}
+    for r in refusals:
+        by_fix.setdefault(r.fix, []).append(r)
+    lines = []
+    for fix, group in by_fix.items():
+        lines.append(f"* {len(group)} refused; fix: {fix}")
+        lines += [f"  - {where(r)}: {r.reason}" for r in group[:shown]]
+        if len(group) > shown:
+            lines.append(f"  - ... and {len(group) - shown} more ({collection}.refusals lists all)")
+    return lines
+
+
 class ExportRefusedModules(ExportRefused):
     """Every module of a model that the target cannot hold exactly (`refusals`: one `ExportRefused` each). The
     message groups them by fix, listing up to `SHOWN` modules of each group with their reasons."""
@@ -49,15 +64,8 @@ class ExportRefusedModules(ExportRefused):
 
     def __init__(self, target: str, refusals: list[ExportRefused]):
         self.target, self.refusals = target, refusals
-        by_fix: dict[str, list[ExportRefused]] = {}
-        for r in refusals:
-            by_fix.setdefault(r.fix, []).append(r)
         lines = [f"cannot export {len(refusals)} module(s) exactly to {target}:"]
-        for fix, group in by_fix.items():
-            lines.append(f"* {len(group)} module(s); fix: {fix}")
-            lines += [f"  - {r.module}: {r.reason}" for r in group[: self.SHOWN]]
-            if len(group) > self.SHOWN:
-                lines.append(f"  - ... and {len(group) - self.SHOWN} more (ExportRefusedModules.refusals lists all)")
+        lines += lines_by_fix(refusals, lambda r: r.module, self.SHOWN, "ExportRefusedModules")
         super().__init__("\n".join(lines), "see each group's fix above")
 
     def __str__(self) -> str:

@@ -9,6 +9,7 @@ from typing import Iterable
 
 import torch
 
+from ..export.exporter import lines_by_fix
 from ..formats.scalar import FP16_TINY
 
 
@@ -31,15 +32,8 @@ class ImportRefusedModules(ImportRefused):
 
     def __init__(self, source: str, path: str, refusals: list[ImportRefused]):
         self.refusals = refusals
-        by_fix: dict[str, list[ImportRefused]] = {}
-        for r in refusals:
-            by_fix.setdefault(r.fix, []).append(r)
         lines = [f"cannot import {len(refusals)} module(s)/tensor(s) of the {source} checkpoint {path} exactly:"]
-        for fix, group in by_fix.items():
-            lines.append(f"* {len(group)} refused; fix: {fix}")
-            lines += [f"  - {r.where}: {r.reason}" for r in group[: self.SHOWN]]
-            if len(group) > self.SHOWN:
-                lines.append(f"  - ... and {len(group) - self.SHOWN} more (ImportRefusedModules.refusals lists all)")
+        lines += lines_by_fix(refusals, lambda r: r.where, self.SHOWN, "ImportRefusedModules")
         super().__init__(path, "\n".join(lines), "see each group's fix above")
 
     def __str__(self) -> str:
