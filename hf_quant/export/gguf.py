@@ -27,9 +27,11 @@ otherwise), re-rounded ones give the reported added error.
 
 The tensors are named and laid out as llama.cpp's converter (convert_hf_to_gguf.py) writes them for each family
 (`FAMILIES`): Llama/Mistral Q and K rows permuted to llama.cpp's interleaved RoPE, Gemma 3 norm weights shifted by
-+1 (its RMSNorm multiplies by 1 + w); the vocabulary padded with unused tokens to the embedding's rows. Float tensors
-are written as they are (float32; bfloat16 widened to float32, exactly; float16 kept). The tokenizer comes from the
-checkpoint folder's tokenizer.json: byte-level BPE ("gpt2" with its pre-tokenizer identified from tokenizer.json) or
++1 (its RMSNorm multiplies by 1 + w; stored as the float32 1 + w that transformers computes at run time, so
+llama.cpp sees the same numbers, while a reader subtracting 1 again may be 1 ulp off); the vocabulary padded with
+unused tokens to the embedding's rows. Float tensors are written as they are (float32; bfloat16 widened to float32,
+exactly; float16 kept). The tokenizer comes from the checkpoint folder's tokenizer.json: byte-level BPE ("gpt2" with
+its pre-tokenizer identified from tokenizer.json) or
 SentencePiece-style BPE with byte fallback ("llama", as Gemma and Llama 2 use).
 """
 
