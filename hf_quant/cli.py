@@ -513,8 +513,9 @@ def _add_push_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args) -> int:
     from .export import export
 
+    text = None if args.perplexity_text == "none" else args.perplexity_text
     report = export(args.source, to=args.to, out=args.out, requantize=args.requantize, scale_dtype=args.scale_dtype,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, perplexity_text=text, perplexity_tokens=args.perplexity_tokens)
     print(report.summary())
     return 0
 
@@ -553,7 +554,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--out", required=True, help="output folder (gguf: a path ending in .gguf is the file itself)")
     x.add_argument("--requantize", action="store_true",
                    help="re-fit weights the target cannot hold exactly (e.g. fractional zero-points) and report the "
-                   "added error per module; without it such modules are refused")
+                   "added error per module and the whole model's perplexity change; without it such modules are "
+                   "refused")
+    x.add_argument("--perplexity-text", default="botchan",
+                   help="--requantize: text the perplexity change is measured on: botchan (default), a UTF-8 text "
+                   "file, or none to skip")
+    x.add_argument("--perplexity-tokens", type=int, default=1024, help="--requantize: token budget of that text")
     x.add_argument("--scale-dtype", choices=["float16", "float32"], default=None,
                    help="compressed-tensors: scale precision (default float16, hf_quant's own)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

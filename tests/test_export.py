@@ -509,3 +509,54 @@ def test_cli_export_writes_the_target_or_refuses_with_status_2(float_dir, tmp_pa
     assert main(["export", str(tmp_path / "asym"), "--to", "gptq", "--out", str(tmp_path / "g")]) == 2
     assert "zero-point" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_requantize_reports_the_whole_models_perplexity_change(tmp_path, monkeypatch, capsys):
+    """`requantize` measures the model's perplexity with hf_quant's weights and with the re-fitted ones; the latter is
+    what the target's own reader gives (transformers loading the compressed-tensors export)."""
+    from transformers import AutoTokenizer
+
+    from hf_quant.eval import perplexity
+    from tiny_families import byte_level_tokenizer, tiny_family
+
+    monkeypatch.setenv("HF_QUANT_KERNEL", "reference")
+    torch.manual_seed(0)
+    src, ckpt = tmp_path / "float", tmp_path / "hfq"
+    tiny_family("llama").save_pretrained(src)
+    byte_level_tokenizer(src)
+    # double-quantized scales are not float16 numbers: re-fitted, symmetric (transformers' compressed load path)
+    model = quantized(src, bits=4, group_size=32, symmetric=True, double_quant=True)
+    model.save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(src).save_pretrained(ckpt)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog; " * 40)
+    report = export(ckpt, to="compressed-tensors", out=tmp_path / "ct", requantize=True, perplexity_text=str(text),
+                    perplexity_tokens=300)
+    assert report.added_error and report.perplexity_note is None
+    p = report.perplexity
+    assert (p["text"], p["tokens"]) == ("text.txt", 300) and p["after"] != p["before"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    body = text.read_text()
+    assert p["before"] == pytest.approx(perplexity(AutoModelForCausalLM.from_pretrained(ckpt), tok, body,
+                                                   max_tokens=300), rel=1e-6)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert p["after"] == pytest.approx(perplexity(loaded, tok, body, max_tokens=300), rel=1e-5)
+    assert f"{p['before']:.4f} with hf_quant's weights -> {p['after']:.4f}" in report.summary()
+    # skipped on request; a source without a tokenizer says why
+    assert export(ckpt, to="compressed-tensors", out=tmp_path / "ct2", requantize=True,
+                  perplexity_text=None).perplexity is None
+    bare = quantized(src, bits=4, group_size=32, symmetric=True, double_quant=True)
+    bare.save_pretrained(tmp_path / "bare")
+    report = export(tmp_path / "bare", to="compressed-tensors", out=tmp_path / "ct3", requantize=True,
+                    perplexity_text=str(text))
+    assert report.perplexity is None and "no tokenizer" in report.perplexity_note
+    assert "perplexity change not measured: no tokenizer" in report.summary()
+    with pytest.raises(FileNotFoundError, match="perplexity_text 'nope.txt'"):
+        export(ckpt, to="compressed-tensors", out=tmp_path / "ct4", requantize=True, perplexity_text="nope.txt")
+    # the CLI prints it
+    from hf_quant.cli import main
+
+    assert main(["export", str(ckpt), "--to", "gptq", "--out", str(tmp_path / "cli"), "--requantize",
+                 "--perplexity-text", str(text), "--perplexity-tokens", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert f"perplexity (text.txt, 300 tokens): {p['before']:.4f} with hf_quant's weights -> " in printed

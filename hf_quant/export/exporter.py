@@ -82,6 +82,10 @@ class ExportReport:
     added_error: dict[str, float] = field(default_factory=dict)  # requantized module -> relative weight error added
     ignored: list[str] = field(default_factory=list)  # linears kept in float
     files: list[str] = field(default_factory=list)
+    # requantize: the whole model's perplexity with hf_quant's weights and with the re-fitted ones
+    # ({"text", "tokens", "before", "after"}), or why it was not measured (`perplexity_note`)
+    perplexity: dict | None = None
+    perplexity_note: str | None = None
 
     def summary(self) -> str:
         lines = [f"exported {len(self.modules)} quantized modules to {self.target} in {self.out} "
@@ -92,13 +96,21 @@ class ExportReport:
             lines.append(f"requantized {len(self.added_error)} modules; added relative weight error: worst "
                          f"{worst[1]:.3e} ({worst[0]}), mean {mean:.3e}")
             lines += [f"  {name}: {err:.3e}" for name, err in sorted(self.added_error.items())]
+            if self.perplexity:
+                p = self.perplexity
+                lines.append(f"perplexity ({p['text']}, {p['tokens']} tokens): {p['before']:.4f} with hf_quant's "
+                             f"weights -> {p['after']:.4f} with the exported ones "
+                             f"({100 * (p['after'] / p['before'] - 1):+.2f}%)")
+            elif self.perplexity_note:
+                lines.append(f"perplexity change not measured: {self.perplexity_note}")
         else:
             lines.append("exact: every exported weight decodes to hf_quant's own dequantized weight")
         return "\n".join(lines)
 
 
 def export(model_or_dir, to: str, out, requantize: bool = False, scale_dtype: torch.dtype | str | None = None,
-           overwrite: bool = False, max_shard_size: int | str = "5GB") -> ExportReport:
+           overwrite: bool = False, max_shard_size: int | str = "5GB", perplexity_text: str | None = "botchan",
+           perplexity_tokens: int = 1024) -> ExportReport:
     """Write an hf_quant model in another checkpoint format.
 
     model_or_dir: a model holding hf_quant packed modules, an hf_quant checkpoint folder, or a Hub id already in the
@@ -115,6 +127,11 @@ def export(model_or_dir, to: str, out, requantize: bool = False, scale_dtype: to
         refused either way. Re-fitting codes that already sit on another grid costs about a rounding step's error
         again (SmolLM2 int4 g64 mse: Botchan perplexity 32.98 -> 40.01; benchmarks/export_requantize.py):
         quantizing for the target in the first place (`HfQuantConfig(target=...)`) is better.
+        When anything was re-fitted, the whole model's perplexity is measured with hf_quant's weights and with the
+        re-fitted ones (`ExportReport.perplexity`, in `summary()`), on `perplexity_text`: "botchan" (default: the
+        first `perplexity_tokens` tokens of Botchan, what `hf-quant eval` measures), the path of a UTF-8 text
+        file, or None to skip. Needs a causal LM and its tokenizer in the source folder; otherwise
+        `ExportReport.perplexity_note` says why it was not measured.
     scale_dtype: compressed-tensors only: torch.float16 (default, hf_quant's scale precision) or torch.float32.
     """
     if to not in TARGETS:
@@ -147,6 +164,10 @@ def export(model_or_dir, to: str, out, requantize: bool = False, scale_dtype: to
             report.added_error[name] = weight.added_error
     if refusals:
         raise ExportRefusedModules(target.name, refusals)
+    if report.added_error and perplexity_text is not None:
+        report.perplexity, report.perplexity_note = _perplexity_change(
+            model, source_dir, {n: w.decoded for n, w in exported.items() if w.decoded is not None}, packed,
+            perplexity_text, perplexity_tokens)
     report.ignored = sorted(name for name, m in model.named_modules() if _is_float_linear(m))
     try:
         quant_config, extra_files = target.quantization_config(model, report.modules, report.ignored)
@@ -204,6 +225,48 @@ def _is_float_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return (isinstance(module, nn.Linear) or isinstance(module, Conv1D)) and not isinstance(module, QuantLinear)
+
+
+def _perplexity_change(model, source_dir, decoded: dict[str, torch.Tensor], packed: dict, text: str, tokens: int):
+    """(perplexity record, None) or (None, why not): the model's perplexity as hf_quant holds it, then with each
+    re-fitted module swapped for a float module holding the weight the target decodes to (swapped back after)."""
+    from transformers import AutoTokenizer
+
+    from ..eval import perplexity
+
+    if not hasattr(model, "generation_config") or getattr(model.config, "is_encoder_decoder", False):
+        return None, f"{type(model).__name__} is not a causal LM"
+    if source_dir is None or not any((source_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None, (f"no tokenizer in the source folder ({source_dir}); export from a checkpoint folder saved with "
+                      "its tokenizer")
+    if text == "botchan":
+        from ..assets import botchan_text
+
+        body, name = botchan_text(), "Botchan"
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"perplexity_text {text!r} is neither 'botchan' nor an existing text file")
+        body, name = path.read_text(encoding="utf-8"), path.name
+    for module_name in decoded:
+        if not callable(getattr(packed[module_name], "to_float", None)):
+            return None, f"{module_name} ({type(packed[module_name]).__name__}) has no float counterpart to swap in"
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    before = perplexity(model, tokenizer, body, max_tokens=tokens)
+    swapped = {}
+    try:
+        for module_name, weight in decoded.items():
+            module = packed[module_name]
+            float_module = module.to_float(model.dtype)
+            with torch.no_grad():
+                float_module.weight.copy_(weight.to(float_module.weight.device, float_module.weight.dtype))
+            swapped[module_name] = module
+            model.set_submodule(module_name, float_module)
+        after = perplexity(model, tokenizer, body, max_tokens=tokens)
+    finally:
+        for module_name, module in swapped.items():
+            model.set_submodule(module_name, module)
+    return {"text": name, "tokens": tokens, "before": before, "after": after}, None
 
 
 def _load(model_or_dir):

@@ -113,6 +113,7 @@ class ExportedWeight:
     tensors: dict[str, torch.Tensor]  # the target's tensors of this weight, named as the target names them
     scheme: dict  # the target's description of how it is stored (JSON values); equal for weights stored alike
     added_error: float | None = None  # requantize: relative Frobenius error ||W' - W|| / ||W|| added; None: exact
+    decoded: torch.Tensor | None = None  # requantize: W', the weight the target decodes to (logical shape); None: exact
 
 
 _REQUANTIZE_FIX = ("export with requantize=True to re-fit the weight to codes the target holds (the added weight "
@@ -405,7 +406,8 @@ class ScalarFormat(Format):
     def _rerounded(self, target, scheme, codes, scale, zero, new_scale, new_zero, in_features):
         """Requantize: per group, the best of (a) the nearest codes under the target's rounding of our scale and
         zero-point and (b) the format's own refit (`_refit`) of the weight the stored codes decode to; returns
-        (codes, scale, zero) as the target holds them and the relative weight error added."""
+        (codes, scale, zero) as the target holds them, the relative weight error added and the weight they decode
+        to."""
         w = dequantize_codes(scheme, codes, scale, zero, in_features)
         g, n_groups, in_padded = scheme.group_layout(in_features)
         lead = w.shape[:-1]
@@ -439,7 +441,7 @@ class ScalarFormat(Format):
         out_zero = None if best_z is None else best_z.reshape(new_zero.shape)
         w2 = dequantize_codes(scheme, new_codes, out_scale, out_zero, in_features)
         norm, diff = float(w.norm()), float((w2 - w).norm())
-        return new_codes, out_scale, out_zero, diff / norm if norm > 0 else diff
+        return new_codes, out_scale, out_zero, diff / norm if norm > 0 else diff, w2
 
     def _group_error(self, wg, q, s, z, scheme, mask):
         e = (self.decode(q, s, z, scheme) - wg).pow_(2)
@@ -449,9 +451,10 @@ class ScalarFormat(Format):
 
     def _refuse_or_reround(self, target, scheme, problems, requantize, codes, scale, zero, new_scale, new_zero,
                            in_features):
-        """(codes, scale, zero, added error or None) as the target holds them, or ExportRefused."""
+        """(codes, scale, zero, added error or None, decoded weight or None) as the target holds them, or
+        ExportRefused."""
         if not problems:
-            return codes, new_scale, new_zero, None
+            return codes, new_scale, new_zero, None, None
         if not requantize:
             fixes = list(dict.fromkeys(fix for _, fix in problems))
             raise ExportRefused("; ".join(reason for reason, _ in problems), "; or ".join(fixes + [_REQUANTIZE_FIX]))
@@ -580,10 +583,10 @@ class IntFormat(ScalarFormat):
                 problems.append((f"{int(outside.sum())} of {outside.numel()} zero-points are outside [{lo}, {hi}] "
                                  f"(e.g. {float(zero[outside][0]):.6g}): {why}", fix))
             new_zero = rounded.clamp(lo, hi)
-        codes, new_scale, new_zero, added = self._refuse_or_reround(
+        codes, new_scale, new_zero, added, decoded = self._refuse_or_reround(
             target, scheme, problems, requantize, params.codes, params.scale, zero, new_scale, new_zero, in_features)
         out, description = pack(scheme, codes, new_scale, new_zero, tuple(shape))
-        return ExportedWeight(out, description, added)
+        return ExportedWeight(out, description, added, decoded)
 
     def _refit(self, target, scheme, wg, mask):
         # The data-free search with integer zero-points (no half-quadratic fit) on the decoded weight, its scales
@@ -659,10 +662,10 @@ class FP8Format(CodebookFormat):
         codes = torch.where((codes & 0x7F) == 0x7F, torch.zeros_like(codes), codes)
         scale, _ = decode_params(scheme, tensors)
         problems, new_scale = self._export_scales(target, scheme, scale)
-        codes, new_scale, _, added = self._refuse_or_reround(target, scheme, problems, requantize, codes, scale, None,
-                                                             new_scale, None, in_features)
+        codes, new_scale, _, added, decoded = self._refuse_or_reround(target, scheme, problems, requantize, codes,
+                                                                      scale, None, new_scale, None, in_features)
         out, description = pack(scheme, codes, new_scale, tuple(shape))
-        return ExportedWeight(out, description, added)
+        return ExportedWeight(out, description, added, decoded)
 
 
 class IntColumnRounder:
