@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats.format import format_names
+from .formats.format import FORMATS, format_names
 from .formats.targets import SERVING_TARGETS
 from .formats.scheme import (
     CALIBRATION_METHODS, GROUP_SIZES, METHODS, SCHEME_FIELDS, QuantScheme, check_scheme_field, default_bits,
@@ -312,7 +312,9 @@ DECLARATIONS: tuple[Field, ...] = (
     # Scheme fields (compressed-tensors' QuantizationScheme/QuantizationArgs): what each weight is stored as.
     Field("format", "int", "scheme",
           'the weight format: "int" (affine integer), "nf4", "fp4" (E2M1), "fp8" (E4M3, weight-only), "ternary" '
-          '(trit-planes) or "vq" (8-dim vector codebooks); see `planes`.', _scheme_field, choices=format_names),
+          '(trit-planes), "vq" (8-dim vector codebooks; see `planes`) or "kquant" (llama.cpp\'s K-quant blocks: '
+          'bits 4, 5, 6 = GGUF Q4_K, Q5_K, Q6_K; group_size 256, set when not given).', _scheme_field,
+          choices=format_names),
     Field("bits", None, "scheme",
           'code width of "int" weights (2, 3, 4, 5, 6, 8). Default (None): 4 for "int", the format\'s own width for '
           "codebook formats (nf4, fp4: 4; fp8: 8). The resolved width is stored, so `to_dict()` always holds an int "
@@ -565,6 +567,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         preset = SERVING_TARGETS.get(kwargs.get("target")) if isinstance(kwargs.get("target"), str) else None
         if preset is not None:  # the target's defaults for the fields not given (given ones are checked, not changed)
             kwargs = {**preset.defaults, **kwargs}
+        fmt = FORMATS.get(kwargs.get("format")) if isinstance(kwargs.get("format"), str) else None
+        if fmt is not None and fmt.group_sizes and "group_size" not in kwargs:
+            kwargs["group_size"] = fmt.group_sizes[0]  # a format whose blocks fix the group size (kquant: 256)
         self._apply({f.name: kwargs.get(f.name, f.default) for f in DECLARATIONS})
 
     def _apply(self, values: Mapping[str, Any]) -> None:
@@ -590,6 +595,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         fields = {k: v for k, v in kwargs.items() if k in _DECLARED}
         if "format" in fields and "bits" not in fields and fields["format"] != self.format:
             fields["bits"] = None  # the new format's default width, as for a new config
+        fmt = FORMATS.get(fields.get("format")) if isinstance(fields.get("format"), str) else None
+        if fmt is not None and fmt.group_sizes and "group_size" not in fields \
+                and self.group_size not in fmt.group_sizes:
+            fields["group_size"] = fmt.group_sizes[0]  # the group size its blocks fix, as for a new config
         if fields:
             self._apply({**self._values(), **fields})
         return {k: v for k, v in kwargs.items() if k not in _DECLARED}

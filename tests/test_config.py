@@ -20,7 +20,7 @@ from hf_quant.formats.format import format_names
 from hf_quant.formats.scheme import METHODS, SCHEME_FIELDS
 
 ALLOWED_BITS = "[2, 3, 4, 5, 6, 8]"
-ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq']"
+ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq', 'kquant']"
 
 
 def tiny_llama_config() -> LlamaConfig:

@@ -98,7 +98,7 @@ def test_registering_a_format_makes_it_a_choice_everywhere(sign_format):
 
 def test_an_unregistered_format_is_refused_with_the_choices():
     assert "sign" not in format_names()
-    with pytest.raises(ValueError, match=r"format must be one of \['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq'\]"):
+    with pytest.raises(ValueError, match=r"format must be one of \['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq', 'kquant'\]"):
         HfQuantConfig(format="sign")
 
 

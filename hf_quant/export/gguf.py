@@ -52,6 +52,8 @@ from ..version import __version__
 from .packing import refuse_stacked
 
 BLOCK = 32
+QK_K = 256  # K-quant super-block
+_K_TYPES = {4: "Q4_K", 5: "Q5_K", 6: "Q6_K"}  # format "kquant" bits -> GGUF type
 # (bits, symmetric) -> (GGUF type name, bytes per block)
 _TYPES = {(4, True): ("Q4_0", 18), (4, False): ("Q4_1", 20), (5, True): ("Q5_0", 22), (5, False): ("Q5_1", 24),
           (8, True): ("Q8_0", 34)}
@@ -134,6 +136,18 @@ class GGUFTarget:
         blocks = pack_blocks(kind, codes, scale, zero)
         return {"blocks": blocks}, {"type": kind}
 
+    # --- K-quant super-blocks (format "kquant") ---------------------------------------------------------
+
+    def k_quant(self, bits, codes, d, scales, dmin, mins, shape):
+        """Codes [out, in] (uint8) with a K-quant's super-block d (dmin) [out, S] and sub-block scale (min) codes
+        [out, S, n_sub] -> Q4_K / Q5_K / Q6_K blocks, as they are (`pack_k_blocks`)."""
+        refuse_stacked(shape, "GGUF")
+        kind = _K_TYPES[bits]
+        if shape[-1] % QK_K:
+            raise ExportRefused(f"GGUF {kind} super-blocks are {QK_K} weights of one row; this weight is "
+                                f"{list(shape)}", "quantize this module with another format")
+        return {"blocks": pack_k_blocks(kind, codes, d, scales, dmin, mins)}, {"type": kind}
+
     # --- the file -----------------------------------------------------------------------------------
 
     def quantization_config(self, model, schemes, float_linears):
@@ -198,6 +212,35 @@ def pack_blocks(kind: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch
         low = q & 0x0F
         parts.append((low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8))
     return torch.cat(parts, dim=-1).reshape(out, -1).contiguous()
+
+
+def pack_k_blocks(kind: str, codes: torch.Tensor, d: torch.Tensor, scales: torch.Tensor, dmin: torch.Tensor | None,
+                  mins: torch.Tensor | None) -> torch.Tensor:
+    """K-quant codes [out, in] (uint8, unsigned: Q6_K's q - 32 is the signed value) with float16 d (dmin) [out, S]
+    and scale (min) codes [out, S, 8] (Q6_K: int8 [out, S, 16]) -> GGUF blocks, uint8 [out, S * block bytes]
+    (ggml-common.h's block_q4_K / block_q5_K / block_q6_K, module doc)."""
+    out, in_features = codes.shape
+    s = in_features // QK_K
+    q = codes.to(torch.int64).reshape(out, s, QK_K)
+    if kind == "Q6_K":
+        halves = q.reshape(out, s, 2, 128)  # 128 weights per half: ql 64 bytes, qh 32 bytes
+        low = halves & 0x0F
+        ql = low[..., :64] | (low[..., 64:] << 4)
+        high = ((halves >> 4) & 3).reshape(out, s, 2, 4, 32)
+        qh = (high << (2 * torch.arange(4)).view(4, 1)).sum(-2)  # byte j, bits 2k..2k+1: weight 32k + j
+        parts = [ql.reshape(out, s, 128), qh.reshape(out, s, 64), scales.to(torch.int8).view(torch.uint8).to(
+            torch.int64).reshape(out, s, 16), _f16_bytes(d).to(torch.int64)]
+    else:
+        sc, mn = scales.to(torch.int64), mins.to(torch.int64)
+        packed_scales = torch.cat([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+                                   (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], -1)
+        parts = [_f16_bytes(d).to(torch.int64), _f16_bytes(dmin).to(torch.int64), packed_scales]
+        if kind == "Q5_K":
+            high = ((q >> 4) & 1).reshape(out, s, 8, 32)
+            parts.append((high << torch.arange(8).view(8, 1)).sum(-2))  # byte j, bit k: weight 32k + j
+        low = (q & 0x0F).reshape(out, s, 4, 2, 32)  # 64 weights per 32 bytes: low nibble first 32, high next 32
+        parts.append((low[..., 0, :] | (low[..., 1, :] << 4)).reshape(out, s, 128))
+    return torch.cat(parts, -1).to(torch.uint8).reshape(out, -1).contiguous()
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +336,7 @@ def _file_type(gguf, kinds: list[str]):
     if not quantized:
         return gguf.LlamaFileType.ALL_F32 if all(k == "F32" for k in kinds) else gguf.LlamaFileType.MOSTLY_F16
     most = max(set(quantized), key=quantized.count)
-    return getattr(gguf.LlamaFileType, f"MOSTLY_{most}")
+    return getattr(gguf.LlamaFileType, {"Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}.get(most, f"MOSTLY_{most}"))
 
 
 # --- metadata ----------------------------------------------------------------------------------------------

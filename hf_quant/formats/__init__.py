@@ -27,7 +27,7 @@ from .scalar import (
     unpack,
 )
 # The built-in formats register themselves on import (registration order is the order error messages list them).
-from . import ternary, vq  # noqa: E402,F401
+from . import ternary, vq, kquant  # noqa: E402,F401
 from . import lowrank, sparse  # noqa: E402,F401  (additive terms; lowrank first: storage order)
 
 __all__ = [

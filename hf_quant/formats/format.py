@@ -46,6 +46,9 @@ class Format:
     planes: ClassVar[tuple[int, ...]] = (1,)  # accepted additive stages (ternary trit-planes, residual codebooks)
     symmetric: ClassVar[tuple[bool, ...]] = (False,)  # accepted `symmetric` values
     double_quant: ClassVar[bool] = False  # whether scales may be stored as 8-bit codes
+    # accepted `group_size` values when the format's block layout fixes them (the first is the one a config or an
+    # override switching to the format takes when none is given); None: any
+    group_sizes: ClassVar[tuple[int, ...] | None] = None
     # Traits kernels and exporters select on (instead of names):
     affine_int: ClassVar[bool] = False  # codes decode as (q - zero) * scale on a `bits`-bit integer grid
     codebook: ClassVar[bool] = False  # codes index a fixed table of `2**bits` values times a per-group scale

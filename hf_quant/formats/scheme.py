@@ -149,8 +149,8 @@ def default_bits(format_name: str) -> int:
 
 def resolve_scheme(inherited: Mapping[str, Any], settings: Mapping[str, Any]) -> QuantScheme:
     """The scheme of `settings` (an override, a candidate) over the `inherited` field values. Switching format
-    takes the new format's default width, and drops inherited `symmetric` / `planes` values it does not accept
-    (given explicitly they are an error, not dropped)."""
+    takes the new format's default width, and drops inherited `symmetric` / `planes` / `group_size` values it does not
+    accept (given explicitly they are an error, not dropped)."""
     for name, value in settings.items():
         check_scheme_field(name, value)
     values = {f: inherited[f] for f in SCHEME_FIELDS}
@@ -162,5 +162,7 @@ def resolve_scheme(inherited: Mapping[str, Any], settings: Mapping[str, Any]) ->
             values["symmetric"] = fmt.symmetric[0]
         if "planes" not in settings and values["planes"] not in fmt.planes:
             values["planes"] = fmt.planes[0]
+        if "group_size" not in settings and fmt.group_sizes and values["group_size"] not in fmt.group_sizes:
+            values["group_size"] = fmt.group_sizes[0]
     values.update(settings)
     return QuantScheme(**values)
