@@ -69,6 +69,9 @@ class KQuantFormat(Format):
     k_quant = True  # trait: codes are K-quant super-blocks (exporters with a `k_quant` method hold them)
 
     def validate(self, scheme):
+        if isinstance(scheme.bits, bool) or scheme.bits not in self.bits:
+            raise ValueError(f"bits={scheme.bits!r} does not fit format='kquant': its codes are GGUF's Q4_K, Q5_K or "
+                             "Q6_K blocks; set bits to 4, 5 or 6 (Q2_K/Q3_K are not produced)")
         if scheme.symmetric:
             raise ValueError("symmetric=True does not apply to format='kquant': its codes are llama.cpp's K-quant "
                              "blocks, fixed by `bits` (Q4_K/Q5_K with sub-block mins, Q6_K symmetric already); "
