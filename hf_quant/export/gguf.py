@@ -16,10 +16,22 @@ when that product is a float16 number, d * q + m is the same real number as hf_q
 is not (the usual case: scale and zero each carry 11 significant bits), the weight is refused, or re-rounded with
 `requantize=True` (m rounded to float16, about 2**-11 of |m| per weight; the added error is reported).
 
+K-quants, super-blocks of 256 weights of one row, are format "kquant" (hf_quant/formats/kquant.py), whose codes
+and block parameters are exactly these fields (`pack_k_blocks`):
+
+    Q4_K  d, dmin:f16, scales[12], qs[128]           w = (d * sc) * q - (dmin * m)   kquant bits=4: 8 x 32, 6-bit sc/m
+    Q5_K  d, dmin:f16, scales[12], qh[32], qs[128]   w = (d * sc) * q - (dmin * m)   kquant bits=5: 5-bit q
+    Q6_K  ql[128], qh[64], scales: int8[16], d:f16   w = (d * sc) * (q - 32)         kquant bits=6: 16 x 16, int8 sc
+
+scales[12] packs the eight 6-bit sc and m: bytes 0-3 sc 0-3 (top bits: sc 4-7 >> 4), bytes 4-7 m 0-3 (top bits:
+m 4-7 >> 4), bytes 8-11 the low nibbles of sc 4-7 and m 4-7. qs holds weight 64c + j in the low nibble and 64c + 32
++ j in the high nibble of byte 32c + j; Q5_K's qh bit k of byte j is bit 4 of weight 32k + j; Q6_K per 128-weight
+half: ql byte b holds weights b and 64 + b, qh bits 2k..2k+1 of byte j the top bits of weight 32k + j.
+
 Refused, with the fix: other group sizes (GGUF's legacy blocks are 32 wide), rows not a multiple of 32, 2/3/6-bit
-codes (the K-quants Q2_K..Q6_K use 256-weight super-blocks whose 6/8-bit sub-block scales hf_quant's codes do not
-have), double-quantized scales that are not float16 numbers, NF4/FP4/FP8 codebooks, and what the exporter refuses
-for every target (online rotations, additive terms, fused experts).
+int codes (for 256-weight K-quant super-blocks quantize with format='kquant'), double-quantized scales that are not
+float16 numbers, NF4/FP4/FP8 codebooks, and what the exporter refuses for every target (online rotations, additive
+terms, fused experts).
 
 Every quantized tensor written is decoded back with the gguf package's own `dequantize` and compared with
 hf_quant's dequantized weight before the file is kept: exact weights must match bit for bit (an internal error
@@ -100,10 +112,11 @@ class GGUFTarget:
         out, in_features = shape
         if (scheme.bits, scheme.symmetric) not in _TYPES:
             kinds = ", ".join(f"int{b}{'-sym' if s else ''} ({t})" for (b, s), (t, _) in _TYPES.items())
-            raise ExportRefused(f"GGUF's 32-weight blocks hold {kinds}; {scheme.label} has none (the K-quants use "
-                                "256-weight super-blocks with 6/8-bit sub-block scales, which hf_quant's codes do not "
-                                "have)", "quantize this module as one of those (e.g. bits=4, group_size=32), or keep "
-                                "it in float (modules_to_not_convert)")
+            raise ExportRefused(f"GGUF's 32-weight blocks hold {kinds}; {scheme.label} has none (the K-quants are "
+                                "256-weight super-blocks with 6/8-bit sub-block scales)",
+                                "quantize this module as one of those (e.g. bits=4, group_size=32), or for the "
+                                "K-quants Q4_K/Q5_K/Q6_K use format='kquant' (bits 4, 5, 6), or keep it in float "
+                                "(modules_to_not_convert)")
         if scheme.group_size != BLOCK or in_features % BLOCK:
             raise ExportRefused(f"GGUF blocks are {BLOCK} weights of one row; this weight is [{out}, {in_features}] "
                                 f"with group_size={scheme.group_size}",
