@@ -40,7 +40,7 @@ from .packing import pack_bits, packed_length, unpack_bits
 from .scalar import ExportRefused, ExportedWeight
 
 SUPER = 256
-_REFINE_PASSES = 3
+_REFINE_PASSES = 2  # measured on N(0, 1) rows: pass 1 -3.4% error, pass 2 -0.5%, pass 3 -0.15%
 _CHUNK_WEIGHTS = 1 << 16  # weights of a chunk of rows coded at once (the search holds ~20 candidates of each)
 
 
