@@ -103,6 +103,22 @@ def test_quantized_weights_round_trip_and_decode_in_gguf(bits):
         assert bool(valid.all()), name
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_value_checks_refuse_what_hf_quant_never_writes(bits):
+    """A checkpoint is untrusted input: out-of-range scale/min codes and non-finite or negative d are flagged."""
+    s = scheme(bits)
+    good = quantize(torch.randn(2, 256, generator=torch.Generator().manual_seed(bits)), s)
+    bad_values = {"d": [float("inf"), float("nan"), -1.0]}
+    if LAYOUTS[bits].affine:
+        bad_values.update(dmin=[float("inf"), -0.5], scales=[64, 255], mins=[64])
+    for name, values in bad_values.items():
+        for value in values:
+            tensors = {k: t.clone() for k, t in good.items()}
+            tensors[name].view(-1)[1] = value
+            failed = {n for n, _, valid, _ in s.codec.value_checks(s, tensors, (2, 256)) if not bool(valid.all())}
+            assert failed == {name}, (name, value)
+
+
 # --- llama.cpp's recipe (ggml-quants.c: quantize_row_q4_K_ref / q5_K_ref / q6_K_ref), written out plainly ---------
 
 
