@@ -224,6 +224,9 @@ def sub_block_params(bits: int, p: dict) -> tuple[torch.Tensor, torch.Tensor | N
 
 def _pack(bits: int, p: dict, lead: tuple) -> dict[str, torch.Tensor]:
     lay = LAYOUTS[bits]
+    if not all(bool(torch.isfinite(p[k]).all()) for k in ("d", "dmin") if k in p):
+        raise ValueError("weight too large for K-quant blocks: a super-block scale d (or dmin) overflows float16 "
+                         "(|w| beyond ~1e6); keep this module in float (modules_to_not_convert)")
     out = {"qweight": pack_bits(p["codes"], bits).reshape(*lead, -1).contiguous(),
            "scales": p["scales"].to(torch.uint8 if lay.affine else torch.int8).reshape(*lead, -1, lay.n_sub)}
     if lay.affine:
