@@ -125,16 +125,17 @@ def test_value_checks_refuse_what_hf_quant_never_writes(bits):
 def _make_qkx2(x, nmax, rmin, nstep):
     """make_qkx2_quants per sub-block x [..., 32], weights av_x + |x|: (scale, -min, codes)."""
     wt = (x.pow(2).mean(-1, keepdim=True)).sqrt() + x.abs()
-    lo = x.amin(-1, keepdim=True).clamp_max(0)
-    span = x.amax(-1, keepdim=True) - lo
-    flat = span == 0
-    span = torch.where(flat, torch.ones_like(span), span)
+    hi = x.amax(-1, keepdim=True)
+    mn = x.amin(-1, keepdim=True).clamp_max(0)
+    flat = hi == mn
+    hi = torch.where(flat, mn + 1, hi)
     sw, sx = wt.sum(-1, keepdim=True), (wt * x).sum(-1, keepdim=True)
-    scale, mn = span / nmax, lo
-    L = torch.round((x - lo) * (nmax / span)).clamp(0, nmax)
+    scale = (hi - mn) / nmax
+    L = torch.round((x - mn) * (nmax / (hi - mn))).clamp(0, nmax)
     best = (wt * (scale * L + mn - x).pow(2)).sum(-1, keepdim=True)
     for k in range(nstep + 1):
-        La = torch.round((x - lo) * ((rmin + 0.1 * k + nmax) / span)).clamp(0, nmax)
+        # (llama.cpp rounds each candidate against the min of the best candidate so far)
+        La = torch.round((x - mn) * ((rmin + 0.1 * k + nmax) / (hi - mn))).clamp(0, nmax)
         sl, sl2, sxl = ((wt * v).sum(-1, keepdim=True) for v in (La, La * La, La * x))
         D = sw * sl2 - sl * sl
         Ds = torch.where(D > 0, D, torch.ones_like(D))
