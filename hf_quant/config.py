@@ -566,7 +566,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         preset = SERVING_TARGETS.get(kwargs.get("target")) if isinstance(kwargs.get("target"), str) else None
         if preset is not None:  # the target's defaults for the fields not given (given ones are checked, not changed)
-            kwargs = {**preset.defaults, **kwargs}
+            kwargs = {**preset.defaults_for(kwargs.get("format")), **kwargs}
         fmt = FORMATS.get(kwargs.get("format")) if isinstance(kwargs.get("format"), str) else None
         if fmt is not None and fmt.group_sizes and "group_size" not in kwargs:
             kwargs["group_size"] = fmt.group_sizes[0]  # a format whose blocks fix the group size (kquant: 256)

@@ -37,6 +37,9 @@ def test_presets_fill_what_is_not_given_and_round_trip():
     ("vllm", dict(outliers_per_row=2), "outliers_per_row=2"),
     ("vllm", dict(overrides={"down_proj": {"bits": 3}}), r"overrides\['down_proj'\] has bits=3"),
     ("gguf", dict(rotation="hadamard", method="gptq"), "rotation='residual'"),
+    ("gguf", dict(format="nf4"), r"format=.nf4.*or format='kquant'"),
+    ("gguf", dict(overrides={"down_proj": {"format": "kquant", "lowrank_rank": 4}}),
+     r"overrides\['down_proj'\] has lowrank_rank=4"),
     ("vllm", dict(quantize_experts=True), "quantize_experts=False"),
     ("vllm", dict(target_bits=4.5), "allocation_candidates"),
     ("cuda", dict(), "target must be"),
@@ -87,3 +90,29 @@ def test_calibrated_recipes_under_a_target_export_exactly(llama_dir, tmp_path, t
         out = tmp_path / ("m.gguf" if fmt == "gguf" else fmt)
         report = export(tmp_path / "q", to=fmt, out=out)  # no requantize: refusals would raise
         assert len(report.modules) == 14 and not report.added_error
+
+
+def test_k_quant_mixes_under_the_gguf_target_export_exactly(tmp_path):
+    """llama.cpp's Q4_K_M-style mix: K-quant super-blocks where the rows are multiples of 256, Q4_0/Q5_0 elsewhere;
+    format='kquant' alone takes its own layout (no symmetric/group_size defaults from the target)."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    src = tmp_path / "float"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(src)
+    byte_level_tokenizer(src)
+    alone = HfQuantConfig(target="gguf", format="kquant")
+    assert (alone.format, alone.bits, alone.group_size, alone.quantize_experts) == ("kquant", 4, 256, False)
+    config = HfQuantConfig(target="gguf", method="gptq", calibration=TEXTS, n_samples=4, seq_len=32, bits=5,
+                           overrides={"down_proj": {"format": "kquant", "bits": 6},
+                                      r"(gate|up)_proj": {"format": "kquant", "bits": 4}})
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config)
+    model.save_pretrained(tmp_path / "q")
+    byte_level_tokenizer(tmp_path / "q")
+    report = export(tmp_path / "q", to="gguf", out=tmp_path / "m.gguf")  # no requantize: refusals would raise
+    assert len(report.modules) == 14 and not report.added_error
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q6_K" and types["blk.1.ffn_gate.weight"] == "Q4_K"
+    assert types["blk.0.attn_q.weight"] == "Q5_0"
