@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from extreme_helpers import tiny_llama_folder
+from export_cases import GPTQ_CASES
 from hf_quant import HfQuantConfig
 from hf_quant.export import ExportRefused, ExportRefusedModules, export
 from hf_quant.export.packing import pack_int32, unpack_int32
@@ -264,15 +265,6 @@ def gptq_reference_weight(tensors: dict, bits: int, dtype=torch.float32) -> torc
     return (scales[g_idx] * (codes - zeros[g_idx]).to(dtype)).t()
 
 
-GPTQ_CASES = {
-    "int4-sym-g32": dict(bits=4, group_size=32, symmetric=True),
-    "int4-asym-g32-rtn": dict(bits=4, group_size=32, method="rtn"),
-    "int8-sym-channel": dict(bits=8, group_size=-1, symmetric=True),
-    "int3-asym-g32": dict(bits=3, group_size=32),
-    "int2-sym-g32": dict(bits=2, group_size=32, symmetric=True),
-    "mixed-bits": dict(bits=4, group_size=32, symmetric=True, overrides={r"mlp\.down_proj": {"bits": 8},
-                                                                         r"layers\.0\.mlp\.up_proj": None}),
-}
 
 
 @pytest.mark.parametrize("case", list(GPTQ_CASES))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from extreme_helpers import tiny_llama_folder
+from export_cases import GPTQ_CASES
 from hf_quant import HfQuantConfig, dequantize_model, export, load_foreign
 from hf_quant.export.packing import pack_int32
 from hf_quant.importers import ImportRefused, ImportRefusedModules
@@ -83,15 +84,6 @@ CT_CASES = {
                              r"self_attn\.v_proj": {"bits": 3, "symmetric": False, "method": "rtn"},
                              r"layers\.1\.self_attn\.o_proj": None}),
     "lm_head": dict(bits=4, group_size=32, symmetric=True, modules_to_not_convert=[]),
-}
-GPTQ_CASES = {
-    "int4-sym-g32": dict(bits=4, group_size=32, symmetric=True),
-    "int4-asym-g32-rtn": dict(bits=4, group_size=32, method="rtn"),
-    "int8-sym-channel": dict(bits=8, group_size=-1, symmetric=True),
-    "int3-asym-g32": dict(bits=3, group_size=32),
-    "int2-sym-g32": dict(bits=2, group_size=32, symmetric=True),
-    "mixed-bits": dict(bits=4, group_size=32, symmetric=True,
-                       overrides={r"mlp\.down_proj": {"bits": 8}, r"layers\.0\.mlp\.up_proj": None}),
 }
 ROUND_TRIPS = ([("compressed-tensors", c, "llama") for c in CT_CASES] + [("gptq", c, "llama") for c in GPTQ_CASES]
                + [("compressed-tensors", "int4-asym-g32-rtn", "qwen2"), ("compressed-tensors", "mixed", "qwen2"),
