@@ -61,6 +61,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 4:  # the common case, without int64 scratch
         lo, hi = flat & 0xF, flat >> 4
         return torch.stack((lo, hi), -1).view(flat.shape[0], n8)[:, :n].reshape(*lead, n)
+    if bits == 2:  # byte j holds codes 4j..4j+3, lowest bits first
+        parts = (flat & 3, (flat >> 2) & 3, (flat >> 4) & 3, flat >> 6)
+        return torch.stack(parts, -1).view(flat.shape[0], n8)[:, :n].reshape(*lead, n)
+    if bits == 3:  # 3 bytes hold 8 codes; codes 2 and 5 straddle a byte boundary
+        b = flat.view(flat.shape[0], n8 // 8, 3)
+        b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+        parts = (b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7, (b1 >> 4) & 7,
+                 (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5)
+        return torch.stack(parts, -1).view(flat.shape[0], n8)[:, :n].reshape(*lead, n)
     rows = flat.shape[0]
     out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
