@@ -56,11 +56,30 @@ PEERS = {
 }
 
 
+# words of an "ours ..." row name -> HfQuantCache arguments; any such name is a row (--only "ours int2 sinks=4 kg=16")
+WORDS = {"hadamard": ("rotation", str), "clip": ("clip", bool), "outliers": ("outliers", int), "sinks": ("sink_length", int),
+         "kg": ("key_group_size", int), "vg": ("value_group_size", int), "window": ("residual_length", int)}
+
+
+def ours_settings(name: str) -> dict:
+    """HfQuantCache arguments of a row name "ours int<bits> [hadamard] [outliers=k] [sinks=s] [kg=g] [vg=g]
+    [window=r]"."""
+    words = name.split()
+    if words[0] != "ours" or not words[1].startswith("int"):
+        raise KeyError(name)
+    out = dict(bits=int(words[1][3:]))
+    for word in words[2:]:
+        key, _, value = word.partition("=")
+        arg, kind = WORDS[key]
+        out[arg] = "hadamard" if key == "hadamard" else True if key == "clip" else kind(value)
+    return out
+
+
 def make_cache(name: str, config):
     if name == FLOAT:
         return DynamicCache(config=config)
-    if name in OURS:
-        return HfQuantCache(config=config, **OURS[name])
+    if name.startswith("ours "):
+        return HfQuantCache(config=config, **OURS.get(name, ours_settings(name)))
     return QuantizedCache(config=config, **PEERS[name])
 
 
@@ -126,7 +145,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=1536)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--only", nargs="*", help='rows to run (float always runs); any "ours int2 hadamard sinks=4 '
+                    'kg=16 ..." name is a row (ours_settings)')
+    ap.add_argument("--no-greedy", action="store_true", help="perplexity and bytes only (no greedy decode)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "kv_cache.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -145,7 +166,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             ppl, bpt = perplexity(model, ids, name, args.windows, args.window, args.chunk)
-            tokens, decode_s = greedy(model, prompt, name, args.new_tokens)
+            tokens, decode_s = ([], math.nan) if args.no_greedy else greedy(model, prompt, name, args.new_tokens)
         except Exception as e:  # a peer that does not import or fails: listed, not measured
             rows.append(dict(name=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
             print(f"{name}: {rows[-1]['error']}", flush=True)
@@ -153,9 +174,10 @@ def main() -> None:
         if float_tokens is None:
             float_tokens = tokens
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, float_tokens)) if a != b), len(tokens))
+        same = sum(a == b for a, b in zip(tokens, float_tokens)) / len(tokens) if tokens else math.nan
         rows.append(dict(name=name, ppl=ppl, bytes_per_token=bpt, bits_per_entry=bpt * 8 / entries_per_token,
-                         same_prefix=prefix, same_frac=sum(a == b for a, b in zip(tokens, float_tokens)) / len(tokens),
-                         decode_tok_s=(args.new_tokens - 1) / decode_s, seconds=time.perf_counter() - t0))
+                         same_prefix=prefix, same_frac=same, decode_tok_s=(args.new_tokens - 1) / decode_s,
+                         seconds=time.perf_counter() - t0))
         print(json.dumps(rows[-1]), flush=True)
 
     base = next(r["ppl"] for r in rows if r["name"] == FLOAT)

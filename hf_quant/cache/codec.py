@@ -5,7 +5,9 @@ outliers sit in fixed channels, so a channel's own range isolates them). Values 
 is `group_size` consecutive head_dim entries of one token (a short last group when it does not divide head_dim).
 Both use asymmetric min/max round-to-nearest with float16 scale and offset, x ~= q * scale + offset; unlike the
 weight formats (hf_quant/formats/scalar.py) the range need not include 0, which matters for key channels with a
-large mean and a small spread.
+large mean and a small spread. With `clip` each group's range is the one of least squared error among the min/max
+range and that range shrunk about its midpoint (CLIP_GRID); entries outside it take the end codes. At 2 bits (4
+levels) min/max spends levels on a group's extremes; the clipped range is what makes 2-bit keys usable.
 
 Stored tensors (`quantize`), every one with batch at dim 0 and tokens at dim -2, so blocks concatenate along -2:
 
@@ -50,6 +52,7 @@ class KVSpec:
     axis: str
     outliers: int = 0
     rotation_seed: int | None = None
+    clip: bool = False
 
     @property
     def maxq(self) -> int:
@@ -132,6 +135,27 @@ def _range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int) -> tuple[torch.
     return scale.float(), offset
 
 
+CLIP_GRID = tuple(1 - i / 20 for i in range(1, 11))  # range shrink factors tried by `clip`: 0.95 ... 0.5
+
+
+def _clipped_params(xg, lo, hi, scale, offset, maxq: int, gdim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the (scale, offset) of least squared error among the min/max range and that range shrunk about
+    its midpoint by each CLIP_GRID factor (entries outside are clipped to the end codes)."""
+    def sq_error(sc, of):
+        q = ((xg - of) / sc).round_().clamp_(0, maxq)
+        return (q * sc + of - xg).square_().sum(gdim, keepdim=True)
+
+    best = sq_error(scale, offset)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    for factor in CLIP_GRID:
+        sc, of = _range_params(mid - factor * half, mid + factor * half, maxq)
+        err = sq_error(sc, of)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, offset = torch.where(better, sc, scale), torch.where(better, of, offset)
+    return scale, offset
+
+
 def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Stored tensors (module doc) of x [B, H, T, D]; `signs` (from `rotation_signs`) when spec rotates."""
     if x.dim() != 4:
@@ -155,6 +179,8 @@ def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None) -
     xg, _, _ = _grouped(xf, spec)
     lo, hi = xg.amin(gdim, keepdim=True), xg.amax(gdim, keepdim=True)
     scale, offset = _range_params(lo, hi, spec.maxq)
+    if spec.clip:
+        scale, offset = _clipped_params(xg, lo, hi, scale, offset, spec.maxq, gdim)
     q = ((xg - offset) / scale).round_().clamp_(0, spec.maxq).to(torch.uint8)
     out["codes"] = pack_bits(_ungrouped(q, spec, T, D), spec.bits)
     out["scale"], out["offset"] = scale.squeeze(gdim).half(), offset.squeeze(gdim).half()
