@@ -38,14 +38,11 @@ from hf_quant.assets import botchan_text, smollm2_path  # noqa: E402
 from hf_quant.cache import HfQuantCache  # noqa: E402
 
 FLOAT = "float"
-OURS = {
-    "ours int8": dict(bits=8),
-    "ours int4": dict(bits=4),
-    "ours int3": dict(bits=3),
-    "ours int2": dict(bits=2),
-    "ours int2 hadamard": dict(bits=2, rotation="hadamard"),
-    "ours int2 outliers=2": dict(bits=2, outliers=2),
-}
+# "ours int2 ..." rows name every option that is on (ours_settings); "default" is HfQuantCache(bits=2) as shipped
+# (hadamard + 4 sinks + clip, cache.TWO_BIT_DEFAULTS). int3/4/8 are the plain defaults.
+OURS_ROWS = ["ours int8", "ours int4", "ours int3", "ours int2", "ours int2 hadamard", "ours int2 sinks=4",
+             "ours int2 hadamard sinks=4", "ours int2 clip", "ours int2 sinks=4 clip", "ours int2 default",
+             "ours int2 default kg=16", "ours int2 default window=64", "ours int2 default outliers=2"]
 # transformers' QuantizedCache defaults (q_group_size 64, residual_length 128); HQQ on axis 1 as transformers'
 # documentation recommends for it, quanto on its default axis 0 (it accepts only 0 or -1).
 PEERS = {
@@ -57,17 +54,24 @@ PEERS = {
 
 
 # words of an "ours ..." row name -> HfQuantCache arguments; any such name is a row (--only "ours int2 sinks=4 kg=16")
-WORDS = {"hadamard": ("rotation", str), "clip": ("clip", bool), "outliers": ("outliers", int), "sinks": ("sink_length", int),
-         "kg": ("key_group_size", int), "vg": ("value_group_size", int), "window": ("residual_length", int)}
+WORDS = {"hadamard": ("rotation", str), "clip": ("clip", bool), "outliers": ("outliers", int),
+         "sinks": ("sink_length", int), "kg": ("key_group_size", int), "vg": ("value_group_size", int),
+         "window": ("residual_length", int)}
+PLAIN = dict(rotation=None, sink_length=0, clip=False)
 
 
 def ours_settings(name: str) -> dict:
-    """HfQuantCache arguments of a row name "ours int<bits> [hadamard] [outliers=k] [sinks=s] [kg=g] [vg=g]
-    [window=r]"."""
+    """HfQuantCache arguments of a row name "ours int<bits> [default] [hadamard] [clip] [sinks=s] [outliers=k]
+    [kg=g] [vg=g] [window=r]": without "default" every option not named is off (no rotation, sinks or clip), with
+    it the bits' defaults apply and the words add to them."""
     words = name.split()
     if words[0] != "ours" or not words[1].startswith("int"):
         raise KeyError(name)
     out = dict(bits=int(words[1][3:]))
+    if "default" in words:
+        words.remove("default")
+    else:
+        out.update(PLAIN)
     for word in words[2:]:
         key, _, value = word.partition("=")
         arg, kind = WORDS[key]
@@ -79,7 +83,7 @@ def make_cache(name: str, config):
     if name == FLOAT:
         return DynamicCache(config=config)
     if name.startswith("ours "):
-        return HfQuantCache(config=config, **OURS.get(name, ours_settings(name)))
+        return HfQuantCache(config=config, **ours_settings(name))
     return QuantizedCache(config=config, **PEERS[name])
 
 
@@ -160,7 +164,7 @@ def main() -> None:
     cfg = model.config.get_text_config(decoder=True)
     entries_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
 
-    names = [FLOAT, *OURS, *PEERS] if not args.only else [FLOAT, *[n for n in args.only if n != FLOAT]]
+    names = [FLOAT, *OURS_ROWS, *PEERS] if not args.only else [FLOAT, *[n for n in args.only if n != FLOAT]]
     rows, float_tokens = [], None
     for name in names:
         t0 = time.perf_counter()
