@@ -1,11 +1,13 @@
-"""Batch-1 decode and 512-token prefill speed on CPU: SmolLM2-135M in float32, hf_quant formats and other
-libraries' quantization (benchmarks/peers.py).
+"""Batch-1 decode and 512-token prefill speed on CPU: a real causal LM (SmolLM2-135M by default; `--model`, from
+`hf_quant.assets.real_causal_lms()`) in float32, hf_quant formats and other libraries' quantization
+(benchmarks/peers.py).
 
 All models are loaded in one process and timed interleaved over repetitions (the machine is noisy); the median is
 reported with its ratio to float32 measured in the same run. A configuration that fails to build or run is
 listed with its error.
 
-    python benchmarks/cpu_decode.py [--quick] [--new-tokens 32] [--reps 3] [--threads N] [--only NAME ...]
+    python benchmarks/cpu_decode.py [--model smollm2] [--quick] [--new-tokens 32] [--reps 3] [--threads N]
+                                    [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ sys.path.insert(0, str(HERE.parent))  # `benchmarks.peers` when run as a script
 
 import hf_quant  # noqa: E402
 from benchmarks.peers import PEERS  # noqa: E402
-from hf_quant.assets import botchan_text, smollm2_path  # noqa: E402
+from benchmarks.quality_smollm2 import HEADS  # noqa: E402
+from hf_quant.assets import botchan_text, real_causal_lms  # noqa: E402
 from hf_quant.eval.storage import model_storage  # noqa: E402
 
 FLOAT = "float32"
@@ -40,6 +43,7 @@ OURS = {
     # lm_head (tied to the embedding, 49152x576: a fifth of the weights, read every token) quantized too
     "int4 g128 + lm_head int8": dict(bits=4, group_size=128, method="rtn", **LM_HEAD_INT8),
     "int4 g64 + lm_head int8": dict(bits=4, group_size=64, method="rtn", **LM_HEAD_INT8),
+    **HEADS,  # the default recipe with the head float / int8 / sharing an int8 table with the embedding
 }
 PEER_NAMES = ["bnb int8", "bnb nf4 b64", "hqq int4 g64", "quanto qint8", "quanto qint4 g128", "torchao int8",
               "torchao intx4 g64"]
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", nargs="*", help="configuration names (float32 is always included)")
+    ap.add_argument("--model", default="smollm2", choices=list(real_causal_lms()), help="real causal LM")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for decode.json and decode.md")
     args = ap.parse_args()
     new_tokens = args.new_tokens or (16 if args.quick else 32)
@@ -91,7 +96,7 @@ def main() -> None:
     unknown = [n for n in names if n != FLOAT and n not in OURS and n not in PEERS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {[FLOAT, *OURS, *PEERS]}")
-    path = smollm2_path()
+    path = real_causal_lms()[args.model]()
     tok = AutoTokenizer.from_pretrained(path)
     text = botchan_text()
     prompt = tok(text[:400], return_tensors="pt").input_ids[:, :32]
@@ -114,7 +119,7 @@ def main() -> None:
         for name, model in models.items():
             dec[name].append(decode_seconds(model, prompt, new_tokens))
             pre[name].append(prefill_seconds(model, prefill))
-    header = (f"threads={torch.get_num_threads()} cpu_count={os.cpu_count()} torch={torch.__version__} "
+    header = (f"model={args.model} threads={torch.get_num_threads()} cpu_count={os.cpu_count()} torch={torch.__version__} "
               f"new_tokens={new_tokens} reps={reps} load average {os.getloadavg()[0]:.1f}")
     rows = []
     base = (statistics.median(dec[FLOAT]), statistics.median(pre[FLOAT])) if FLOAT in models else None

@@ -55,6 +55,15 @@ CALIBRATED: dict[str, dict] = {
     "int8-sym ch gptq": dict(bits=8, group_size=-1, symmetric=True, method="gptq"),
     "int8 g128 gptq": dict(bits=8, group_size=128, method="gptq"),
 }
+# The default recipe (HfQuantConfig(): int4 g128 mse, lm_head float) beside the same with an 8-bit head (issue 20:
+# the head is read for every token), and with the head and token embedding sharing one 8-bit table when tied.
+HEAD_INT8 = {"bits": 8, "group_size": -1, "symmetric": True}
+HEADS: dict[str, dict] = {
+    "default (int4 g128 mse)": dict(),
+    "default + lm_head int8": dict(modules_to_not_convert=[], overrides={"lm_head": HEAD_INT8}),
+    "default + lm_head & embed int8": dict(modules_to_not_convert=[], quantize_embeddings=True,
+                                           overrides={"lm_head": HEAD_INT8, "embed_tokens": HEAD_INT8}),
+}
 QUICK_PEERS = ["bnb nf4 b64", "hqq int4 g64", "quanto qint4 g128", "torchao intx4 g64"]
 FLOAT = "float32"
 
@@ -89,7 +98,7 @@ def _load_quantized(name: str, path, auto_cls):
     import hf_quant
     from benchmarks.peers import PEERS, library_version
 
-    ours = {**our_configs(), **CALIBRATED}
+    ours = {**our_configs(), **CALIBRATED, **HEADS}
     if name == FLOAT:
         return auto_cls.from_pretrained(path, dtype=torch.float32), None, "-", 32
     if name in ours:
@@ -315,7 +324,7 @@ def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) 
 
 def run_all(args) -> list[dict]:
     names = [FLOAT, *args.only] if args.only else all_names(args.quick)
-    known = set(all_names(False)) | set(CALIBRATED)
+    known = set(all_names(False)) | set(CALIBRATED) | set(HEADS)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {sorted(known)}")
@@ -341,7 +350,7 @@ def _results_from_logs(paths: list[str]) -> list[dict]:
                 key = (result["model"], result["name"])
                 if "error" not in result or "error" in by_name.get(key, {"error": ""}):
                     by_name[key] = result
-    order = {name: i for i, name in enumerate(all_names(False) + list(CALIBRATED))}
+    order = {name: i for i, name in enumerate(all_names(False) + list(CALIBRATED) + list(HEADS))}
     return sorted(by_name.values(), key=lambda r: (r["model"], order.get(r["name"], len(order))))
 
 
