@@ -38,6 +38,23 @@ RECIPES = {
     "hf_quant gptq int4-sym g32 (Q4_0)": dict(method="gptq", bits=4, group_size=32, symmetric=True),
     "hf_quant mse int8-sym g32 (Q8_0)": dict(bits=8, group_size=32, symmetric=True),
 }
+
+
+def _q4_k_m_mix(n_layers: int = 30) -> dict:
+    """llama.cpp's Q4_K_M choices for SmolLM2, as hf_quant GPTQ schemes under target="gguf": ffn_down Q6_K in the
+    layers llama.cpp's `use_more_bits` picks, Q4_K elsewhere; attn_v Q8_0 / Q5_0 in the same pattern and every
+    other linear Q5_0 (Q4_K/Q6_K need in_features a multiple of 256: at SmolLM2's 576, llama.cpp falls back to
+    Q5_0 / Q8_0 exactly so)."""
+    more = [i for i in range(n_layers) if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2]
+    layers = "|".join(map(str, more))
+    return dict(method="gptq", target="gguf", bits=5, overrides={
+        rf"layers\.({layers})\.mlp\.down_proj": {"format": "kquant", "bits": 6},
+        r"mlp\.down_proj": {"format": "kquant", "bits": 4},
+        rf"layers\.({layers})\.self_attn\.v_proj": {"bits": 8},
+    })
+
+
+RECIPES["hf_quant gptq Q4_K_M mix (Q4_K/Q6_K down, Q5_0/Q8_0 rest)"] = _q4_k_m_mix()
 LLAMA_TYPES = ("Q4_0", "Q4_1", "Q4_K_M")
 
 
