@@ -143,13 +143,7 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evolve", type=int, default=0, metavar="GENERATIONS",
                    help="--target-bits with a data-aware --sensitivity: refine the allocation by this many generations "
                         "of evolutionary search on calibration loss (EvoPress style; data-free codes, causal LMs)")
-    p.add_argument("--lm-head", choices=["float", "int8", "same"], default="float",
-                   help="lm_head (and a tied one: it is untied): kept float (default), 8-bit per channel, or the "
-                        "same scheme as the other layers")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
-
-
-LM_HEAD_INT8 = {"bits": 8, "group_size": -1, "symmetric": True}
 
 
 def _field_values(args) -> dict:
@@ -168,13 +162,7 @@ def _field_values(args) -> dict:
 def _config_from_args(args):
     from .config import HfQuantConfig
 
-    values = _field_values(args)
-    if args.lm_head != "float":
-        skip = values.get("modules_to_not_convert")
-        values["modules_to_not_convert"] = [m for m in skip or [] if m != "lm_head"]
-        if args.lm_head == "int8":
-            values["overrides"] = {**values.get("overrides", {}), "lm_head": LM_HEAD_INT8}
-    return HfQuantConfig(**values)
+    return HfQuantConfig(**_field_values(args))
 
 
 _HUB_ID = r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?"

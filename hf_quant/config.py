@@ -347,7 +347,8 @@ DECLARATIONS: tuple[Field, ...] = (
     Field("modules_to_not_convert", None, "placement",
           "list of module names (or dotted prefixes) kept in float. Default (None): the output embedding, tied "
           "weights and the last module, as transformers computes them; the resolved list is recorded in the config "
-          "when the model is loaded (with quantize_embeddings, the embeddings are left out of that default). Entries are matched as regexes up to a module "
+          "when the model is loaded (with quantize_embeddings, the embeddings are left out of that default; the "
+          "output head is left out unless lm_head=\"float\"). Entries are matched as regexes up to a module "
           "boundary (transformers' `should_convert_module`), under the rules of `overrides`.", _module_names),
     Field("overrides", None, "placement",
           "{regex: {setting: value}} applied to modules whose full name matches the regex (`re.search`); the first "
@@ -359,6 +360,19 @@ DECLARATIONS: tuple[Field, ...] = (
           "A regex that could backtrack for hours (nested repetition such as `(\\w+\\.)*`, backreferences, many "
           "open-ended repeats in a row) or is over 1000 characters is refused, here and in modules_to_not_convert.",
           _overrides, _override_pairs),
+    Field("lm_head", "int8", "placement",
+          'the output head (get_output_embeddings(), e.g. lm_head), read for every generated token: "int8" (default: '
+          "8-bit int, one scale per output channel, symmetric, rounded data-free; with `target`, the 8-bit scheme the "
+          'target exports: gguf Q8_0, vllm int8 per channel, float where its vocabulary is not a multiple of 32), '
+          '"float" (kept float: the default before this field existed) or "same" (the config\'s own scheme). Applied once, when a float model is quantized with '
+          "modules_to_not_convert=None: the head leaves the resolved modules_to_not_convert and, for \"int8\", gets an "
+          "anchored override appended to `overrides` (both recorded in the saved config, so a reload never reads this "
+          "field; configs saved without it reload as saved). Your own modules_to_not_convert, or an override matching "
+          "the head, wins. A tied head is untied and quantized from the embedding after loading (with "
+          "quantize_embeddings it shares the embedding's packed table instead). With a calibration method (gptq, "
+          'awq) the head, outside the decoder blocks, is rounded data-free ("same": its scheme with method "mse"). '
+          'With target_bits, "int8" keeps the head float (outside the budget, as before) and "same" lets the '
+          "allocator choose its scheme.", _one_of("int8", "float", "same")),
     Field("target", None, "placement",
           'the engine the checkpoint is for: "gguf" (llama.cpp; int 4/5/8-bit symmetric, group_size 32) or "vllm" '
           "(GPTQ / compressed-tensors; int 4/8-bit symmetric, group_size 32/64/128/-1). Every scheme the config "
@@ -653,6 +667,9 @@ class HfQuantConfig(QuantizationConfigMixin):
                 f"(this hf_quant reads {list(SUPPORTED_FORMAT_VERSIONS)}). To quantize a float model, pass "
                 "HfQuantConfig(...) instead of a dict."
             )
+        # Written before the lm_head field: the head's placement is in the recorded modules_to_not_convert/overrides,
+        # and its policy then was "float".
+        config_dict.setdefault("lm_head", "float")
         config_dict.update({k: v for k, v in kwargs.items() if k in _DECLARED})
         config = cls(**config_dict)
         unused = {k: v for k, v in kwargs.items() if k not in _DECLARED}

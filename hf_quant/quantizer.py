@@ -33,12 +33,12 @@ from .model.checkpoint import (
 from .model import (
     check_patterns_match,
     check_target_shapes,
-    default_modules_to_not_convert,
     expert_params,
     find_embedding_targets,
     find_targets,
     is_fused_experts,
     modules_kept_float,
+    resolve_placement,
     tied_linear_targets,
 )
 from .nn import PackedWeight, QuantEmbedding, QuantExpertWeight, QuantLinear, QuantTiedHead
@@ -96,8 +96,10 @@ class HfQuantQuantizer(HfQuantizer):
         if not self.pre_quantized:  # (a saved config's patterns are checked against the weights' own records)
             check_patterns_match(model, config)
         if config.modules_to_not_convert is None:
-            # Resolve the default once and record it, so a reload does not depend on transformers' heuristics.
-            config.modules_to_not_convert = default_modules_to_not_convert(model, config)
+            # Resolve the default once and record it (with the head's override, `lm_head`), so a reload does not
+            # depend on transformers' heuristics or on the lm_head field.
+            skip, overrides = resolve_placement(model, config)
+            config.update(modules_to_not_convert=skip, overrides=overrides)
         self.modules_to_not_convert = modules_kept_float(model, config)
         if not self.pre_quantized:
             check_target_shapes(model, config, self.modules_to_not_convert)

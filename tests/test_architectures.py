@@ -102,7 +102,9 @@ def output(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def q4(**kwargs) -> HfQuantConfig:
-    return HfQuantConfig(bits=4, group_size=32, **kwargs)
+    # lm_head="float" throughout: these tests count the blocks' modules and bound their error per architecture (the
+    # default 8-bit head is tested in test_lm_head.py)
+    return HfQuantConfig(lm_head="float", bits=4, group_size=32, **kwargs)
 
 
 def fused_experts(model) -> list[tuple[str, nn.Module]]:
@@ -239,7 +241,8 @@ def test_error_bounds(case):
     """4-bit error is within its measured bound; 2 bits are much worse and 8 bits much better."""
     errs = {4: rel_err(case.ref, case.q_out)}
     for bits in (2, 8):
-        model = load(case.arch, case.float_dir, quantization_config=HfQuantConfig(bits=bits, group_size=32))
+        config = HfQuantConfig(lm_head="float", bits=bits, group_size=32)
+        model = load(case.arch, case.float_dir, quantization_config=config)
         errs[bits] = rel_err(case.ref, output(model, case.ids))
     print(f"{case.name}: relative output error " + ", ".join(f"{b}-bit {e:.4f}" for b, e in sorted(errs.items())))
     assert case.arch.err4 / 10 < errs[4] < case.arch.err4
@@ -302,7 +305,7 @@ def llama(tmp_path_factory):
 
 
 def test_three_bit(llama, tmp_path, monkeypatch):
-    q = load(llama.arch, llama.path, quantization_config=HfQuantConfig(bits=3, group_size=32))
+    q = load(llama.arch, llama.path, quantization_config=HfQuantConfig(lm_head="float", bits=3, group_size=32))
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14
     for m in layers:
@@ -337,7 +340,8 @@ def test_nf4_double_quant(name, llama, tmp_path):
         path, ids = tmp_path / "float", llama.ids
         model.save_pretrained(path)
         ref = output(model, ids)
-    q = load(arch, path, quantization_config=HfQuantConfig(format="nf4", double_quant=True, group_size=32))
+    q = load(arch, path, quantization_config=HfQuantConfig(lm_head="float", format="nf4", double_quant=True,
+                                                           group_size=32))
     packed = [m for m in q.modules() if isinstance(m, PackedWeight)]
     assert len(packed) == (14 if name == "llama" else 8 + 4)
     for m in packed:
@@ -353,7 +357,7 @@ def test_nf4_double_quant(name, llama, tmp_path):
 
 
 def test_overrides_down_proj_8bit(llama, tmp_path):
-    config = HfQuantConfig(bits=4, group_size=32, overrides={"down_proj": {"bits": 8}})
+    config = HfQuantConfig(lm_head="float", bits=4, group_size=32, overrides={"down_proj": {"bits": 8}})
     q = load(llama.arch, llama.path, quantization_config=config)
     bits = {n: m.scheme.bits for n, m in q.named_modules() if isinstance(m, QuantLinear)}
     assert len(bits) == 14

@@ -17,7 +17,7 @@ from hf_quant import FORMAT_VERSION, HfQuantConfig, QuantScheme
 from hf_quant import config as config_module
 from hf_quant.config import CALIBRATION_FIELDS, DECLARATIONS, FIELDS
 from hf_quant.formats.format import format_names
-from hf_quant.formats.scheme import METHODS, SCHEME_FIELDS
+from hf_quant.formats.scheme import HEAD_INT8, METHODS, SCHEME_FIELDS
 
 ALLOWED_BITS = "[2, 3, 4, 5, 6, 8]"
 ALLOWED_FORMATS = "['int', 'nf4', 'fp4', 'fp8', 'ternary', 'vq', 'kquant']"
@@ -270,14 +270,15 @@ def test_saved_model_config_round_trips(tmp_path):
     saved = json.loads((tmp_path / "quant" / "config.json").read_text())["quantization_config"]
     assert saved["format_version"] == FORMAT_VERSION
     assert saved["quant_method"] == "hf_quant"
-    # Everything as given, plus the resolved default of modules_to_not_convert (recorded so a reload does not
-    # depend on transformers' heuristics) and the digest linking config.json to the weights saved with it.
+    # Everything as given, plus the resolved default of modules_to_not_convert and the head's override (lm_head
+    # "int8": the head leaves the default list; recorded so a reload depends neither on transformers' heuristics
+    # nor on the lm_head field) and the digest linking config.json to the weights saved with it.
     assert len(saved["weights_digest"]) == 64
-    assert saved == {**before, "modules_to_not_convert": ["lm_head"], "weights_digest": saved["weights_digest"]}
+    resolved = {"modules_to_not_convert": [], "overrides": before["overrides"] + [["^lm_head$", HEAD_INT8]]}
+    assert saved == {**before, **resolved, "weights_digest": saved["weights_digest"]}
     loaded = AutoQuantizationConfig.from_dict(saved)
     assert loaded == model.config.quantization_config
-    assert loaded == HfQuantConfig.from_dict({**before, "modules_to_not_convert": ["lm_head"],
-                                              "weights_digest": saved["weights_digest"]})
+    assert loaded == HfQuantConfig.from_dict({**before, **resolved, "weights_digest": saved["weights_digest"]})
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quant")
     assert reloaded.config.quantization_config == loaded
@@ -287,6 +288,7 @@ def test_saved_model_config_round_trips(tmp_path):
     assert layer.mlp.up_proj.scheme.bits == 2
     assert type(layer.self_attn.o_proj) is torch.nn.Linear
     assert layer.self_attn.q_proj.scheme.bits == 4
+    assert reloaded.lm_head.scheme == QuantScheme(bits=8, group_size=-1, symmetric=True)
     # Saving the reloaded model writes the same quantization_config again.
     reloaded.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
@@ -309,6 +311,7 @@ SAMPLES = {
     "outliers_per_row": {"outliers_per_row": 2},
     "modules_to_not_convert": {"modules_to_not_convert": ["lm_head"]},
     "overrides": {"overrides": {"down": {"bits": 8}, "o_proj": None}},
+    "lm_head": {"lm_head": "float"},
     "quantize_experts": {"quantize_experts": False},
     "quantize_embeddings": {"quantize_embeddings": True},
     "target": {"target": "vllm", "group_size": 64},

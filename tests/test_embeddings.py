@@ -131,7 +131,7 @@ def test_quantize_save_reload_identical_logits(families, kind, tmp_path):
     emb = model.get_input_embeddings()
     assert isinstance(emb, QuantEmbedding) and emb.scheme.bits == 8 and emb.scheme.group_size == 64
     tied = model.config.tie_word_embeddings
-    assert isinstance(model.get_output_embeddings(), QuantTiedHead if tied else nn.Linear)
+    assert isinstance(model.get_output_embeddings(), QuantTiedHead if tied else QuantLinear)  # untied: 8-bit head
     ids = torch.randint(0, VOCAB, (2, 9))
     logits = _logits(model, ids)
     model.save_pretrained(tmp_path)
@@ -140,7 +140,7 @@ def test_quantize_save_reload_identical_logits(families, kind, tmp_path):
         modules = json.loads(f.metadata()["hf_quant_modules"])
     assert "model.embed_tokens.weight" not in keys and "model.embed_tokens.qweight" in keys
     assert modules["model.embed_tokens"]["kind"] == "QuantEmbedding"
-    assert ("lm_head.weight" in keys) is not tied  # a tied head stores nothing of its own
+    assert "lm_head.weight" not in keys and ("lm_head.qweight" in keys) is not tied  # tied: nothing of its own
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(reloaded.get_input_embeddings(), QuantEmbedding)
     if tied:
@@ -195,7 +195,7 @@ def test_default_keeps_embeddings_float(families, tmp_path):
     for kind in ("llama", "qwen2"):
         model = AutoModelForCausalLM.from_pretrained(families[kind], quantization_config=HfQuantConfig())
         assert type(model.get_input_embeddings()) is nn.Embedding
-        assert type(model.get_output_embeddings()) is nn.Linear
+        assert type(model.get_output_embeddings()) is QuantLinear  # the default 8-bit head (lm_head="int8")
         assert not any(isinstance(m, (QuantEmbedding, QuantTiedHead)) for m in model.modules())
         assert model.config.quantization_config.quantize_embeddings is False
     model.save_pretrained(tmp_path)

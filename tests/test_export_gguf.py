@@ -23,6 +23,9 @@ gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# These tests are about the blocks' codes: the head stays float (the default 8-bit per-channel head, symmetric, is
+# not a GGUF block and mixes symmetric with asymmetric GPTQ cases; test_targets and test_lm_head export heads).
+PIN = {"lm_head": "float"}
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
@@ -37,7 +40,7 @@ def family_dirs(tmp_path_factory):
 
 
 def quantize_and_save(folder, out, **settings):
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=HfQuantConfig(**settings))
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=HfQuantConfig(**PIN, **settings))
     model.save_pretrained(out)
     PreTrainedTokenizerFast.from_pretrained(folder).save_pretrained(out)
     return model
@@ -179,7 +182,7 @@ def test_requantize_q4_1_reports_small_added_error(family_dirs, tmp_path):
 
 def test_missing_tokenizer_and_unknown_family_are_refused(family_dirs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"], quantization_config=HfQuantConfig(
-        bits=4, group_size=32, symmetric=True))
+        bits=4, group_size=32, symmetric=True, **PIN))
     model.save_pretrained(tmp_path / "q")  # no tokenizer saved
     with pytest.raises(ExportRefusedModules, match="tokenizer.save_pretrained"):
         export(tmp_path / "q", to="gguf", out=tmp_path / "model.gguf")

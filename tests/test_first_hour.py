@@ -234,10 +234,13 @@ def test_cli_flags_build_the_config():
     # flags not given keep the config's defaults; --rotation none is None
     args = build_parser().parse_args(["quantize", "x", "--out", "y", "--rotation", "none"])
     assert _config_from_args(args) == HfQuantConfig()
-    # --lm-head int8 adds its override after the user's
-    args = build_parser().parse_args(["quantize", "x", "--out", "y", "--lm-head", "int8", "--override",
-                                      '{"down_proj": {"bits": 8}}'])
-    assert list(_config_from_args(args).overrides) == ["down_proj", "lm_head"]
+    # --lm-head is the lm_head field's flag (its override is resolved when the model loads, after the user's)
+    for value in ("float", "int8", "same"):
+        args = build_parser().parse_args(["quantize", "x", "--out", "y", "--lm-head", value, "--override",
+                                          '{"down_proj": {"bits": 8}}'])
+        c = _config_from_args(args)
+        assert c.lm_head == value and list(c.overrides) == ["down_proj"]
+    assert _config_from_args(build_parser().parse_args(["quantize", "x", "--out", "y"])).lm_head == "int8"
 
 
 def test_cli_bad_flag_values_are_one_line_errors(float_llama, tmp_path, capsys):
@@ -389,7 +392,9 @@ def test_model_card_install_dataset_rounding_and_float_modules(float_llama, tmp_
     assert "| perplexity | botchan | 256 | 131.25 | 133.98 |" in card and "1234" not in card
     assert "`test/botchan.txt`" in card and "sentencepiece" in card
     kept = next(line for line in card.splitlines() if line.startswith("Kept in float:"))
-    assert kept.count("embed") == 1 and "`model.embed_tokens`" in kept and "`lm_head`" in kept
+    # the head is quantized by default (lm_head="int8"): listed with its scheme's modules, not as kept in float
+    assert kept.count("embed") == 1 and "`model.embed_tokens`" in kept and "lm_head" not in kept
+    assert "`lm_head`" in card
     assert "Calibration data" not in card  # data-free
 
 

@@ -87,8 +87,9 @@ def test_cli_quantize_and_inspect(saved, tmp_path, capsys):
     float_dir, _, _ = saved
     out = tmp_path / "cli"
     report_path = tmp_path / "report.json"
+    # --lm-head float: every quantized module is int3 g32 below (the default 8-bit head: test_lm_head.py)
     assert cli_main(["quantize", str(float_dir), "--bits", "3", "--group-size", "32", "--out", str(out),
-                     "--eval-tokens", "0", "--json", str(report_path)]) == 0
+                     "--lm-head", "float", "--eval-tokens", "0", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["quantized_modules"] == 14
     assert abs(report["bits_per_weight"] - (3 + 32 / 32)) < 1e-9  # 3-bit codes + fp16 scale and zero per 32

@@ -1,5 +1,6 @@
 """A linear tied to another parameter (lm_head tied to the input embedding) is quantized when asked to, untied,
-saved with its own packed tensors and reloaded packed; by default it stays float and tied."""
+saved with its own packed tensors and reloaded packed; with lm_head="float" it stays float and tied (the default,
+lm_head="int8", is tested in test_lm_head.py)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def rel_err(a, b) -> float:
 @pytest.fixture(scope="module")
 def default_quantized_logits(tied_checkpoint):
     path, ids, _ = tied_checkpoint
-    model = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=HfQuantConfig(bits=4, group_size=32))
-    assert type(model.lm_head) is torch.nn.Linear  # default: the tied lm_head stays float and tied
+    qc = HfQuantConfig(bits=4, group_size=32, lm_head="float")
+    model = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=qc)
+    assert type(model.lm_head) is torch.nn.Linear  # lm_head="float": the tied lm_head stays float and tied
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings
     with torch.no_grad():
@@ -87,7 +89,9 @@ def test_cli_lm_head_int8(tied_checkpoint, tmp_path):
                  "--lm-head", "int8", "--eval-tokens", "0"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["tie_word_embeddings"] is False
-    assert saved["quantization_config"]["modules_to_not_convert"] == []
+    # the head left transformers' default list (the tied embedding stays in it: float) and got its recorded override
+    assert saved["quantization_config"]["modules_to_not_convert"] == ["model.embed_tokens"]
+    assert saved["quantization_config"]["overrides"][-1][0] == "^lm_head$"
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme.bits == 8
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear) and model.model.layers[0].mlp.down_proj.scheme.bits == 4

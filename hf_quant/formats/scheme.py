@@ -95,6 +95,11 @@ class QuantScheme:
 SCHEME_FIELDS = tuple(f.name for f in fields(QuantScheme))
 _DESCRIBED_FIELDS = ("format", "bits", "group_size", "symmetric", "method", "double_quant")
 EXTENSION_FIELDS = ("lowrank_rank", "planes", "outliers_per_row")
+# The output head's settings under HfQuantConfig(lm_head="int8") (its default): 8-bit integer codes, one scale per
+# output channel, symmetric, rounded data-free (calibration covers the decoder blocks only). Every field that could
+# change the stored layout is explicit, so the config's own format, width or additive terms do not reach the head.
+HEAD_INT8 = {"format": "int", "bits": 8, "group_size": -1, "symmetric": True, "method": "mse", "double_quant": False,
+             "lowrank_rank": 0, "outliers_per_row": 0}
 
 
 def _is_int(value) -> bool:

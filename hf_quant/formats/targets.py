@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .format import active_terms, get_format
-from .scheme import QuantScheme
+from .scheme import HEAD_INT8, QuantScheme
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class ServingTarget:
     k_quant: bool = False  # also holds formats with the `k_quant` trait (their blocks fix bits/group layout)
     # defaults when the config's format is such a block format (its own blocks decide symmetric and group_size)
     block_defaults: dict = field(default_factory=dict)
+    # the output head's settings under lm_head="int8" (HfQuantConfig): an 8-bit scheme this target exports
+    head_int8: dict = field(default_factory=lambda: dict(HEAD_INT8))
+    # ... given only to a head whose in_features and out_features (the vocabulary) are multiples of this; otherwise the
+    # head stays float (GPTQ readers allocate qweight rows and columns in 32s)
+    head_multiple: int = 1
 
     def holds_blocks(self, format_name) -> bool:
         fmt = _format_or_none(format_name)
@@ -100,7 +105,8 @@ def _format_or_none(name):
 SERVING_TARGETS = {
     "gguf": ServingTarget("gguf", "llama.cpp GGUF", bits=(4, 5, 8), group_sizes=(32,),
                           defaults={"symmetric": True, "group_size": 32, "quantize_experts": False},
-                          k_quant=True, block_defaults={"quantize_experts": False}),
+                          k_quant=True, block_defaults={"quantize_experts": False},
+                          head_int8={**HEAD_INT8, "group_size": 32}),  # Q8_0
     "vllm": ServingTarget("vllm", "vLLM GPTQ / compressed-tensors", bits=(4, 8), group_sizes=(32, 64, 128, -1),
-                          defaults={"symmetric": True, "quantize_experts": False}),
+                          defaults={"symmetric": True, "quantize_experts": False}, head_multiple=32),
 }

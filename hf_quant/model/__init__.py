@@ -16,9 +16,12 @@ from .walker import (
     is_fused_experts,
     is_float_linear,
     modules_kept_float,
+    output_head_name,
+    resolve_placement,
     tied_linear_targets,
 )
 
 __all__ = ["EmbeddingTarget", "Target", "check_patterns_match", "check_target_shapes", "decoder_blocks",
            "default_modules_to_not_convert", "embedding_names", "expert_params", "find_embedding_targets",
-           "find_targets", "is_float_linear", "is_fused_experts", "modules_kept_float", "tied_linear_targets"]
+           "find_targets", "is_float_linear", "is_fused_experts", "modules_kept_float", "output_head_name",
+           "resolve_placement", "tied_linear_targets"]

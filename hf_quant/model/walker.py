@@ -50,10 +50,11 @@ class Target:
 
 def modules_kept_float(model: nn.Module, config) -> list[str]:
     """Module names (or prefixes) kept in float: the config's `modules_to_not_convert` (None: transformers' default,
-    the output embedding, tied weights and the last module) plus the model's `_keep_in_fp32_modules`."""
+    the output embedding, tied weights and the last module, less the head unless `config.lm_head` keeps it float;
+    `resolve_placement`) plus the model's `_keep_in_fp32_modules`."""
     skip = config.modules_to_not_convert
     if skip is None:
-        skip = default_modules_to_not_convert(model, config)
+        skip = resolve_placement(model, config)[0]
     return list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
 
 
@@ -116,6 +117,54 @@ def default_modules_to_not_convert(model: nn.Module, config) -> list[str]:
         embeddings = set(embedding_names(model))
         skip = [s for s in skip if s not in embeddings]
     return skip
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """The module name of the model's output embedding (`get_output_embeddings()`), or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return next((name for name, m in model.named_modules() if name and m is head), None)
+
+
+def resolve_placement(model: nn.Module, config) -> tuple[list[str], dict]:
+    """For a fresh quantization (`config.modules_to_not_convert` None): the modules kept in float and the overrides
+    the config then records, applying `config.lm_head` to the output head:
+
+    "float": transformers' default list (`default_modules_to_not_convert`, which holds the head), overrides unchanged;
+    "int8": the head leaves that list and gets the anchored override `^head$` -> `HEAD_INT8` (or the target's
+    `head_int8`; the head stays float where the target cannot export its shape), appended after the user's
+    overrides, unless one of those already matches the head (theirs wins);
+    with `target_bits` it acts as "float" (the budget covers the linears the allocator chooses or the user fixes);
+    "same": the head leaves that list and takes the config's scheme (the allocator's choice with `target_bits`); with
+    a calibration method (gptq/awq), rounded data-free ({"method": "mse"}), as calibration covers the blocks only.
+
+    A head tied to an embedding that `quantize_embeddings` quantizes shares its packed table: left as it was."""
+    from ..formats.scheme import CALIBRATION_METHODS, HEAD_INT8
+    from ..formats.targets import SERVING_TARGETS
+
+    skip = default_modules_to_not_convert(model, config)
+    overrides = dict(config.overrides)
+    policy = config.lm_head
+    if policy == "int8" and config.target_bits is not None:
+        policy = "float"
+    head = output_head_name(model)
+    if policy == "float" or head is None or not is_float_linear(model.get_submodule(head)):
+        return skip, overrides
+    if config.quantize_embeddings and head in {h for t in find_embedding_targets(model, config, skip)
+                                               for h in t.tied_heads}:
+        return skip, overrides
+    skip = [s for s in skip if s != head]
+    if any(re.search(pattern, head) for pattern in overrides):
+        return skip, overrides
+    if policy == "int8":
+        target = SERVING_TARGETS[config.target] if config.target is not None else None
+        if target is not None and any(n % target.head_multiple for n in model.get_submodule(head).weight.shape):
+            return default_modules_to_not_convert(model, config), overrides  # a shape the target cannot export
+        overrides[f"^{re.escape(head)}$"] = dict(target.head_int8 if target is not None else HEAD_INT8)
+    elif config.method in CALIBRATION_METHODS:
+        overrides[f"^{re.escape(head)}$"] = {"method": "mse"}
+    return skip, overrides
 
 
 def find_targets(model: nn.Module, config, skip: list[str], experts: bool = True) -> list[Target]:
