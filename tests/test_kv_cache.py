@@ -307,15 +307,20 @@ def chunked_logits(model, ids, cache):
     return torch.cat(out, 1)
 
 
-@torch.no_grad()
-def test_logits_within_bounds_of_float_cache():
-    """Teacher-forced logits through the quantized cache stay within a stated bound of the float cache's, and the
-    error orders with bits."""
+def _tiny_llama_with_float_logits():
+    """The tiny llama, 2 x 40 token ids, and its teacher-forced logits through the float cache."""
     arch = ARCHS["llama"]
     torch.manual_seed(0)
     model = arch.model_cls(arch.config_cls(**arch.kwargs)).eval()
     ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
-    ref = chunked_logits(model, ids, DynamicCache(config=model.config))
+    return model, ids, chunked_logits(model, ids, DynamicCache(config=model.config))
+
+
+@torch.no_grad()
+def test_logits_within_bounds_of_float_cache():
+    """Teacher-forced logits through the quantized cache stay within a stated bound of the float cache's, and the
+    error orders with bits."""
+    model, ids, ref = _tiny_llama_with_float_logits()
     errs = {}
     for bits in (8, 4, 2):
         cache = HfQuantCache(config=model.config, bits=bits, key_group_size=4, value_group_size=16,
@@ -334,11 +339,7 @@ PLAIN_2BIT = dict(rotation=None, sink_length=0, clip=False)
 def test_two_bit_defaults_beat_plain_two_bit_logits():
     """On the tiny llama the 2-bit defaults (sinks + Hadamard + least-squares ranges) have a lower teacher-forced
     logit error against the float cache than plain 2-bit, and sinks + Hadamard alone already do."""
-    arch = ARCHS["llama"]
-    torch.manual_seed(0)
-    model = arch.model_cls(arch.config_cls(**arch.kwargs)).eval()
-    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
-    ref = chunked_logits(model, ids, DynamicCache(config=model.config))
+    model, ids, ref = _tiny_llama_with_float_logits()
     errs = {}
     for name, kw in (("plain", PLAIN_2BIT), ("defaults", {}), ("sinks+hadamard", dict(clip=False))):
         cache = HfQuantCache(config=model.config, bits=2, key_group_size=4, value_group_size=16, residual_length=2,
