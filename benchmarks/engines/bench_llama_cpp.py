@@ -33,10 +33,11 @@ ENGINE_PYTHON = ENGINES / "llama-cpp" / "bin" / "python"
 RUNNER = Path(__file__).with_name("llama_cpp_runner.py")
 QUANTIZER = Path(__file__).with_name("llama_cpp_quantize.py")
 
+# lm_head="float": the head stays tied to the F32 embedding as in llama.cpp's files below, so only the linears differ
 RECIPES = {
-    "hf_quant mse int4-sym g32 (Q4_0)": dict(bits=4, group_size=32, symmetric=True),
-    "hf_quant gptq int4-sym g32 (Q4_0)": dict(method="gptq", bits=4, group_size=32, symmetric=True),
-    "hf_quant mse int8-sym g32 (Q8_0)": dict(bits=8, group_size=32, symmetric=True),
+    "hf_quant mse int4-sym g32 (Q4_0)": dict(bits=4, group_size=32, symmetric=True, lm_head="float"),
+    "hf_quant gptq int4-sym g32 (Q4_0)": dict(method="gptq", bits=4, group_size=32, symmetric=True, lm_head="float"),
+    "hf_quant mse int8-sym g32 (Q8_0)": dict(bits=8, group_size=32, symmetric=True, lm_head="float"),
 }
 
 
@@ -47,7 +48,7 @@ def _q4_k_m_mix(n_layers: int = 30) -> dict:
     Q5_0 / Q8_0 exactly so)."""
     more = [i for i in range(n_layers) if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2]
     layers = "|".join(map(str, more))
-    return dict(method="gptq", target="gguf", bits=5, overrides={
+    return dict(method="gptq", target="gguf", bits=5, lm_head="float", overrides={
         rf"layers\.({layers})\.mlp\.down_proj": {"format": "kquant", "bits": 6},
         r"mlp\.down_proj": {"format": "kquant", "bits": 4},
         rf"layers\.({layers})\.self_attn\.v_proj": {"bits": 8},

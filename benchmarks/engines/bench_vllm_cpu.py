@@ -25,7 +25,7 @@ from common import REPO, add_arguments, compare, folder_bytes, hf_quant_side, ru
 ENGINES = Path(os.environ.get("ENGINES_DIR", REPO.parent / "engines"))
 ENGINE_PYTHON = ENGINES / "vllm-cpu" / "bin" / "python"
 RUNNER = Path(__file__).with_name("vllm_runner.py")
-RECIPE = dict(method="gptq", bits=4, group_size=64, symmetric=True)
+RECIPE = dict(method="gptq", bits=4, group_size=64, symmetric=True, lm_head="float")  # the linears only, as before
 TARGETS = ("compressed-tensors", "gptq")
 
 
