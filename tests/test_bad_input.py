@@ -392,7 +392,7 @@ def test_config_edits_that_loaded_silently_wrong_are_refused(saved, saved_format
 def test_every_format_reloads_through_the_record_checks(saved_formats):
     for name, folder in saved_formats.items():
         model = AutoModelForCausalLM.from_pretrained(folder)  # runs every record, digest and value check
-        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7, name
+        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 + 1, name  # + the default 8-bit head
         check_model_packed_values(model)
 
 
@@ -514,7 +514,7 @@ def test_atomic_save_leaves_the_previous_checkpoint_when_it_fails(saved, tmp_pat
     save_pretrained_atomic(other, target, max_shard_size="20KB")  # sharded over a single-file checkpoint
     assert not (target / ST).exists() and not (target / "stale-extra.safetensors").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(target)
-    assert {m.scheme.bits for m in reloaded.modules() if isinstance(m, QuantLinear)} == {3}
+    assert {m.scheme.bits for m in reloaded.model.modules() if isinstance(m, QuantLinear)} == {3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -574,7 +574,7 @@ def test_a_plain_save_pretrained_of_an_hf_quant_model_is_atomic(saved, tmp_path,
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     other.save_pretrained(target)
-    assert {m.scheme.bits for m in AutoModelForCausalLM.from_pretrained(target).modules()
+    assert {m.scheme.bits for m in AutoModelForCausalLM.from_pretrained(target).model.modules()
             if isinstance(m, QuantLinear)} == {3}
 
 
@@ -608,4 +608,4 @@ def test_a_save_killed_part_way_leaves_a_loadable_checkpoint(saved, tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
         model = AutoModelForCausalLM.from_pretrained(target)
-        assert {m.scheme.bits for m in model.modules() if isinstance(m, QuantLinear)} in ({3}, {4})
+        assert {m.scheme.bits for m in model.model.modules() if isinstance(m, QuantLinear)} in ({3}, {4})

@@ -264,8 +264,9 @@ GPTQ_SETTINGS = dict(method="gptq", bits=4, group_size=32, calibration=CALIBRATI
 def test_tiny_llama_quantize_save_reload(tiny_llama, tmp_path):
     config = HfQuantConfig(**GPTQ_SETTINGS)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config)
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    linears = [m for m in model.model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 2 * 7 and all(m.scheme.method == "gptq" for m in linears)
+    assert model.lm_head.scheme.method == "mse" and model.lm_head.scheme.bits == 8  # default head: data-free
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
     with torch.no_grad():
         logits = model(IDS).logits
@@ -445,7 +446,8 @@ def test_tiny_llama_awq_quantize_save_reload(tiny_llama, tmp_path):
     float_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     norm = model.model.layers[0].input_layernorm.weight
     assert not torch.equal(norm, float_model.model.layers[0].input_layernorm.weight)  # scales were folded
-    assert all(m.scheme.method == "awq" for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(m.scheme.method == "awq" for m in model.model.modules() if isinstance(m, QuantLinear))
+    assert model.lm_head.scheme.method == "mse"  # the default 8-bit head, outside the blocks: data-free
     with torch.no_grad():
         logits = model(IDS).logits
     model.save_pretrained(tmp_path / "q")

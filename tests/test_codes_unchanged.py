@@ -38,7 +38,8 @@ DATA_FREE = {
     "vq 1 plane g128": {"format": "vq", "group_size": 128},
     "int3 g64 + outliers + lowrank": {"bits": 3, "group_size": 64, "outliers_per_row": 4, "lowrank_rank": 8},
 }
-_CAL = {"n_samples": 2, "seq_len": 64, "overrides": {r"layers\.([2-9]|[1-9]\d)\.": None}}
+# lm_head="float": the recorded digests are the blocks' (recorded before the default 8-bit head)
+_CAL = {"n_samples": 2, "seq_len": 64, "overrides": {r"layers\.([2-9]|[1-9]\d)\.": None}, "lm_head": "float"}
 CALIBRATED = {
     "gptq int3 g128": {"bits": 3, "group_size": 128, "method": "gptq"},
     "gptq int4 g128 hadamard": {"bits": 4, "group_size": 128, "method": "gptq", "rotation": "hadamard"},

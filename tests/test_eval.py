@@ -366,7 +366,7 @@ def test_checkpoint_storage_matches_loaded_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=HfQuantConfig(bits=3, group_size=64))
     model.save_pretrained(tmp_path / "q")
     loaded, saved = model_storage(model).to_dict(), checkpoint_storage(tmp_path / "q").to_dict()
-    assert len(loaded["modules"]) == 14
+    assert len(loaded["modules"]) == 14 + 1  # + the default 8-bit lm_head
     assert saved == loaded
 
 
@@ -430,7 +430,10 @@ def saved_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_cli")
     LlamaForCausalLM(config).save_pretrained(root / "float")
     tokenizer.save_pretrained(root / "float")
-    quantized = AutoModelForCausalLM.from_pretrained(root / "float", quantization_config=HfQuantConfig(bits=4, group_size=32))
+    # lm_head="float": the storage figures below are the blocks' int4 g32 (the default 8-bit head: test_lm_head.py)
+    quantized = AutoModelForCausalLM.from_pretrained(root / "float",
+                                                     quantization_config=HfQuantConfig(bits=4, group_size=32,
+                                                                                       lm_head="float"))
     quantized.save_pretrained(root / "q")
     return root / "float", root / "q"
 

@@ -105,8 +105,10 @@ def test_tiny_llama_gptq_extreme_formats_save_reload(tiny_llama, tmp_path, extra
     config = HfQuantConfig(method="gptq", group_size=32, calibration=CALIBRATION_TEXTS, n_samples=6, seq_len=32,
                            **extra)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config)
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    linears = [m for m in model.model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 14 and all(m.scheme.method == "gptq" for m in linears)
+    # the default 8-bit head, outside the blocks calibration covers, is rounded data-free
+    assert model.lm_head.scheme == QuantScheme(bits=8, group_size=-1, symmetric=True, method="mse")
     ids = torch.randint(0, 1000, (1, 12))
     reloaded = assert_reload_identical(model, tmp_path / "q", ids)
     assert reloaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)

@@ -234,8 +234,10 @@ def test_card_metadata_and_figures_match_the_eval_record(hub, pushed):
     assert "hf_quant 0.1.0" in card.replace('"hf-quant==0.1.0"', "")
     # The modules table covers every quantized module, at the bits per weight the record gives.
     (row,) = [line for line in card.splitlines() if "`q_proj`" in line]
-    assert row.split("|")[2].strip() == str(len(s["modules"]))
-    assert f"{next(iter(s['modules'].values()))['bits_per_weight']:.3f}" in row
+    assert row.split("|")[2].strip() == str(len(s["modules"]) - 1)  # all but the default 8-bit head, its own row
+    (head_row,) = [line for line in card.splitlines() if "`lm_head`" in line and "int8" in line]
+    assert head_row.split("|")[2].strip() == "1"
+    assert f"{s['modules']['model.layers.0.self_attn.q_proj']['bits_per_weight']:.3f}" in row
 
 
 def test_card_without_record_uses_the_checkpoint_and_a_local_base_model(checkpoint, tmp_path):

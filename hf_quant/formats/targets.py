@@ -12,7 +12,8 @@ exports without refusals.
 
 Both: integer codes with float16 scales (no double_quant), no additive terms (outliers, low-rank), no online
 rotation (`rotation="hadamard"`; the folded `rotation="residual"` is fine), fused MoE experts and GPT-2 Conv1D kept
-in float (no exporter writes them yet).
+in float (no exporter writes them yet). Each target also holds the 8-bit scheme the default `lm_head="int8"` gives
+the output head (`head_int8`: gguf Q8_0, vllm int8 per channel).
 """
 
 from __future__ import annotations
