@@ -364,7 +364,8 @@ DECLARATIONS: tuple[Field, ...] = (
           'the output head (get_output_embeddings(), e.g. lm_head), read for every generated token: "int8" (default: '
           "8-bit int, one scale per output channel, symmetric, rounded data-free; with `target`, the 8-bit scheme the "
           'target exports: gguf Q8_0, vllm int8 per channel, float where its vocabulary is not a multiple of 32), '
-          '"float" (kept float: the default before this field existed) or "same" (the config\'s own scheme). Applied once, when a float model is quantized with '
+          '"float" (kept float: the default before this field existed) or "same" (the config\'s own scheme). Applied '
+          "once, when a float model is quantized with "
           "modules_to_not_convert=None: the head leaves the resolved modules_to_not_convert and, for \"int8\", gets an "
           "anchored override appended to `overrides` (both recorded in the saved config, so a reload never reads this "
           "field; configs saved without it reload as saved). Your own modules_to_not_convert, or an override matching "
