@@ -35,11 +35,11 @@ from hf_quant.eval.storage import model_storage  # noqa: E402
 FLOAT = "float32"
 LM_HEAD_INT8 = dict(modules_to_not_convert=[], overrides={"lm_head": {"bits": 8, "group_size": -1, "symmetric": True}})
 OURS = {
-    "int4 g128": dict(bits=4, group_size=128, method="rtn"),
-    "int4 g64": dict(bits=4, group_size=64, method="rtn"),
-    "int3 g128": dict(bits=3, group_size=128, method="rtn"),
-    "int8-sym ch": dict(bits=8, group_size=-1, symmetric=True, method="rtn"),
-    "nf4 g64": dict(format="nf4", group_size=64, method="rtn"),
+    "int4 g128": dict(bits=4, group_size=128, method="rtn", lm_head="float"),
+    "int4 g64": dict(bits=4, group_size=64, method="rtn", lm_head="float"),
+    "int3 g128": dict(bits=3, group_size=128, method="rtn", lm_head="float"),
+    "int8-sym ch": dict(bits=8, group_size=-1, symmetric=True, method="rtn", lm_head="float"),
+    "nf4 g64": dict(format="nf4", group_size=64, method="rtn", lm_head="float"),
     # lm_head (tied to the embedding, 49152x576: a fifth of the weights, read every token) quantized too
     "int4 g128 + lm_head int8": dict(bits=4, group_size=128, method="rtn", **LM_HEAD_INT8),
     "int4 g64 + lm_head int8": dict(bits=4, group_size=64, method="rtn", **LM_HEAD_INT8),

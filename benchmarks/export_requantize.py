@@ -60,7 +60,7 @@ def main() -> None:
         print(f"-- {name}", flush=True)
         src = scratch / f"src{i}"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     quantization_config=hf_quant.HfQuantConfig(**settings))
+                                                     quantization_config=hf_quant.HfQuantConfig(lm_head="float", **settings))
         ours = perplexity(model, tok, text, max_tokens=args.tokens)
         model.save_pretrained(src)
         tok.save_pretrained(src)

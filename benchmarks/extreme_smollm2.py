@@ -97,24 +97,24 @@ def main() -> None:
     print("|---|---|---|---|---|")
     if not args.skip_uniform:
         for cfg in UNIFORM:
-            bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg))
+            bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(lm_head="float", **cfg))
             print(f"| {label(cfg)} | {bpw:.3f} | {ppl:.2f} | {100 * (ppl / base - 1):+.1f}% | {sec:.0f} |",
                   flush=True)
     extra = [{**cfg, "lowrank_rank": rank} for rank in args.lowrank for cfg in UNIFORM]
     if args.ternary:
         extra += [dict(format="ternary", group_size=g, planes=p) for p in (1, 2) for g in (64, 128)]
     for cfg in extra:
-        bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(**cfg, method=args.method))
+        bpw, ppl, sec = evaluate(path, tok, text, args.tokens, hf_quant.HfQuantConfig(lm_head="float", **cfg, method=args.method))
         print(f"| {label(cfg)} | {bpw:.3f} | {ppl:.2f} | {100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
     for target in args.on_load_targets:
-        config = hf_quant.HfQuantConfig(target_bits=target, allocation_candidates=CANDIDATES[:4])
+        config = hf_quant.HfQuantConfig(lm_head="float", target_bits=target, allocation_candidates=CANDIDATES[:4])
         bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
         print(f"| allocated on load, target {target}, weight sensitivity | {bpw:.3f} | {ppl:.2f} | "
               f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
     for target in args.targets:
         for sens in args.sensitivities:
             result = table.choose(target, sens)
-            config = config_with_allocation(hf_quant.HfQuantConfig(method=args.method), result)
+            config = config_with_allocation(hf_quant.HfQuantConfig(lm_head="float", method=args.method), result)
             bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
             print(f"| allocated ({args.ladder} ladder, {args.method}), target {target}, {sens} sensitivity | {bpw:.3f} | {ppl:.2f} | "
                   f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)
@@ -124,7 +124,7 @@ def main() -> None:
                 evolved = evolve_allocation(model, table, result, batches[: args.evolve_sequences],
                                             generations=args.evolve)
                 took = time.perf_counter() - start
-                config = config_with_allocation(hf_quant.HfQuantConfig(method=args.method), evolved)
+                config = config_with_allocation(hf_quant.HfQuantConfig(lm_head="float", method=args.method), evolved)
                 bpw, ppl, sec = evaluate(path, tok, text, args.tokens, config)
                 print(f"| ... + {args.evolve} generations of evolution ({took:.0f} s) | {bpw:.3f} | {ppl:.2f} | "
                       f"{100 * (ppl / base - 1):+.1f}% | {sec:.0f} |", flush=True)

@@ -65,7 +65,7 @@ def main() -> None:
     for bits in args.bits:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32,
-            quantization_config=hf_quant.HfQuantConfig(bits=bits, group_size=args.group_size, method=args.method))
+            quantization_config=hf_quant.HfQuantConfig(bits=bits, group_size=args.group_size, method=args.method, lm_head="float"))
         codes = {name: m.packed_tensors() for name, m in hf_quant.packed_modules(model).items()}
         for name, iterations in INITS.items():
             for module_name, m in hf_quant.packed_modules(model).items():  # LoftQ re-chooses codes: start afresh

@@ -72,7 +72,7 @@ def prepare(out_dir: str) -> None:
     from hf_quant.assets import smollm2_path
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32,
-                                                 quantization_config=hf_quant.HfQuantConfig(bits=4, group_size=64, method="rtn"))
+                                                 quantization_config=hf_quant.HfQuantConfig(bits=4, group_size=64, method="rtn", lm_head="float"))
     model.save_pretrained(out_dir)
 
 

@@ -55,12 +55,13 @@ CALIBRATED: dict[str, dict] = {
     "int8-sym ch gptq": dict(bits=8, group_size=-1, symmetric=True, method="gptq"),
     "int8 g128 gptq": dict(bits=8, group_size=128, method="gptq"),
 }
-# The default recipe (HfQuantConfig(): int4 g128 mse, lm_head float) beside the same with an 8-bit head (issue 20:
-# the head is read for every token), and with the head and token embedding sharing one 8-bit table when tied.
+# int4 g128 mse with a float head (the default until the 8-bit head became it, issue 20: the head is read for every
+# token), with the 8-bit head (HfQuantConfig(): today's default), and with the head and token embedding sharing one
+# 8-bit table.
 HEAD_INT8 = {"bits": 8, "group_size": -1, "symmetric": True}
 HEADS: dict[str, dict] = {
-    "default (int4 g128 mse)": dict(),
-    "default + lm_head int8": dict(modules_to_not_convert=[], overrides={"lm_head": HEAD_INT8}),
+    "default (int4 g128 mse)": dict(lm_head="float"),
+    "default + lm_head int8": dict(lm_head="int8"),
     "default + lm_head & embed int8": dict(modules_to_not_convert=[], quantize_embeddings=True,
                                            overrides={"lm_head": HEAD_INT8, "embed_tokens": HEAD_INT8}),
 }
@@ -69,7 +70,9 @@ FLOAT = "float32"
 
 
 def our_configs() -> dict[str, dict]:
-    return {f"{fmt} {method}": {**settings, **extra} for fmt, settings in FORMATS for method, extra in METHODS.items()}
+    # lm_head="float": the linears only, as the peers quantize them (the default 8-bit head is HEADS' subject)
+    return {f"{fmt} {method}": {**settings, **extra, "lm_head": "float"} for fmt, settings in FORMATS
+            for method, extra in METHODS.items()}
 
 
 def nominal_bits(cfg: dict) -> int:
@@ -98,7 +101,7 @@ def _load_quantized(name: str, path, auto_cls):
     import hf_quant
     from benchmarks.peers import PEERS, library_version
 
-    ours = {**our_configs(), **CALIBRATED, **HEADS}
+    ours = {**our_configs(), **{k: {**v, "lm_head": "float"} for k, v in CALIBRATED.items()}, **HEADS}
     if name == FLOAT:
         return auto_cls.from_pretrained(path, dtype=torch.float32), None, "-", 32
     if name in ours:
