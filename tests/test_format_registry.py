@@ -121,8 +121,9 @@ def test_a_registered_format_quantizes_saves_and_reloads_a_model(sign_format, tm
                       num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "float")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "float",
-                                                 quantization_config=HfQuantConfig(format="sign", group_size=32))
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+                                                 quantization_config=HfQuantConfig(format="sign", group_size=32,
+                                                                                   lm_head="float"))
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]  # the blocks' linears (head kept float)
     assert len(linears) == 2 * 7 and all(m.scheme.format == "sign" for m in linears)
     assert "sign, g32" in repr(linears[0]) and linears[0].kernel_name() == "reference"
     x = torch.randn(5, 64)
