@@ -43,7 +43,13 @@ import dataclasses
 import functools
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    STATIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    get_layer_types_and_kwargs,
+)
 
 from . import codec
 from .codec import KV_BITS, KVSpec
@@ -133,6 +139,14 @@ class HfQuantLayer(CacheLayerMixin):
     # --- state ----------------------------------------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._setup(key_states, value_states)
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+        self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
+        self.is_initialized = True
+
+    def _setup(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Device, dtype, head dims and rotation signs from the first states; the checks that need head_dim."""
         self.device, self.dtype = key_states.device, key_states.dtype
         self.key_dim, self.value_dim = key_states.shape[-1], value_states.shape[-1]
         if self.key_spec.outliers >= min(self.key_dim, self.value_dim):
@@ -148,10 +162,6 @@ class HfQuantLayer(CacheLayerMixin):
                                      "Fix: pass rotation=None")
             self._key_signs = codec.rotation_signs(self.key_dim, self.key_spec.rotation_seed, self.device)
             self._value_signs = codec.rotation_signs(self.value_dim, self.value_spec.rotation_seed, self.device)
-        self.keys = key_states[..., :0, :].clone()
-        self.values = value_states[..., :0, :].clone()
-        self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
-        self.is_initialized = True
 
     @property
     def quantized_length(self) -> int:
@@ -306,6 +316,237 @@ def padding_of(attention_mask: torch.Tensor) -> int:
     return int((attention_mask.cumsum(-1) == 0).sum(-1).max()) if attention_mask.numel() else 0
 
 
+class HfQuantStaticLayer(HfQuantLayer):
+    """An `HfQuantLayer` preallocated for `max_cache_len` tokens and updated in place, so that a single-token decode
+    step has static shapes and no host-side control flow: `torch.compile` traces it into one graph (module doc,
+    "Static layout"). It stores exactly what `HfQuantLayer` stores (same prefix, same Q(T), same codes) and returns
+    the same values for every position below the token count."""
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int, **settings):
+        super().__init__(**settings)
+        _check_int("max_cache_len", max_cache_len, 1,
+                   "the longest sequence (prompt + new tokens) the cache will hold, e.g. 2048")
+        self.max_cache_len = max_cache_len
+        g = self.key_spec.group_size
+        # the ring keeps the last R + 2g float tokens: the window (at most R + g - 1 after a step, R + g during it)
+        # and, until the next group completes, every token of the last quantized group, which each decode step
+        # quantizes again (module doc)
+        self.ring_length = self.residual_length + 2 * g
+        self.capacity = self._target_quantized(max_cache_len)  # Q(max_cache_len): the quantized rows allocated
+        # a tensor, updated in place: an int attribute read in the step would be guarded on and recompile each step
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._setup(key_states, value_states)
+        B, H = key_states.shape[:2]
+        P, W, C, dev = self.prefix_length, self.ring_length, self.capacity, self.device
+        zeros = functools.partial(torch.zeros, dtype=self.dtype, device=dev)
+        # zeros, not empty: positions past the token count are masked, but a masked NaN would still poison the
+        # attention output (0 * NaN)
+        self.sink_keys, self.sink_values = zeros(B, H, P, self.key_dim), zeros(B, H, P, self.value_dim)
+        self.keys, self.values = zeros(B, H, W, self.key_dim), zeros(B, H, W, self.value_dim)
+        self._qkeys = _zero_store(self.key_spec, B, H, C, self.key_dim, dev)
+        self._qvalues = _zero_store(self.value_spec, B, H, C, self.value_dim, dev)
+        self.cumulative_length = self.cumulative_length.to(dev)
+        rows = torch.arange(self.max_cache_len - P, device=dev)
+        self._rows, self._ring_slot = rows, rows % W  # row r = position P + r lives in ring slot r mod W
+        self._group_rows = torch.arange(self.key_spec.group_size, device=dev)
+        if not torch.compiler.is_compiling():  # fixed addresses, as transformers' StaticLayer (cudagraphs need them)
+            for t in self.stored_tensors().values():
+                torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
+    @property
+    def quantized_length(self) -> int:
+        return self._target_quantized(int(self.cumulative_length)) if self.is_initialized else 0
+
+    def _check_room(self, new_tokens: int) -> None:
+        total = int(self.cumulative_length) + new_tokens
+        if total > self.max_cache_len:
+            raise ValueError(f"max_cache_len ({self.max_cache_len}) is too small: the cache would hold {total} tokens. "
+                             f"Fix: HfQuantCache(max_cache_len=...) at least the prompt length + max_new_tokens")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new states in place and return (keys, values) of all max_cache_len positions in float
+        (positions at or past the token count hold stale finite values, which the attention mask hides)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        compiling = torch.compiler.is_compiling()
+        if key_states.shape[-2] == 1:
+            if not compiling:  # compiled, the same check runs in get_mask_sizes (eager, before each step)
+                self._check_room(1)
+            return self._step(key_states, value_states)
+        if compiling:
+            raise NotImplementedError(
+                f"HfQuantCache(max_cache_len=...) compiles single-token decode steps only, got {key_states.shape[-2]} "
+                "tokens in a compiled call. Fix: run the prefill eagerly (generate does; compile the decode step only)")
+        return self._update_eager(key_states, value_states)
+
+    def _update_eager(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Any number of tokens, with host-side counts (prefill, chunked prefill)."""
+        self._check_room(key_states.shape[-2])
+        t0 = int(self.cumulative_length)
+        total = t0 + key_states.shape[-2]
+        P, W = self.prefix_length, self.ring_length
+        q0, q1 = self._target_quantized(t0), self._target_quantized(total)
+        if t0 < P:
+            n = min(total, P) - t0
+            self.sink_keys[..., t0:t0 + n, :] = key_states[..., :n, :]
+            self.sink_values[..., t0:t0 + n, :] = value_states[..., :n, :]
+        # the float tokens of rows q0.. (positions P + q0 ..): the old window from the ring, then the new tokens
+        first = max(P - t0, 0)
+        old = torch.arange(q0, max(t0 - P, q0), device=self.device) % W
+        span_k = torch.cat((self.keys.index_select(2, old), key_states[..., first:, :]), -2)
+        span_v = torch.cat((self.values.index_select(2, old), value_states[..., first:, :]), -2)
+        if q1 > q0:
+            self._write_rows(q0, codec.quantize(span_k[..., :q1 - q0, :], self.key_spec, self._key_signs),
+                             codec.quantize(span_v[..., :q1 - q0, :], self.value_spec, self._value_signs))
+        n = span_k.shape[-2]
+        keep = min(n, W)
+        slots = torch.arange(q0 + n - keep, q0 + n, device=self.device) % W
+        self.keys.index_copy_(2, slots, span_k[..., n - keep:, :])
+        self.values.index_copy_(2, slots, span_v[..., n - keep:, :])
+        self.cumulative_length.fill_(total)
+        keys, values = self._composed(torch.tensor(q0, device=self.device))
+        # tokens of this update are returned as given, even those just quantized (as HfQuantLayer does)
+        keys[..., P + q0:total, :] = span_k
+        values[..., P + q0:total, :] = span_v
+        return keys, values
+
+    def _write_rows(self, row0: int, qk: dict, qv: dict) -> None:
+        g = self.key_spec.group_size
+        rows = qk["codes"].shape[-2]
+        for stored, new in ((self._qkeys, qk), (self._qvalues, qv)):
+            for name, t in new.items():
+                per_group = stored is self._qkeys and name in ("scale", "offset")
+                r0, r1 = (row0 // g, (row0 + rows) // g) if per_group else (row0, row0 + rows)
+                stored[name][..., r0:r1, :] = t
+
+    def _step(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One token, tensor ops only (the compiled decode step)."""
+        t = self.cumulative_length  # this token's position
+        P, W = self.prefix_length, self.ring_length
+        if P:  # a decode step inside the float prefix (a prompt shorter than it)
+            i = t.clamp(max=P - 1).view(1)
+            for buf, new in ((self.sink_keys, key_states), (self.sink_values, value_states)):
+                buf.index_copy_(2, i, torch.where(t < P, new, buf.index_select(2, i)))
+        slot = torch.remainder(t - P, W).view(1)
+        for buf, new in ((self.keys, key_states), (self.values, value_states)):
+            buf.index_copy_(2, slot, torch.where(t >= P, new, buf.index_select(2, slot)))
+        q0 = self._quantized_rows(t)
+        self.cumulative_length.add_(1)
+        if self.capacity:
+            self._requantize_last_group(t + 1)
+        return self._composed(q0)
+
+    def _quantized_rows(self, total: torch.Tensor) -> torch.Tensor:
+        """Q(total) (module doc) as a tensor."""
+        g = self.key_spec.group_size
+        return torch.div((total - self.prefix_length - self.residual_length).clamp(min=0), g,
+                         rounding_mode="floor") * g
+
+    def _requantize_last_group(self, total: torch.Tensor) -> None:
+        """Quantize the last complete key group's tokens (rows j*g ... j*g + g - 1, j = Q(total) / g - 1) from the
+        ring and write them in place. Every step does it, whether or not this token completed the group: the ring
+        still holds that group unchanged until the next one completes, so rewriting it stores the same bits, and
+        the step needs no branch on the token count (its cost: one group's quantization per step)."""
+        g = self.key_spec.group_size
+        j = self._quantized_rows(total) // g - 1
+        valid = j >= 0
+        j = j.clamp(min=0)
+        rows = j * g + self._group_rows
+        slots = torch.remainder(rows, self.ring_length)
+        new_k = codec.quantize(self.keys.index_select(2, slots), self.key_spec, self._key_signs, traceable=True)
+        new_v = codec.quantize(self.values.index_select(2, slots), self.value_spec, self._value_signs,
+                               traceable=True)
+        for stored, new in ((self._qkeys, new_k), (self._qvalues, new_v)):
+            for name, t in new.items():
+                idx = j.view(1) if stored is self._qkeys and name in ("scale", "offset") else rows
+                stored[name].index_copy_(2, idx, torch.where(valid, t, stored[name].index_select(2, idx)))
+
+    def _composed(self, float_from: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) [B, H, max_cache_len, D]: the float prefix, then per row the ring's float token from row
+        `float_from` on and the dequantized row before it."""
+        return (self._composed_one(self._qkeys, self.key_spec, self.key_dim, self._key_signs, self.sink_keys,
+                                   self.keys, float_from),
+                self._composed_one(self._qvalues, self.value_spec, self.value_dim, self._value_signs,
+                                   self.sink_values, self.values, float_from))
+
+    def _composed_one(self, stored, spec, dim, signs, sinks, ring, float_from):
+        floats = ring.index_select(2, self._ring_slot)
+        C = self.capacity
+        if not C:
+            return torch.cat((sinks, floats), -2)
+        B, H = ring.shape[:2]
+        decoded = torch.empty(B, H, C, dim, dtype=ring.dtype, device=ring.device)
+        for t0 in range(0, C, self.decode_block):
+            t1 = min(t0 + self.decode_block, C)
+            decoded[..., t0:t1, :] = codec.dequantize(_tokens(stored, spec, t0, t1), spec, dim, ring.dtype, signs)
+        body = torch.where((self._rows[:C] >= float_from)[:, None], floats[..., :C, :], decoded)
+        return torch.cat((sinks, body, floats[..., C:, :]), -2)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        q = self.quantized_length
+        if not q:
+            return None
+        return (codec.dequantize(_tokens(self._qkeys, self.key_spec, 0, q), self.key_spec, self.key_dim,
+                                 torch.float32, self._key_signs),
+                codec.dequantize(_tokens(self._qvalues, self.value_spec, 0, q), self.value_spec, self.value_dim,
+                                 torch.float32, self._value_signs))
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Every buffer this layer allocated (for all max_cache_len tokens): packed store, prefix, ring."""
+        if not self.is_initialized:
+            return {}
+        return {**{f"keys.{k}": v for k, v in self._qkeys.items()}, **{f"values.{k}": v for k, v in self._qvalues.items()},
+                "keys.window": self.keys, "values.window": self.values,
+                "keys.sink": self.sink_keys, "values.sink": self.sink_values}
+
+    # --- the CacheLayerMixin interface --------------------------------------------------------------------------
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_initialized and not torch.compiler.is_compiling():
+            self._check_room(query_length)
+        return self.max_cache_len, 0
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Zero every buffer in place (their addresses stay fixed for the compiled step)."""
+        for t in self.stored_tensors().values():
+            t.zero_()
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for t in self.stored_tensors().values():  # in place, keeping the addresses
+            t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("HfQuantCache(max_cache_len=...) cannot be cropped (its ring of float tokens is also the "
+                         "source of each step's re-quantized group). Fix: use DynamicCache for assisted generation")
+
+
+def _zero_store(spec: KVSpec, B: int, H: int, tokens: int, dim: int, device) -> dict[str, torch.Tensor]:
+    """Zeroed stored tensors (codec module doc) for `tokens` tokens (a multiple of the key group size): their
+    dtypes and last dims from quantizing one group of zeros."""
+    g = spec.group_size if spec.axis == "channel" else 1
+    sample = codec.quantize(torch.zeros(1, 1, g, dim, device=device), spec,
+                            None if spec.rotation_seed is None else codec.rotation_signs(dim, spec.rotation_seed, device))
+    out = {}
+    for name, t in sample.items():
+        rows = tokens // g if spec.axis == "channel" and name in ("scale", "offset") else tokens
+        out[name] = torch.zeros(B, H, rows, t.shape[-1], dtype=t.dtype, device=device)
+    return out
+
+
 class HfQuantCache(Cache):
     """A KV cache storing keys per channel and values per token at `bits` (2, 3, 4 or 8), with a float window of
     the `residual_length` most recent tokens (hf_quant/cache/cache.py's module doc).
@@ -329,12 +570,16 @@ class HfQuantCache(Cache):
             float prefix is sink_length + left_padding tokens, so each row's first sink_length real tokens are float.
         clip: choose each group's range by least squared error among the min/max range and ranges shrunk to
             0.95 ... 0.5 of it (entries outside clip to the end codes) instead of min/max. Default: True at bits=2.
+        max_cache_len: None (default) grows the cache as tokens arrive. An int preallocates every buffer for that
+            many tokens (prompt + new tokens) and updates them in place (`HfQuantStaticLayer`, module doc "Static
+            layout"): `is_compileable` is then True and `generate` compiles the decode step where it compiles
+            transformers' `StaticCache`. Needs `config`.
     """
 
     def __init__(self, config=None, bits: int = 4, key_group_size: int = 32, value_group_size: int = 32,
                  residual_length: int = 128, rotation: str | None = AUTO, outliers: int = 0, seed: int = 0,
                  decode_block: int = 1024, sink_length: int | None = None, left_padding: int | torch.Tensor = 0,
-                 clip: bool | None = None):
+                 clip: bool | None = None, max_cache_len: int | None = None):
         if isinstance(left_padding, torch.Tensor):
             left_padding = padding_of(left_padding)
         rotation_given = rotation
@@ -345,13 +590,25 @@ class HfQuantCache(Cache):
                              residual_length=residual_length, rotation=rotation, outliers=outliers, seed=seed,
                              decode_block=decode_block, sink_length=sink_length, left_padding=left_padding,
                              clip=clip)
-        make = functools.partial(HfQuantLayer, **{**self.settings, "rotation": rotation_given if rotation_given == AUTO
-                                                  else rotation})
+        layer_settings = {**self.settings, "rotation": rotation_given if rotation_given == AUTO else rotation}
+        if max_cache_len is None:
+            make, others = functools.partial(HfQuantLayer, **layer_settings), DYNAMIC_LAYER_TYPE_MAPPING
+        else:
+            _check_int("max_cache_len", max_cache_len, 1,
+                       "the longest sequence (prompt + new tokens) the cache will hold, e.g. 2048")
+            if config is None:
+                raise ValueError("max_cache_len needs config (the static buffers are allocated per layer type, and "
+                                 "a cache without layers is not compileable). Fix: HfQuantCache(config=model.config, "
+                                 "max_cache_len=...)")
+            self.settings["max_cache_len"] = max_cache_len
+            make = functools.partial(HfQuantStaticLayer, max_cache_len, **layer_settings)
+            others = {kind: functools.partial(cls, max_cache_len=max_cache_len)
+                      for kind, cls in STATIC_LAYER_TYPE_MAPPING.items()}
         if config is None:
             super().__init__(layer_class_to_replicate=make)
             return
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        layers = [make() if kind in QUANTIZED_LAYER_TYPES else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+        layers = [make() if kind in QUANTIZED_LAYER_TYPES else others[kind](**kwargs)
                   for kind, kwargs in zip(layer_types, per_layer_kwargs)]
         super().__init__(layers=layers)
 

@@ -162,13 +162,19 @@ def _clipped_params(xg, lo, hi, scale, offset, maxq: int, gdim: int) -> tuple[to
     return scale, offset
 
 
-def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Stored tensors (module doc) of x [B, H, T, D]; `signs` (from `rotation_signs`) when spec rotates."""
+def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None,
+             traceable: bool = False) -> dict[str, torch.Tensor]:
+    """Stored tensors (module doc) of x [B, H, T, D]; `signs` (from `rotation_signs`) when spec rotates.
+
+    traceable=True (the static cache's compiled decode step) leaves out the two checks that read values on the
+    host, which torch.compile cannot trace: the NaN/Inf refusal (a non-finite state there already makes that step's
+    attention output non-finite, since the new token is attended in float) and `pack_bits`' range check (the codes
+    are clamped to [0, maxq], so they fit); the packed bytes are the same (`pack_codes`)."""
     if x.dim() != 4:
         raise ValueError(f"expected key/value states of shape [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
     B, H, T, D = x.shape
     xf = rotate(x, signs) if spec.rotation_seed is not None else x.float()
-    if not torch.isfinite(xf).all():
+    if not traceable and not torch.isfinite(xf).all():
         raise ValueError("key/value states contain NaN or Inf; refusing to quantize them")
     out = {}
     gdim = -1 if spec.axis == "token" else -2
@@ -188,9 +194,24 @@ def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None) -
     if spec.clip:
         scale, offset = _clipped_params(xg, lo, hi, scale, offset, spec.maxq, gdim)
     q = ((xg - offset) / scale).round_().clamp_(0, spec.maxq).to(torch.uint8)
-    out["codes"] = pack_bits(_ungrouped(q, spec, T, D), spec.bits)
+    q = _ungrouped(q, spec, T, D)
+    out["codes"] = pack_codes(q, spec.bits) if traceable else pack_bits(q, spec.bits)
     out["scale"], out["offset"] = scale.squeeze(gdim).half(), offset.squeeze(gdim).half()
     return dict(sorted(out.items()))
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`formats.packing.pack_bits`' layout without its host-side range check and row chunking, so that
+    torch.compile traces it (codes must already lie in [0, 2**bits))."""
+    *lead, n = codes.shape
+    n8 = -(-n // 8) * 8
+    c = torch.nn.functional.pad(codes, (0, n8 - n))
+    if bits == 8:
+        return c.to(torch.uint8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    word = (c.to(torch.int64).view(*lead, n8 // 8, 8) << shifts).sum(-1)  # disjoint bit fields: sum == OR
+    return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).view(*lead, n8 // 8 * bits)
 
 
 def dequantize(tensors: dict[str, torch.Tensor], spec: KVSpec, head_dim: int, dtype: torch.dtype = torch.float32,
