@@ -1,0 +1,57 @@
+"""AutoRound (Intel's SignRound) on a float checkpoint, run inside its own venv (benchmarks/peers/
+setup_calibration_peers.sh) by benchmarks/calibration_peers.py. Calibrates on the exact token windows it is given (a
+JSON list of lists of ids: nsamples and seqlen follow from it), keeps lm_head float, saves the checkpoint in
+`--format` (auto_gptq by default: GPTQ v1 layout, which hf_quant.load_foreign reads) and prints one JSON line: the
+quantize seconds and versions.
+
+`--iters` / `--lr`: AutoRound's default recipe is 200 iterations (lr 1/iters); its "light" recipe 50 iterations at
+lr 5e-3. Batch size 8 (its default), symmetric (its default); everything else the library's default.
+
+    python autoround_quantize.py --model DIR --ids ids.json --out DIR --bits 4 --group-size 128 [--iters 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ids", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group-size", type=int, required=True)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--format", default="auto_gptq")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    import auto_round
+    import transformers
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = json.load(open(args.ids))
+    samples = [torch.tensor([row], dtype=torch.long) for row in ids]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    start = time.perf_counter()
+    ar = AutoRound(model, tok, bits=args.bits, group_size=args.group_size, sym=not args.asym, dataset=samples,
+                   nsamples=len(ids), seqlen=len(ids[0]), batch_size=args.batch_size, iters=args.iters, lr=args.lr,
+                   device_map="cpu", enable_torch_compile=False)
+    ar.quantize_and_save(args.out, format=args.format)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "versions": {
+        "auto-round": auto_round.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}))
+
+
+if __name__ == "__main__":
+    main()
