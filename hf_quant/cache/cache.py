@@ -428,7 +428,7 @@ class HfQuantStaticLayer(HfQuantLayer):
 
     def _step(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """One token, tensor ops only (the compiled decode step)."""
-        t = self.cumulative_length  # this token's position
+        t = self.cumulative_length.clone()  # this token's position (the counter itself is incremented in place)
         P, W = self.prefix_length, self.ring_length
         if P:  # a decode step inside the float prefix (a prompt shorter than it)
             i = t.clamp(max=P - 1).view(1)
@@ -456,8 +456,9 @@ class HfQuantStaticLayer(HfQuantLayer):
         the step needs no branch on the token count (its cost: one group's quantization per step)."""
         g = self.key_spec.group_size
         j = self._quantized_rows(total) // g - 1
-        valid = j >= 0
-        j = j.clamp(min=0)
+        groups = self.capacity // g
+        valid = (j >= 0) & (j < groups)  # j < 0: no group complete yet (j >= groups cannot happen in capacity)
+        j = j.clamp(0, groups - 1)
         rows = j * g + self._group_rows
         slots = torch.remainder(rows, self.ring_length)
         new_k = codec.quantize(self.keys.index_select(2, slots), self.key_spec, self._key_signs, traceable=True)

@@ -76,6 +76,13 @@ def _fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """Normalised Walsh-Hadamard transform of each block of `block` entries along the last dim (its own inverse)."""
     shape = x.shape
     x = x.reshape(-1, block)
+    if torch.compiler.is_compiling():
+        # torch.compile refuses `out=` into strided views; the same additions, functional (the compiler fuses them)
+        h = 1
+        while h < block:
+            xv = x.reshape(-1, block // (2 * h), 2, h)
+            x, h = torch.stack((xv[:, :, 0] + xv[:, :, 1], xv[:, :, 0] - xv[:, :, 1]), 2).reshape(-1, block), h * 2
+        return x.view(shape) * block ** -0.5
     # the stages ping-pong between two fresh buffers (2.5x faster than stacking each stage); the input is only read
     buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device), None]
     h, i = 1, 0
@@ -197,7 +204,7 @@ def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None,
     q = _ungrouped(q, spec, T, D)
     out["codes"] = pack_codes(q, spec.bits) if traceable else pack_bits(q, spec.bits)
     out["scale"], out["offset"] = scale.squeeze(gdim).half(), offset.squeeze(gdim).half()
-    return dict(sorted(out.items()))
+    return {name: out[name] for name in sorted(out)}
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
