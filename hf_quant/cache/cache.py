@@ -31,10 +31,26 @@ Layers of other kinds (linear attention, KV-shared "dummy" layers, ...) get tran
 not quantized. Sliding-window and chunked layers are quantized and keep all their tokens (the attention mask, built
 from absolute positions, still limits what each query sees), so they do not shrink to their window.
 
-Not supported: torch.compile of the decoding step (the cache grows and repacks, `is_compileable` is False, so
-`generate` runs it eagerly, as with `DynamicCache`), `cache_implementation=` (transformers validates that name
-against its fixed list and builds `QuantizedCache` only for its own backends: there is no registration hook), and
-cropping quantized tokens (assisted generation).
+Static layout (`max_cache_len=N`, `HfQuantStaticLayer`): the growing cache above cannot be compiled (it concatenates
+and repacks, so `is_compileable` is False and `generate` runs it eagerly, as with `DynamicCache`). With
+`max_cache_len` every buffer is allocated once, zeroed, at its final size and updated in place: the float prefix
+[P], the packed store for the Q(N) tokens that can ever be quantized, and a ring of R + 2g float tokens (R =
+residual_length, g = key_group_size) where the token at position P + r lives in slot r mod (R + 2g). A single-token
+step is tensor ops only, the token count being a tensor: it writes the token into its ring slot (or into the prefix
+while the position is below P), then quantizes the last complete key group again from the ring (rows j*g ... j*g +
+g - 1, j = Q(T) / g - 1) and writes it in place. The ring still holds that group unchanged until the next group
+completes (its last R + 2g tokens always include it), so rewriting it stores the same bits, and no step branches
+on whether a group just completed; the cost is one group's quantization per step. Each step returns all N
+positions, like transformers' StaticLayer (the attention mask hides those at or past the token count): the prefix,
+the whole store dequantized (decode_block rows at a time), and the ring's float tokens from row Q(T_before) on, so
+the values returned for positions below the token count equal the growing layer's bit for bit, as do the stored
+codes. Prefills (several tokens) run eagerly with host-side counts, as `generate` runs them. Being static, every
+step decodes the store for all N tokens (as StaticCache attends to all N): choose N near the length needed.
+
+Not supported: `cache_implementation=` (transformers validates that name against its fixed list and builds
+`QuantizedCache` only for its own backends: there is no registration hook), cropping quantized tokens (assisted
+generation; the static layer cannot be cropped at all), and compiling a multi-token call of the static layer (a
+compiled prefill: refused, generate never does it).
 """
 
 from __future__ import annotations
@@ -503,7 +519,8 @@ class HfQuantStaticLayer(HfQuantLayer):
         """Every buffer this layer allocated (for all max_cache_len tokens): packed store, prefix, ring."""
         if not self.is_initialized:
             return {}
-        return {**{f"keys.{k}": v for k, v in self._qkeys.items()}, **{f"values.{k}": v for k, v in self._qvalues.items()},
+        return {**{f"keys.{k}": v for k, v in self._qkeys.items()},
+                **{f"values.{k}": v for k, v in self._qvalues.items()},
                 "keys.window": self.keys, "values.window": self.values,
                 "keys.sink": self.sink_keys, "values.sink": self.sink_values}
 
@@ -539,8 +556,8 @@ def _zero_store(spec: KVSpec, B: int, H: int, tokens: int, dim: int, device) -> 
     """Zeroed stored tensors (codec module doc) for `tokens` tokens (a multiple of the key group size): their
     dtypes and last dims from quantizing one group of zeros."""
     g = spec.group_size if spec.axis == "channel" else 1
-    sample = codec.quantize(torch.zeros(1, 1, g, dim, device=device), spec,
-                            None if spec.rotation_seed is None else codec.rotation_signs(dim, spec.rotation_seed, device))
+    signs = None if spec.rotation_seed is None else codec.rotation_signs(dim, spec.rotation_seed, device)
+    sample = codec.quantize(torch.zeros(1, 1, g, dim, device=device), spec, signs)
     out = {}
     for name, t in sample.items():
         rows = tokens // g if spec.axis == "channel" and name in ("scale", "offset") else tokens
