@@ -15,7 +15,9 @@ checkpoint the process touched, which are page cache, given back under pressure)
 (RssAnon, sampled every 20 ms: what the process itself holds) and that of the mapped files (RssFile).
 
 Runs: "mse" quantize-on-load (int4 g128), "gptq" (int4 g128, streamed: one block's float weights at a time),
-"gptq-full" (the same with HF_QUANT_STREAM_CALIBRATION=0: the whole float model loads first, for comparison).
+"gptq-full" (the same with HF_QUANT_STREAM_CALIBRATION=0: the whole float model loads first, for comparison),
+"bnb-nf4" (bitsandbytes NF4 quantize-on-load, from --peers: `pip install --no-deps --target /tmp/peers
+bitsandbytes`, kept out of the project's venv).
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
 
     from hf_quant import HfQuantConfig
 
+    if run == "bnb-nf4":
+        return _bnb_child(folder)
     settings = dict(SCHEME)
     if run.startswith("gptq"):
         settings.update(method="gptq", n_samples=n_samples, seq_len=seq_len)
@@ -164,6 +168,27 @@ def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
     }
 
 
+def _bnb_child(folder: str) -> dict:
+    """bitsandbytes NF4 quantize-on-load (blocksize 64, its default; bfloat16 compute), the peers' usual answer."""
+    import bitsandbytes
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    sampler = MemorySampler()
+    baseline = dict(sampler.stop())
+    sampler = MemorySampler()
+    start = time.perf_counter()
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    seconds = time.perf_counter() - start
+    peaks = sampler.stop()
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {"run": "bnb-nf4", "library": f"bitsandbytes {bitsandbytes.__version__}", "seconds": seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "model_bytes": model_bytes,
+            "threads": torch.get_num_threads(), "peak_anon_bytes": peaks["RssAnon"],
+            "peak_file_bytes": peaks["RssFile"], "baseline_anon_bytes": baseline["RssAnon"], "calibration": None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -171,7 +196,10 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--runs", nargs="+", default=["mse", "gptq", "gptq-full"],
-                        choices=["mse", "gptq", "gptq-full"])
+                        choices=["mse", "gptq", "gptq-full", "bnb-nf4"])
+    parser.add_argument("--peers", default=os.environ.get("HF_QUANT_PEERS", "/tmp/peers"),
+                        help="where bitsandbytes is installed for the bnb-nf4 run (pip install --no-deps --target "
+                             "DIR bitsandbytes: never into the project's venv)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="/tmp/hf_quant_big_models")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -200,7 +228,9 @@ def main() -> None:
     for run in args.runs:
         cmd = [sys.executable, __file__, "--child", run, str(folder), "--n-samples", str(args.n_samples),
                "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        run_env = env if run != "bnb-nf4" else {**env, "PYTHONPATH": os.pathsep.join(
+            filter(None, [args.peers, env.get("PYTHONPATH")]))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{run}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")

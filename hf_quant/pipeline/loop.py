@@ -248,6 +248,7 @@ def quantize_with_calibration(
                 done += 1
             # Nothing here may keep the block's float linears alive while the next block is read.
             ctx = quantized = modules = w = None
+            _return_freed_memory()
             bar.set_postfix_str(f"peak RSS {_peak_rss() / 2**30:.2f} GiB", refresh=False)
             bar.update(1)
         bar.close()
@@ -262,6 +263,27 @@ def quantize_with_calibration(
                                largest_block, largest_tensor, expert_tokens)
     logger.info(report.summary())
     return report
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed with a block's floats, Hessians and activations back to the system. glibc keeps freed
+    chunks below its mmap threshold (which grows to 32 MiB as large tensors are freed) in its heap, and a block's
+    many tensors of a few MiB fragment it: without a trim resident memory grew by ~0.4 GiB over TinyLlama's 22
+    blocks. Other C libraries: nothing to do (results never depend on it)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _peak_rss() -> int:

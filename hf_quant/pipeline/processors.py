@@ -152,6 +152,9 @@ class Gptq(BlockProcessor):
                 if rotation is not None:
                     weights = [rotation.rotate_weight(w) for w in weights]
                 ctx.packed.update(zip(members, gptq_weights(weights, hessian, scheme, settings)))
+                del weights
+            del hessian
+            ctx.collector.release(leader)
 
 
 class FusedExperts(BlockProcessor):
