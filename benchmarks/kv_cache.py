@@ -17,6 +17,15 @@ side effects (hqq loads torch._inductor when transformers imports it) stay out o
     PYTHONPATH=/tmp/kv_bench_deps OMP_NUM_THREADS=1 python benchmarks/kv_cache.py [--windows 1] [--only NAME ...]
 
 A peer that does not import or fails is listed with its error, not measured.
+
+`--decode` measures decode speed only, eager against compiled, the way `generate` compiles a static cache's decode
+step (generation_config.compile_config; `--backend`, default inductor): for each `--decode-rows` name, greedy
+`--new-tokens` after a `--prompt`-token prompt through `generate`, step times taken between successive logits
+processor calls (one forward and the sampling step each; the compiled rows after one warm-up generate that
+compiles). A name ending in " static" is the preallocated cache (`HfQuantCache(max_cache_len=...)`, "float static"
+transformers' `StaticCache`), run eagerly and compiled; the others run eagerly only (they are not compileable).
+
+    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --decode [--backend inductor] [--decode-rows NAME ...]
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, QuantizedCache
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor, QuantizedCache,
+                          StaticCache)
+from transformers.generation import CompileConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -79,7 +90,20 @@ def ours_settings(name: str) -> dict:
     return out
 
 
-def make_cache(name: str, config):
+STATIC = " static"
+DECODE_ROWS = ["float", "float static", "ours int8", "ours int8 static", "ours int4", "ours int4 static",
+               "ours int2 default", "ours int2 default static"]
+
+
+def make_cache(name: str, config, max_cache_len: int | None = None):
+    """The cache of a row name; a name ending in " static" is preallocated for max_cache_len tokens."""
+    if name.endswith(STATIC):
+        if max_cache_len is None:
+            raise ValueError(f"row {name!r} is a static cache. Fix: pass max_cache_len")
+        base = name[: -len(STATIC)]
+        if base == FLOAT:
+            return StaticCache(config=config, max_cache_len=max_cache_len)
+        return HfQuantCache(config=config, max_cache_len=max_cache_len, **ours_settings(base))
     if name == FLOAT:
         return DynamicCache(config=config)
     if name.startswith("ours "):
@@ -142,6 +166,63 @@ def greedy(model, prompt: torch.Tensor, name: str, new_tokens: int):
     return tokens, time.perf_counter() - t0
 
 
+class StepClock(LogitsProcessor):
+    """Records the time of every decode step (generate calls its logits processors once per step, after the
+    forward); leaves the scores as they are."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@torch.no_grad()
+def timed_generate(model, prompt: torch.Tensor, name: str, new_tokens: int, backend: str | None):
+    """(tokens, seconds per decode step: the median of the steps after the first); backend None runs eagerly."""
+    config = None
+    if backend is not None:
+        config = CompileConfig(backend=backend, mode=None, fullgraph=True)
+        config._compile_all_devices = True  # generate compiles on CUDA only unless told (CPU here)
+    model.generation_config.compile_config = config
+    clock = StepClock()
+    cache = make_cache(name, model.config, max_cache_len=prompt.numel() + new_tokens)
+    out = model.generate(prompt[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         cache=cache, logits_processor=[clock], pad_token_id=0)
+    steps = sorted(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
+    return out[0, prompt.numel():].tolist(), steps[len(steps) // 2]
+
+
+def decode_main(args, model, prompt) -> None:
+    rows = []
+    for name in args.decode_rows:
+        runs = [None] + ([args.backend] if name.endswith(STATIC) else [])
+        for backend in runs:
+            t0 = time.perf_counter()
+            if backend is not None:
+                torch._dynamo.reset()
+                timed_generate(model, prompt, name, args.new_tokens, backend)  # compiles
+            warm = time.perf_counter() - t0
+            tokens, step = timed_generate(model, prompt, name, args.new_tokens, backend)
+            rows.append(dict(name=name, compiled=backend, tok_s=1 / step, compile_s=warm if backend else None,
+                             tokens=tokens))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
+    eager = {r["name"]: r["tokens"] for r in rows if r["compiled"] is None}
+    print(f"\nSmolLM2-135M float32, greedy {args.new_tokens} tokens after a {args.prompt}-token Botchan prompt "
+          f"(static caches hold {args.prompt + args.new_tokens}); torch threads {torch.get_num_threads()}")
+    print("| cache | run | decode tok/s | warm-up generate s | tokens = eager run's | tokens = float's |\n"
+          "|---|---|---|---|---|---|")
+    for r in rows:
+        run = f"compiled ({r['compiled']})" if r["compiled"] else "eager"
+        warm = f"{r['compile_s']:.0f}" if r["compile_s"] else ""
+        same_eager = "" if r["compiled"] is None else f"{r['tokens'] == eager[r['name']]}"
+        same_float = sum(a == b for a, b in zip(r["tokens"], eager[FLOAT])) if FLOAT in eager else float("nan")
+        print(f"| {r['name']} | {run} | {r['tok_s']:.1f} | {warm} | {same_eager} | {same_float}/{args.new_tokens} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=1)
@@ -152,8 +233,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help='rows to run (float always runs); any "ours int2 hadamard sinks=4 '
                     'kg=16 ..." name is a row (ours_settings)')
     ap.add_argument("--no-greedy", action="store_true", help="perplexity and bytes only (no greedy decode)")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "kv_cache.json")
+    ap.add_argument("--out", type=Path, default=None, help="default results/kv_cache.json "
+                    "(results/kv_cache_decode.json with --decode)")
+    ap.add_argument("--decode", action="store_true", help="decode tokens/s only, eager against compiled (module doc)")
+    ap.add_argument("--decode-rows", nargs="*", default=DECODE_ROWS)
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend of the --decode compiled runs")
     args = ap.parse_args()
+    args.out = args.out or HERE / "results" / ("kv_cache_decode.json" if args.decode else "kv_cache.json")
     torch.manual_seed(0)
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -161,6 +247,9 @@ def main() -> None:
     ids = torch.tensor(tok(botchan_text(), add_special_tokens=False, verbose=False)["input_ids"])
     start = args.windows * args.window + 1024  # the generation prompt: text after the perplexity windows
     prompt = ids[start: start + args.prompt]
+    if args.decode:
+        decode_main(args, model, prompt)
+        return
     cfg = model.config.get_text_config(decoder=True)
     entries_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
 

@@ -52,6 +52,19 @@ def test_static_layer_equals_growing_layer(settings, chunks):
         assert torch.isfinite(b[0]).all() and torch.isfinite(b[1]).all()  # masked positions too (0 * NaN = NaN)
         assert_same_store(static, grow)
     assert grow.quantized_length >= 40 and torch.equal(static.dequantized()[0], grow.dequantized()[0])
+    # reset leaves it as freshly allocated: the same run gives the same returns
+    static.reset()
+    assert int(static.get_seq_length()) == 0
+    again = feed_all(static, k, v, chunks)
+    assert torch.equal(again[0], b[0]) and torch.equal(again[1], b[1])
+
+
+def feed_all(layer, k, v, chunks):
+    t = 0
+    for n in chunks:
+        out = layer.update(k[..., t:t + n, :], v[..., t:t + n, :])
+        t += n
+    return out
 
 
 def assert_same_store(static, grow):
