@@ -142,6 +142,7 @@ class Gptq(BlockProcessor):
         for leader, names in groups.items():
             rotation = ctx.rotations.get(ctx.prefix + leader)
             hessian = ctx.collector.hessian(leader)
+            ctx.collector.release(leader)  # held by `hessian` until this group is solved, no longer
             if rotation is not None:  # every member shares in_features, hence the rotation
                 hessian = rotation.rotate_hessian(hessian)
             by_scheme: dict[QuantScheme, list[str]] = {}
@@ -154,7 +155,6 @@ class Gptq(BlockProcessor):
                 ctx.packed.update(zip(members, gptq_weights(weights, hessian, scheme, settings)))
                 del weights
             del hessian
-            ctx.collector.release(leader)
 
 
 class FusedExperts(BlockProcessor):

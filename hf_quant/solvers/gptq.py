@@ -39,35 +39,50 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def hessian_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+def hessian_inverse_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of the damped inverse Hessian, and the relative damping that made it positive definite.
 
-    `hessian` must already have dead channels (zero diagonal) set to 1. Damping starts at `damp` times the mean
+    The factor is of H[order][:, order] (the column visit order; None keeps H's), with dead channels (zero
+    diagonal) given a unit diagonal; `hessian` itself is not modified. Damping starts at `damp` times the mean
     diagonal and grows tenfold while the factorisation fails (ill-conditioned or rank-deficient inputs).
 
-    Memory: at most two n x n matrices besides `hessian` are alive at once (the damped copy and its factor, then
-    the factor and the inverse, then the inverse and its factor): for Llama-3-8B's down_proj (14336 inputs) each is
-    0.8 GiB, so an identity matrix or a kept intermediate would cost as much as a decoder block's float weights."""
-    n = hessian.shape[0]
-    mean_diag = torch.diagonal(hessian).mean().clamp_min(1e-12)
+    Memory: besides `hessian`, at most two n x n matrices are alive at once (the damped copy and its factor, then the
+    factor and the inverse, then the inverse and its factor). For Llama-3-8B's down_proj (14336 inputs) each is
+    0.8 GiB: an identity matrix or a kept intermediate would cost as much as a decoder block's float weights."""
+
+    def prepared():
+        H = hessian.detach()
+        if order is not None:
+            H = H[order]
+            H = H[:, order]
+        else:
+            H = H.clone()
+        diagonal = torch.diagonal(H)
+        diagonal[diagonal == 0] = 1.0
+        return H
+
+    H = prepared()
+    n = H.shape[0]
+    mean_diag = torch.diagonal(H).mean().clamp_min(1e-12)
     rel = damp
     for _ in range(_MAX_DAMP_RETRIES):
-        damped = hessian.clone()
-        torch.diagonal(damped).add_(rel * mean_diag)  # H + rel * mean(diag H) * I, without the identity matrix
-        chol, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        if H is None:  # a failed attempt consumed the damped copy
+            H = prepared()
+        torch.diagonal(H).add_(rel * mean_diag)  # H + rel * mean(diag H) * I, without the identity matrix
+        chol, info = torch.linalg.cholesky_ex(H)
+        H = None
         if info == 0:
             inverse = torch.cholesky_inverse(chol)
-            del chol
+            chol = None
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
+            inverse = None
             if info == 0 and torch.isfinite(upper).all():
                 if rel != damp:
                     logger.warning("GPTQ: Hessian not positive definite with damp=%g; used damp=%g", damp, rel)
                 return upper, rel
-            del upper
-        else:
-            del chol
+            upper = None
+        chol = None
         rel *= 10
     raise ValueError(
         f"GPTQ: the Hessian ({n}x{n}) is not positive definite even with damp={rel / 10:g}; the calibration inputs "
@@ -88,22 +103,15 @@ def check_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> None:
 
 def _without_dead_inputs(weight, hessian):
     """Inputs that are always zero carry no information: their weights cannot change the output, so zero them (their
-    codes then round 0) and give the Hessian a unit diagonal there so it stays invertible."""
+    codes then round 0); the Hessian gets a unit diagonal there so it stays invertible (hessian_inverse_factor), and
+    that is the diagonal returned (the visit order of act_order). The Hessian is not copied here: at n x n it is
+    the solver's largest tensor."""
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    diagonal = torch.diagonal(hessian.detach()).float().clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
     W[:, dead] = 0.0
-    return W, H
-
-
-def _permuted(W, H, perm):
-    """W's columns and H's rows and columns in the order `perm`, one copy at a time (the unpermuted matrices are
-    freed as soon as their permuted copy exists)."""
-    W = W[:, perm]
-    H = H[perm]
-    H = H[:, perm]
-    return W, H
+    return W, diagonal
 
 
 @torch.no_grad()
@@ -127,7 +135,7 @@ def _gptq_columns(weight, hessian, g, round_column, static_params, dynamic_param
                   block_size):
     rows, cols = weight.shape
     n_groups = -(-cols // g)
-    W, H = _without_dead_inputs(weight, hessian)
+    W, diagonal = _without_dead_inputs(weight, hessian)
     # Per-group parameters, codes and weight are held transposed ([group or column, row]): each step of the column
     # loop then reads and writes contiguous memory.
     scale = torch.empty(n_groups, rows, device=W.device)
@@ -139,11 +147,10 @@ def _gptq_columns(weight, hessian, g, round_column, static_params, dynamic_param
         if zero is not None:
             zero.copy_(z.t())
 
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    perm = torch.argsort(diagonal, descending=True) if act_order else None
     if perm is not None:
-        W, H = _permuted(W, H, perm)
-    Hinv, _ = hessian_inverse_factor(H, damp)
-    del H
+        W = W[:, perm]
+    Hinv, _ = hessian_inverse_factor(hessian.float(), damp, perm)
     group_of = torch.arange(cols, device=W.device) // g
     if perm is not None:
         group_of = group_of[perm]
@@ -204,15 +211,13 @@ def gptq_blockwise(
 
 def _gptq_blockwise(weight, hessian, width, round_block, damp, act_order, block_size) -> None:
     cols = weight.shape[1]
-    W, H = _without_dead_inputs(weight, hessian)
+    W, diag = _without_dead_inputs(weight, hessian)
     spans = [(j, j * width, min(j * width + width, cols)) for j in range(-(-cols // width))]
     if act_order:
-        diag = torch.diagonal(H)
         spans.sort(key=lambda sp: -float(diag[sp[1] : sp[2]].sum()))
     perm = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(W.device)
-    W, H = _permuted(W, H, perm)
-    Hinv, _ = hessian_inverse_factor(H, damp)
-    del H
+    W = W[:, perm]
+    Hinv, _ = hessian_inverse_factor(hessian.float(), damp, perm)
     per_block = max(block_size // width, 1)
     pos = 0
     for b0 in range(0, len(spans), per_block):
