@@ -131,7 +131,7 @@ class MemorySampler:
         return self.peak
 
 
-def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
+def child(run: str, folder: str, n_samples: int, seq_len: int, device: str | None = None) -> dict:
     """One measurement (in its own process)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -149,7 +149,13 @@ def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
     baseline = dict(sampler.stop())  # after imports: the interpreter, torch and transformers
     sampler = MemorySampler()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=HfQuantConfig(**settings))
+    on_gpu = device is not None and device != "cpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=HfQuantConfig(**settings),
+                                                 device_map=device)
+    if on_gpu:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peaks = sampler.stop()
     report = getattr(model.hf_quantizer, "calibration_report", None)
@@ -159,7 +165,9 @@ def child(run: str, folder: str, n_samples: int, seq_len: int) -> dict:
         "run": run, "seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "model_bytes": model_bytes, "threads": torch.get_num_threads(),
         "peak_anon_bytes": peaks["RssAnon"], "peak_file_bytes": peaks["RssFile"], "baseline_anon_bytes":
-            baseline["RssAnon"],
+            baseline["RssAnon"], "device": device or "cpu",
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+        "gpu": torch.cuda.get_device_name() if on_gpu else None,
         "calibration": None if report is None else {
             "summary": report.summary(), "seconds": report.seconds, "blocks": report.blocks,
             "streamed": report.streamed, "largest_block_bytes": report.largest_block_bytes,
@@ -201,6 +209,8 @@ def main() -> None:
                         help="where bitsandbytes is installed for the bnb-nf4 run (pip install --no-deps --target "
                              "DIR bitsandbytes: never into the project's venv)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default=None, help="device_map of the hf_quant runs (e.g. cuda: each block is "
+                        "calibrated on the GPU, which then holds the packed model and one float block)")
     parser.add_argument("--out", default="/tmp/hf_quant_big_models")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("RUN", "FOLDER"), help=argparse.SUPPRESS)
@@ -209,7 +219,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(child(*args.child, args.n_samples, args.seq_len)))
+        print("RESULT " + json.dumps(child(*args.child, args.n_samples, args.seq_len, args.device)))
         return
 
     shape = SHAPES[args.shape]
@@ -227,7 +237,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for run in args.runs:
         cmd = [sys.executable, __file__, "--child", run, str(folder), "--n-samples", str(args.n_samples),
-               "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+               "--seq-len", str(args.seq_len), "--threads", str(args.threads)] + (
+                   ["--device", args.device] if args.device else [])
         run_env = env if run != "bnb-nf4" else {**env, "PYTHONPATH": os.pathsep.join(
             filter(None, [args.peers, env.get("PYTHONPATH")]))}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
@@ -245,6 +256,8 @@ def main() -> None:
               f"{r['peak_anon_bytes'] / 2**30:.2f} GiB of which {r['baseline_anon_bytes'] / 2**30:.2f} GiB after "
               f"imports, mapped checkpoint pages {r['peak_file_bytes'] / 2**30:.2f} GiB), quantized model "
               f"{r['model_bytes'] / 2**30:.2f} GiB (float checkpoint {float_bytes / 2**30:.2f} GiB bf16)"
+              + (f"\n           {r['gpu']}: peak allocated {r['peak_gpu_bytes'] / 2**30:.2f} GiB"
+                 if r.get("peak_gpu_bytes") else "")
               + (f"\n           {cal['summary']}" if cal else "")
               + (f"\n           projected calibration of all {shape['num_hidden_layers']} blocks: "
                  f"{r['projected_calibration_seconds'] / 60:.1f} min" if "projected_calibration_seconds" in r else ""))

@@ -126,3 +126,42 @@ def test_layer_at_awkward_shapes(scheme, tokens):
     kernel = q.kernel_name("cuda", torch.float16)
     assert kernel == {"vq": "triton_vq", "ternary": "triton_ternary"}.get(scheme.format, "triton")
     assert rel_err(y, x.double() @ w.T) < BOUND[torch.float16], kernel
+
+
+def test_streamed_calibration_runs_each_block_on_the_gpu(tmp_path, monkeypatch):
+    """GPTQ with device_map="cuda" streams: each block is read on the host and calibrated on the GPU, which holds the
+    packed model and one float block (peak allocated well under the float model); the codes equal those of the
+    whole float model loaded on the GPU and calibrated there."""
+    from hf_quant.pipeline.streaming import ENV_DISABLE
+    from tiny_families import byte_level_tokenizer
+
+    torch.manual_seed(0)
+    layers = 12
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536,
+                                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
+    float_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())
+    model.save_pretrained(tmp_path, max_shard_size="20MB")
+    byte_level_tokenizer(tmp_path)
+    del model
+    texts = ["The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 8]
+    settings = dict(bits=4, group_size=64, method="gptq", calibration=texts, n_samples=4, seq_len=64)
+
+    def load(stream: bool):
+        monkeypatch.setenv(ENV_DISABLE, "1" if stream else "0")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        m = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cuda", dtype=torch.float32,
+                                                 quantization_config=HfQuantConfig(**settings))
+        assert m.hf_quantizer.calibration_report.streamed == stream
+        return m, torch.cuda.max_memory_allocated()
+
+    streamed, streamed_peak = load(True)
+    full, full_peak = load(False)
+    assert {p.device.type for p in streamed.state_dict().values()} == {"cuda"}
+    sa, sb = streamed.state_dict(), full.state_dict()
+    assert sorted(sa) == sorted(sb)
+    codes = [k for k in sa if k.endswith("qweight")]
+    assert codes and all(torch.equal(sa[k], sb[k]) for k in codes), [k for k in codes if not torch.equal(sa[k], sb[k])]
+    # one float block is float_bytes / layers; the packed blocks ~1/7 of the float ones
+    assert streamed_peak < 0.5 * float_bytes < full_peak, (streamed_peak, full_peak, float_bytes)

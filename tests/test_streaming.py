@@ -192,3 +192,19 @@ def test_residual_rotation_loads_the_whole_model_and_says_why(llama_dir, monkeyp
             **CAL, method="gptq", rotation="residual"))
     assert not model.hf_quantizer.calibration_report.streamed
     assert "rotation='residual'" in caplog.text and "whole float model" in caplog.text
+
+
+def test_single_device_maps_stream_and_spread_ones_say_why(llama_dir, monkeypatch, caplog):
+    from hf_quant.pipeline.streaming import single_device
+
+    assert single_device(None) == torch.device("cpu") == single_device({"": "cpu"}) == single_device("cpu")
+    assert single_device("cuda") == torch.device("cuda") and single_device({"": 0}) == torch.device("cuda", 0)
+    assert single_device(0) == torch.device("cuda", 0)
+    for spread in ("auto", "balanced", {"model.embed_tokens": "cpu", "model.layers": "disk"},
+                   {"a": 0, "b": "cpu"}):
+        assert single_device(spread) is None, spread
+    with caplog.at_level(logging.WARNING, logger="hf_quant.quantizer"):
+        model = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="auto", quantization_config=HfQuantConfig(
+            **CAL, method="gptq"))
+    assert not model.hf_quantizer.calibration_report.streamed
+    assert "device_map='auto'" in caplog.text and "device_map='cuda'" in caplog.text

@@ -10,7 +10,10 @@ keys), so renamings, fused-expert conversions and dtype casts are exactly those 
 are bit-identical. Once the loop has replaced the block's linears by packed modules, the float weights are garbage.
 
 Peak memory: the packed model so far + one block's float weights + the calibration activations and statistics of one
-block + the float modules outside the blocks.
+block + the float modules outside the blocks. With `device_map="cuda"` (any single accelerator) each block is read on the
+host, moved to that device and calibrated there; the packed model builds up on the device, which never holds more
+than one float block, and the host holds one block's tensors at a time. A device map spreading the model over several
+devices (or disk) loads the whole float model instead, with a warning that says why.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ def streaming_disabled_reason(model: nn.Module, config, checkpoint_files, device
         return f"{ENV_DISABLE}=0"
     if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
         return "the checkpoint is not in safetensors files (streaming reads one block at a time from them)"
-    if device_map not in (None, "cpu") and not (isinstance(device_map, dict) and set(map(str, device_map.values()))
-                                                 <= {"cpu"}):
-        return f"device_map={device_map!r} (streaming calibrates on the CPU only; use device_map=None or 'cpu')"
+    if single_device(device_map) is None:
+        return (f"device_map={device_map!r} spreads the model over several devices (streaming calibrates each block "
+                "on one device: use device_map='cuda' to calibrate every block on the GPU, which then holds the "
+                "packed model and one float block, or device_map='cpu')")
     if config.rotation == "residual":
         return ("rotation='residual' folds the rotation into every block and checks the fold on the whole model's "
                 "logits before calibrating (use rotation='hadamard' to stream)")
@@ -49,6 +53,23 @@ def streaming_disabled_reason(model: nn.Module, config, checkpoint_files, device
     if any(True for block in blocks for _ in _non_persistent_buffers(block)):
         return "its decoder blocks hold non-persistent buffers, which transformers creates for the whole model"
     return None
+
+
+def single_device(device_map) -> torch.device | None:
+    """The one device a device_map puts everything on (None and "cpu": the CPU), else None."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}
+        if len(devices) != 1 or devices & {"disk", "meta"}:
+            return None
+        device_map = devices.pop()
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):  # "auto", "balanced", ...: accelerate spreads the model
+        return None
 
 
 def _non_persistent_buffers(module: nn.Module):
@@ -72,6 +93,7 @@ class BlockStreamer:
         self._mapping = None
         self._dtype_plan = None
         self.loaded_bytes: list[int] = []  # float bytes read per block (report)
+        self.device = torch.device("cpu")  # where each block is calibrated: the device the rest of the model is on
 
     # --- before and after transformers loads the rest ----------------------------------------------------------
 
@@ -100,6 +122,7 @@ class BlockStreamer:
         model.set_submodule(self.blocks_name, self.blocks)
         self.blocks.train(model.training)
         self.model = model
+        self.device = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
         self._mapping = get_model_conversion_mapping(model)
         self._dtype_plan = model._get_dtype_plan(self.dtype)
         renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
@@ -153,10 +176,15 @@ class BlockStreamer:
         block = self.blocks[index]
         # A tensor read in its stored dtype is a view of the file mapping: the block's float modules that stay float
         # (norms, unquantized linears) would keep the whole mapped file alive, and its touched pages resident.
+        # On a GPU the block is calibrated where the rest of the model is (the host then holds one tensor at a time).
         for module in block.modules():
             for tensors in (module._parameters, module._buffers):
                 for name, t in tensors.items():
-                    if t is not None and t.device.type == "cpu" and not t.untyped_storage().resizable():
+                    if t is None or t.device.type != "cpu":
+                        continue
+                    if self.device.type != "cpu":
+                        t.data = t.data.to(self.device)
+                    elif not t.untyped_storage().resizable():
                         t.data = t.data.clone()
         if info.mismatched_keys:
             raise ValueError(f"hf_quant: the checkpoint's tensors for {sorted(k for k, *_ in info.mismatched_keys)[:5]} "
@@ -186,4 +214,4 @@ class BlockStreamer:
         self.model = None
 
 
-__all__ = ["BlockStreamer", "ENV_DISABLE", "streaming_disabled_reason"]
+__all__ = ["BlockStreamer", "ENV_DISABLE", "single_device", "streaming_disabled_reason"]
