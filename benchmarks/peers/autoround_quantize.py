@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -49,6 +50,13 @@ def main() -> None:
                    device_map="cpu", enable_torch_compile=False)
     ar.quantize_and_save(args.out, format=args.format)
     seconds = time.perf_counter() - start
+    # AutoRound saves into a subfolder named after the model and scheme (<out>/<model>-w4g128/): move it up
+    out = Path(args.out)
+    if not (out / "config.json").exists():
+        (sub,) = [p for p in out.iterdir() if (p / "config.json").exists()]
+        for f in sub.iterdir():
+            f.rename(out / f.name)
+        sub.rmdir()
     print(json.dumps({"seconds": seconds, "versions": {
         "auto-round": auto_round.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}))
 
