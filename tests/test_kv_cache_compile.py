@@ -79,6 +79,29 @@ def assert_same_store(static, grow):
             assert torch.equal(stored[name][..., :rows, :], tensor), name
 
 
+@torch.no_grad()
+def test_compiled_steps_store_what_the_growing_layer_stores():
+    """The compiled single-token step (which rewrites the last complete group at every step instead of only when a
+    group completes, as the eager step does) returns and stores bit for bit what the growing layer does: 2 prompt
+    tokens, then 40 compiled steps through the float prefix (sinks + left padding), group flushes, outliers and
+    the 2-bit defaults (Hadamard, least-squares ranges)."""
+    settings = SETTINGS[1]
+    k, v = states((2, 3, 42, 24), seed=1), states((2, 3, 42, 40), seed=2)
+    grow, static = HfQuantLayer(**settings), HfQuantStaticLayer(48, **settings)
+    grow.update(k[..., :2, :], v[..., :2, :])
+    static.update(k[..., :2, :], v[..., :2, :])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = torch.compile(static.update, backend="aot_eager", fullgraph=True)
+    for t in range(2, 42):
+        a = grow.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
+        b = step(k[..., t:t + 1, :], v[..., t:t + 1, :])
+        assert torch.equal(a[0], b[0][..., :t + 1, :]) and torch.equal(a[1], b[1][..., :t + 1, :]), t
+        assert_same_store(static, grow)
+    assert grow.quantized_length == 32 and static.quantized_length == 32
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_codes_is_pack_bits(bits):
     codes = torch.randint(0, 1 << bits, (2, 3, 5, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))

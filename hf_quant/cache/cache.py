@@ -370,9 +370,9 @@ class HfQuantStaticLayer(HfQuantLayer):
         self._ring_rows = torch.arange(W, device=dev)
         self._group_rows = torch.arange(self.key_spec.group_size, device=dev)
         if not torch.compiler.is_compiling():  # fixed addresses, as transformers' StaticLayer (cudagraphs need them)
-            for t in self.stored_tensors().values():
+            for t in (*self.stored_tensors().values(), self.cumulative_length, self._ring_rows, self._group_rows,
+                      *(s for s in (self._key_signs, self._value_signs) if s is not None)):
                 torch._dynamo.mark_static_address(t)
-            torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
 
     @property
@@ -454,7 +454,9 @@ class HfQuantStaticLayer(HfQuantLayer):
             buf.index_copy_(2, slot, torch.where(t >= P, new, buf.index_select(2, slot)))
         q0 = self._quantized_rows(t)
         self.cumulative_length.add_(1)
-        if self.capacity:
+        # eagerly the host knows whether this token completes a group and skips the (idempotent) rewrite otherwise
+        if self.capacity and (torch.compiler.is_compiling()
+                              or (int(t) + 1 - P - self.residual_length) % self.key_spec.group_size == 0):
             self._requantize_last_group(t + 1)
         return self._composed(q0)
 
