@@ -99,8 +99,35 @@ def one_foreign(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model = hf_quant.load_foreign(spec["dir"], dtype=torch.float32)
     q = model.config.quantization_config
+    q = q.to_dict() if hasattr(q, "to_dict") else q
     out = _eval(model, spec["model"], spec["tokens"])
-    return {**out, "imported_as": {k: q.get(k) for k in ("format", "bits", "group_size", "symmetric")}}
+    return {**out, "peer_format_bits_per_weight": _peer_format_bits(Path(spec["dir"]), model),
+            "imported_as": {k: q.get(k) for k in ("format", "bits", "group_size", "symmetric")}}
+
+
+def _peer_format_bits(folder: Path, model) -> float:
+    """Bits per weight of the quantized linears in the peer's own files (every stored tensor of those modules but
+    the bias: packed codes, scales, packed zero-points, g_idx, shapes), beside hf_quant's storage of the same weights
+    (where asymmetric zero-points are float16, not packed 4-bit fields)."""
+    from safetensors import safe_open
+
+    from hf_quant.nn import PackedWeight
+
+    size = {"I64": 8, "I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, PackedWeight)}
+    nbytes = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name, _, leaf = key.rpartition(".")
+                if name in modules and leaf != "bias":
+                    sl = f.get_slice(key)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    nbytes += n * size[sl.get_dtype()]
+    weights = sum(m.in_features * m.out_features for m in modules.values())
+    return 8 * nbytes / weights
 
 
 # --------------------------------------------------------------------------- driver
@@ -256,7 +283,7 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
     r = _sub([*me, "--one-foreign", json.dumps(spec)], f"{method} load_foreign + eval")
     return {"group_size_used": g, "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
             "model_bits_per_weight": r["model_bits_per_weight"], "quantize_seconds": q["seconds"],
-            "imported_as": r["imported_as"], "versions": q.get("versions")}
+            "peer_format_bits_per_weight": r["peer_format_bits_per_weight"], "imported_as": r["imported_as"], "versions": q.get("versions")}
 
 
 # --------------------------------------------------------------------------- tables

@@ -346,6 +346,21 @@ def test_gptq_sym_with_other_zero_points_imports_as_asymmetric(folders, exports,
     assert_same_model(quantized(folders["llama"], bits=4, group_size=32, method="rtn"), imported)
 
 
+def test_gptq_negative_scales_import_exactly(exports, tmp_path):
+    """AutoRound's symmetric GPTQ export signs its scales; a group with scale -s decodes to minus its weights, and
+    imports exactly (flipped codes and zero-point, asymmetric)."""
+    folder = fresh(exports, "gptq-sym", tmp_path)
+    before = load_foreign(folder).get_submodule(Q).dequantize_weight()  # [64 out, 64 in], groups of 32
+    flip = torch.zeros(2, 64, dtype=torch.bool)  # [groups, out] as GPTQ stores scales
+    flip[0, ::3] = flip[1, 5:40] = True
+    _edit_tensors(folder, lambda s: s.__setitem__(f"{Q}.scales", torch.where(flip, -s[f"{Q}.scales"],
+                                                                             s[f"{Q}.scales"])))
+    layer = load_foreign(folder).get_submodule(Q)
+    expected = torch.where(flip.t().repeat_interleave(32, dim=1), -before, before)
+    assert torch.equal(layer.dequantize_weight(), expected)
+    assert not layer.scheme.symmetric
+
+
 def test_gptq_refusals(exports, tmp_path):
     folder = fresh(exports, "gptq-sym", tmp_path / "bits")
     _edit_config(folder, lambda qc: qc.update(bits=5))
@@ -371,7 +386,7 @@ def test_tampered_tensors_are_refused_naming_the_tensor(exports, tmp_path):
          r"\[8, 64\]", f"{Q}.qweight"),
         ("dtype", lambda s: s.__setitem__(f"{Q}.qweight", s[f"{Q}.qweight"].float()), r"stored as torch.float32, "
          "expected torch.int32", f"{Q}.qweight"),
-        ("scale", lambda s: s[f"{Q}.scales"].__setitem__((0, 0), -1.0), r"a scale is -1.0 .*must be finite and > 0",
+        ("scale", lambda s: s[f"{Q}.scales"].__setitem__((0, 0), 0.0), r"a scale is 0.0 .*must be finite and > 0",
          f"{Q}.scales"),
         ("nan", lambda s: s[f"{Q}.scales"].__setitem__((0, 0), float("nan")), r"a scale is nan", f"{Q}.scales"),
         ("stray", lambda s: s.__setitem__(f"{Q}.input_scale", torch.ones(1)), "a tensor the GPTQ layout does not have",

@@ -16,7 +16,8 @@ per-column group index), inconsistent g_idx, bits other than 2/3/4/8 (GPTQModel'
 checkpoint formats (marlin, bitblas, qqq, ...), pack_dtype other than int32, a v1 zero field of 2**b - 1 (a zero-point
 of 0 stored as -1: AutoGPTQ/vLLM read it as 2**b, GPTQModel's v1 -> v2 conversion as 0 with a carry into the next
 field, so the file means different weights to different readers), group sizes hf_quant lacks, tensors whose dtype or
-shape does not match the config. `sym=True` checkpoints whose zero-points are not all 2**(b-1) import as asymmetric
+shape does not match the config. Negative scales (AutoRound's symmetric export signs them) import exactly: codes
+maxq - q, zero-point maxq - z, scale -s; such a layer imports as asymmetric. `sym=True` checkpoints whose zero-points are not all 2**(b-1) import as asymmetric
 (exact). GPTQModel's `dynamic` overrides ("+:regex" / plain regex: per-module bits/group_size/sym/desc_act, first
 match wins as in GPTQModel and vLLM; "-:regex": kept in float) give mixed precision.
 """
@@ -115,10 +116,26 @@ class GPTQSource:
                                 "readers", "re-export with GPTQModel in its 'gptq_v2' format (zero-points stored as "
                                 "they are), or quantize with sym=True")
         zero = (fields if self.v2 else fields + 1).float()
+        codes, scales, zero = _flip_negative_scales(codes, scales, zero, bits, g)
         scale = fp16_scales(f"{name}.scales", scales).t().contiguous()
         symmetric = s["sym"] and bool((zero == (1 << (bits - 1))).all())
         return ImportedWeight(codes.to(torch.uint8).contiguous(), scale, None if symmetric else zero.contiguous(),
                               bits, hf_g, self.method)
+
+
+def _flip_negative_scales(codes, scales, zero, bits: int, g: int):
+    """AutoRound's symmetric quantizer signs each group's scale (the largest-magnitude weight lands on the code
+    range's end), so its GPTQ export stores negative scales, which every GPTQ reader decodes by the same formula.
+    A group with scale s < 0 is the same weights with scale -s, codes maxq - q and zero-point maxq - z:
+    (q - z) * s = ((maxq - q) - (maxq - z)) * -s, exactly. codes [out, in], scales [groups, out], zero [out, groups]."""
+    negative = scales < 0
+    if not negative.any():
+        return codes, scales, zero
+    maxq = (1 << bits) - 1
+    neg = negative.t()  # [out, groups]
+    columns = torch.arange(codes.shape[1]) // (codes.shape[1] if g == -1 else g)
+    codes = torch.where(neg[:, columns], maxq - codes, codes)
+    return codes, scales.abs(), torch.where(neg, maxq - zero, zero)
 
 
 def _settings(where: str, qc: dict) -> dict:
