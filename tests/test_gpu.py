@@ -64,7 +64,8 @@ def test_model_on_gpu_matches_cpu_reference(tiny, name, dtype, tmp_path, monkeyp
     gpu = AutoModelForCausalLM.from_pretrained(tiny.folder, quantization_config=config, device_map="cuda",
                                                dtype=dtype).eval()
     layers = [m for m in gpu.modules() if isinstance(m, QuantLinear)]
-    assert len(layers) == 14 and all(m.qweight.device.type == "cuda" for m in layers)
+    # 2 blocks x 7 linears and the 8-bit head (lm_head="int8", the default)
+    assert len(layers) == 15 and all(m.qweight.device.type == "cuda" for m in layers)
     with torch.no_grad():
         y = gpu(tiny.ids.cuda()).logits
     gpu.save_pretrained(tmp_path)
@@ -133,11 +134,12 @@ def test_streamed_calibration_runs_each_block_on_the_gpu(tmp_path, monkeypatch):
     packed model and one float block (peak allocated well under the float model); the codes equal those of the
     whole float model loaded on the GPU and calibrated there."""
     from hf_quant.pipeline.streaming import ENV_DISABLE
+    from tiny_families import VOCAB as BYTE_VOCAB
     from tiny_families import byte_level_tokenizer
 
     torch.manual_seed(0)
     layers = 12
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=512, intermediate_size=1536,
                                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
                                          max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
     float_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())
@@ -163,5 +165,7 @@ def test_streamed_calibration_runs_each_block_on_the_gpu(tmp_path, monkeypatch):
     assert sorted(sa) == sorted(sb)
     codes = [k for k in sa if k.endswith("qweight")]
     assert codes and all(torch.equal(sa[k], sb[k]) for k in codes), [k for k in codes if not torch.equal(sa[k], sb[k])]
-    # one float block is float_bytes / layers; the packed blocks ~1/7 of the float ones
-    assert streamed_peak < 0.5 * float_bytes < full_peak, (streamed_peak, full_peak, float_bytes)
+    # Both peaks share a fixed part (cuBLAS/cuSOLVER workspaces, ~0.1 GB on an H200); streaming saves the float
+    # blocks but one (12 blocks: 11/12 of float_bytes) less their packed form (~1/7). Measured on an H200: 125 MB
+    # streamed, 266 MB whole, float blocks 151 MB.
+    assert full_peak - streamed_peak > 0.7 * float_bytes, (streamed_peak, full_peak, float_bytes)
