@@ -26,6 +26,9 @@ compiles). A name ending in " static" is the preallocated cache (`HfQuantCache(m
 transformers' `StaticCache`), run eagerly and compiled; the others run eagerly only (they are not compileable).
 
     OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --decode [--backend inductor] [--decode-rows NAME ...]
+
+`--layer-step` times one attention layer's decode step alone (no model): the growing layer eagerly, the static layer
+eagerly and compiled, for each "ours ..." name in `--decode-rows`.
 """
 
 from __future__ import annotations
@@ -197,7 +200,8 @@ def timed_generate(model, prompt: torch.Tensor, name: str, new_tokens: int, back
 def decode_main(args, model, prompt) -> None:
     rows = []
     for name in args.decode_rows:
-        runs = [None] + ([args.backend] if name.endswith(STATIC) else [])
+        compile_it = name.endswith(STATIC) and (args.compile_rows is None or name in args.compile_rows)
+        runs = [None] + ([args.backend] if compile_it else [])
         for backend in runs:
             t0 = time.perf_counter()
             if backend is not None:
@@ -223,6 +227,45 @@ def decode_main(args, model, prompt) -> None:
     args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=rows), indent=1))
 
 
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def layer_step_main(args) -> None:
+    """One attention layer's decode step alone (SmolLM2's 3 KV heads, head_dim 64, random states), after a
+    `--prompt`-token prefill: the growing HfQuantLayer eagerly, the static layer eagerly and compiled (`--backend`);
+    the median over `--new-tokens` steps, in ms."""
+    from hf_quant.cache.cache import HfQuantLayer, HfQuantStaticLayer
+
+    B, H, D, T0, N = 1, 3, 64, args.prompt, args.new_tokens
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(B, H, T0 + N, D, generator=g), torch.randn(B, H, T0 + N, D, generator=g)
+
+    def steps(layer, update):
+        layer.update(k[..., :T0, :], v[..., :T0, :])
+        times = []
+        for i in range(N):
+            t = time.perf_counter()
+            update(k[..., T0 + i:T0 + i + 1, :], v[..., T0 + i:T0 + i + 1, :])
+            times.append(time.perf_counter() - t)
+        return times
+
+    print(f"one layer's decode step after {T0} tokens, ms (median over {N - 1} steps; compiled: after the first); "
+          f"torch threads {torch.get_num_threads()}\n| cache | growing, eager | static, eager | static, compiled "
+          f"({args.backend}) | compile s |\n|---|---|---|---|---|")
+    for name in args.decode_rows:
+        settings = ours_settings(name)
+        grown = HfQuantLayer(**settings)
+        grow = median(steps(grown, grown.update)[1:])
+        static = HfQuantStaticLayer(T0 + N, **settings)
+        eager = median(steps(static, static.update)[1:])
+        static = HfQuantStaticLayer(T0 + N, **settings)
+        torch._dynamo.reset()
+        times = steps(static, torch.compile(static.update, backend=args.backend, fullgraph=True))
+        print(f"| {name} | {1e3 * grow:.2f} | {1e3 * eager:.2f} | {1e3 * median(times[1:]):.2f} | {times[0]:.0f} |",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=1)
@@ -238,8 +281,14 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="decode tokens/s only, eager against compiled (module doc)")
     ap.add_argument("--decode-rows", nargs="*", default=DECODE_ROWS)
     ap.add_argument("--backend", default="inductor", help="torch.compile backend of the --decode compiled runs")
+    ap.add_argument("--compile-rows", nargs="*", help="static rows also run compiled (default: every static row)")
+    ap.add_argument("--layer-step", action="store_true", help="one layer's decode step alone, growing vs static "
+                    "eager vs static compiled, for each of --decode-rows (ours ... names; no model)")
     args = ap.parse_args()
     args.out = args.out or HERE / "results" / ("kv_cache_decode.json" if args.decode else "kv_cache.json")
+    if args.layer_step:
+        layer_step_main(args)
+        return
     torch.manual_seed(0)
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)

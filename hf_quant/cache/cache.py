@@ -383,7 +383,7 @@ class HfQuantStaticLayer(HfQuantLayer):
         total = int(self.cumulative_length) + new_tokens
         if total > self.max_cache_len:
             raise ValueError(f"max_cache_len ({self.max_cache_len}) is too small: the cache would hold {total} tokens. "
-                             f"Fix: HfQuantCache(max_cache_len=...) at least the prompt length + max_new_tokens")
+                             "Fix: HfQuantCache(max_cache_len=...) at least the prompt length + max_new_tokens")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store the new states in place and return (keys, values) of all max_cache_len positions in float
