@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch._dynamo.utils
 from test_architectures import ARCHS, VOCAB
-from test_kv_cache import states
+from test_kv_cache import GEN_ARCHS, states
 from transformers import DynamicCache
 from transformers.generation import CompileConfig
 
@@ -102,6 +102,23 @@ def test_compiled_steps_store_what_the_growing_layer_stores():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_static_reorder_in_place():
+    """Beam reordering permutes every buffer in place (the compiled step's addresses stay) and the layer then
+    returns what the reordered growing layer returns."""
+    k, v = states((3, 2, 30, 16), seed=5), states((3, 2, 30, 16), seed=6)
+    settings = dict(bits=3, key_group_size=4, residual_length=3)
+    grow, static = HfQuantLayer(**settings), HfQuantStaticLayer(32, **settings)
+    for layer in (grow, static):
+        feed_all(layer, k[..., :29, :], v[..., :29, :], [20] + [1] * 9)
+    addresses = {name: t.data_ptr() for name, t in static.stored_tensors().items()}
+    idx = torch.tensor([2, 0, 0])
+    grow.reorder_cache(idx)
+    static.reorder_cache(idx)
+    assert {name: t.data_ptr() for name, t in static.stored_tensors().items()} == addresses
+    a, b = grow.update(k[idx, :, 29:], v[idx, :, 29:]), static.update(k[idx, :, 29:], v[idx, :, 29:])
+    assert torch.equal(a[0], b[0][..., :30, :]) and torch.equal(a[1], b[1][..., :30, :])
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_codes_is_pack_bits(bits):
     codes = torch.randint(0, 1 << bits, (2, 3, 5, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
@@ -154,6 +171,22 @@ def generate(model, ids, mask, cache, compiled: bool, n=20):
     model.generation_config.compile_config = config
     return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                           pad_token_id=0, cache=cache)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", GEN_ARCHS)
+def test_static_generate_equals_growing_on_every_architecture(name):
+    """Eagerly, on every generating architecture of the test suite (GEN_ARCHS: Llama, Mistral, Qwen2, Gemma, Phi-3,
+    GPT-2, OPT, Mixtral), the static cache's greedy tokens equal the growing cache's (2-bit defaults, left-padded
+    batch)."""
+    model = tiny(name)
+    ids, mask = padded_batch(seed=3)
+    kw = dict(config=model.config, bits=2, key_group_size=4, value_group_size=8, residual_length=3,
+              left_padding=mask)
+    grown = generate(model, ids, mask, HfQuantCache(**kw), compiled=False, n=12)
+    static = HfQuantCache(max_cache_len=24, **kw)
+    assert torch.equal(generate(model, ids, mask, static, compiled=False, n=12), grown)
+    assert any(isinstance(layer, HfQuantStaticLayer) and layer.quantized_length >= 8 for layer in static.layers)
 
 
 @torch.no_grad()
