@@ -556,8 +556,8 @@ class HfQuantStaticLayer(HfQuantLayer):
 
 
 def _zero_store(spec: KVSpec, B: int, H: int, tokens: int, dim: int, device) -> dict[str, torch.Tensor]:
-    """Stored tensors (codec module doc) for `tokens` tokens, decoding to zeros (a multiple of the key group size): their
-    dtypes and last dims from quantizing one group of zeros."""
+    """Stored tensors (codec module doc) for `tokens` tokens (a multiple of the key group size), decoding to zeros;
+    their dtypes and last dims from quantizing one group of zeros."""
     g = spec.group_size if spec.axis == "channel" else 1
     signs = None if spec.rotation_seed is None else codec.rotation_signs(dim, spec.rotation_seed, device)
     sample = codec.quantize(torch.zeros(1, 1, g, dim, device=device), spec, signs)
