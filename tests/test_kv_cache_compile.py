@@ -17,8 +17,7 @@ from test_kv_cache import GEN_ARCHS, states
 from transformers import DynamicCache
 from transformers.generation import CompileConfig
 
-from hf_quant.cache import HfQuantCache, HfQuantLayer, codec
-from hf_quant.cache.cache import HfQuantStaticLayer
+from hf_quant.cache import HfQuantCache, HfQuantLayer, HfQuantStaticLayer, codec
 from hf_quant.formats import pack_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
