@@ -36,7 +36,7 @@ import torch
 
 from ..solvers.gptq import gptq_columns
 from .format import Format, register_format
-from .packing import pack_bits, packed_length, unpack_bits
+from .packing import all_finite, pack_bits, packed_length, unpack_bits
 from .scalar import ExportRefused, ExportedWeight
 
 SUPER = 256
@@ -124,7 +124,7 @@ class KQuantFormat(Format):
         *lead, out, in_features = weight.shape
         check_width(in_features)
         w = weight.detach().reshape(-1, in_features).float()
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise ValueError("weight contains NaN or Inf; refusing to quantize it")
         parts = [fit(scheme.bits, w[r0 : r0 + step]) for r0, step in _chunks(w.shape[0], in_features)]
         return _pack(scheme.bits, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, (*lead, out))

@@ -55,7 +55,7 @@ import torch
 
 from ..solvers.gptq import gptq_columns
 from .format import Format, GPTQSettings, get_format, register_format
-from .packing import pack_bits, packed_length, unpack_bits
+from .packing import all_finite, pack_bits, packed_length, unpack_bits
 from .scheme import QuantScheme
 
 DQ_BLOCK = 64
@@ -211,7 +211,7 @@ class ScalarFormat(Format):
         *lead, out, in_features = weight.shape
         g, n_groups, in_padded = scheme.group_layout(in_features)
         w = weight.detach().reshape(-1, in_features)
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise ValueError("weight contains NaN or Inf; refusing to quantize it")
         rows = w.shape[0]
         has_zero = self.has_zero(scheme)

@@ -25,6 +25,7 @@ import torch
 
 from ..solvers.gptq import gptq_blockwise
 from .format import Format, register_format
+from .packing import all_finite
 from .scheme import QuantScheme
 
 TRITS_PER_BYTE = 5
@@ -94,7 +95,7 @@ class TernaryFormat(Format):
         """Canonical tensors of a float weight [*lead, out, in]."""
         *lead, out, in_features = weight.shape
         w = weight.detach().reshape(-1, in_features).float()
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise ValueError("weight contains NaN or Inf; refusing to quantize it")
         g, n_groups, in_padded = scheme.group_layout(in_features)
         trits = torch.empty(w.shape[0], scheme.planes, in_features, dtype=torch.int8, device=w.device)

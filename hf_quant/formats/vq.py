@@ -29,6 +29,7 @@ import torch
 
 from ..solvers.gptq import gptq_blockwise
 from .format import Format, register_format
+from .packing import all_finite
 from .scheme import QuantScheme
 
 VQ_DIM = 8
@@ -85,7 +86,7 @@ class VectorFormat(Format):
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
         *lead, out, in_features = weight.shape
         w = weight.detach().float().reshape(-1, out, in_features)
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise ValueError("weight contains NaN or Inf; refusing to quantize it")
         results = [_quantize_matrix(m, scheme) for m in w]
         return {name: torch.stack([r[name] for r in results]).reshape(*lead, *results[0][name].shape).contiguous()
