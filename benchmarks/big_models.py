@@ -36,31 +36,49 @@ SHAPES = {
                       num_key_value_heads=4, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256),
+    # Qwen3-30B-A3B: 128 experts of 768, 8 per token; 1.2 GiB of bf16 experts per block (61 GiB in all: run --blocks)
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936),
 }
 SCHEME = dict(bits=4, group_size=128)
 SHARD_BYTES = 1 << 30
 
 
 def write_checkpoint(folder: Path, shape: dict, blocks: int | None) -> int:
-    """A LlamaForCausalLM checkpoint of `shape` with random bfloat16 weights (N(0, 0.02), norms 1); returns its
-    size in bytes. Written tensor by tensor: the whole model is never in memory."""
+    """A LlamaForCausalLM (or, for an MoE shape, Qwen3MoeForCausalLM) checkpoint of `shape` with random bfloat16
+    weights (N(0, 0.02), norms 1); returns its size in bytes. Written tensor by tensor: the whole model is never in
+    memory. MoE experts are written one tensor per expert, as published checkpoints are (transformers fuses them
+    while loading)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
     layers = blocks or shape["num_hidden_layers"]
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    moe = "num_experts" in shape
+    common = dict(max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  dtype="bfloat16")
+    config = (Qwen3MoeConfig if moe else LlamaConfig)(**{**shape, "num_hidden_layers": layers}, **common)
     h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    head_dim = shape.get("head_dim", h // shape["num_attention_heads"])
+    q, kv = head_dim * shape["num_attention_heads"], head_dim * shape["num_key_value_heads"]
     names = [("model.embed_tokens.weight", (v, h))]
     for b in range(layers):
         p = f"model.layers.{b}."
         names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                  (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                  (p + "mlp.down_proj.weight", (h, i))]
+                  (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q))]
+        if moe:
+            e_i = shape["moe_intermediate_size"]
+            names += [(p + "self_attn.q_norm.weight", (head_dim,)), (p + "self_attn.k_norm.weight", (head_dim,)),
+                      (p + "mlp.gate.weight", (shape["num_experts"], h))]
+            for e in range(shape["num_experts"]):
+                names += [(p + f"mlp.experts.{e}.gate_proj.weight", (e_i, h)),
+                          (p + f"mlp.experts.{e}.up_proj.weight", (e_i, h)),
+                          (p + f"mlp.experts.{e}.down_proj.weight", (h, e_i))]
+        else:
+            names += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                      (p + "mlp.down_proj.weight", (h, i))]
     names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     generator = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,9 @@ class HfQuantQuantizer(HfQuantizer):
             allocation = allocate_from_checkpoint(model, config, checkpoint_files, self.modules_to_not_convert)
             logger.info(allocation.summary())
             config.update(overrides=config_with_allocation(config, allocation).overrides)
-        compute_dtype = dtype or torch.float32
+        # transformers 5.25 passes dtype=None here even when it resolved one ("auto": the checkpoint's bfloat16): the
+        # model's (meta) parameters carry it. Fused experts dequantize to this dtype, so it must be the model's.
+        compute_dtype = dtype or getattr(model, "dtype", None) or torch.float32
         if not self.pre_quantized:
             config.weights_digest = None  # (a loaded checkpoint's config reused to quantize another model)
             # A tied lm_head has no tensor of its own in the checkpoint: it is quantized from the tied embedding

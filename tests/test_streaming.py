@@ -208,3 +208,28 @@ def test_single_device_maps_stream_and_spread_ones_say_why(llama_dir, monkeypatc
             **CAL, method="gptq"))
     assert not model.hf_quantizer.calibration_report.streamed
     assert "device_map='auto'" in caplog.text and "device_map='cuda'" in caplog.text
+
+
+def test_bfloat16_moe_calibrates(tmp_path, monkeypatch):
+    """A bfloat16 MoE checkpoint (as published) calibrates its experts with GPTQ: the layout check compares the
+    experts' own bf16 output with a float32 rebuild, which differ by bf16 rounding (~5e-3), not by a layout error.
+    GPTQ must then beat data-free rounding on text like its calibration text (the fix also gives quantize-on-load's
+    experts the model's dtype: they dequantized to float32 under a bfloat16 model, and its forward failed)."""
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                               head_dim=16)).to(torch.bfloat16)
+    folder = save(model, tmp_path / "moe", shard="100KB")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)(TEXTS[1], return_tensors="pt").input_ids[:, :64]  # in distribution
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+    errors = {}
+    for method in ("gptq", "mse"):
+        quantized = load(folder, monkeypatch, method == "gptq", **{**CAL, "bits": 3}, method=method) \
+            if method == "gptq" else AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=HfQuantConfig(**{**CAL, "bits": 3}, method=method))
+        assert quantized.dtype == torch.bfloat16
+        with torch.no_grad():
+            errors[method] = float((quantized(ids).logits.float() - ref).norm() / ref.norm())
+    assert errors["gptq"] < errors["mse"], errors

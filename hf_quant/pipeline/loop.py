@@ -220,7 +220,8 @@ def quantize_with_calibration(
                 for p in processors:
                     p.begin(ctx)
                 if ctx.hessian_of or ctx.sample_of or ctx.needs_pass:
-                    peak_held = max(peak_held, _calibration_pass(ctx, states, token_ids))
+                    held = _calibration_pass(ctx, states, token_ids) + sum(p.held_bytes(ctx) for p in processors)
+                    peak_held = max(peak_held, held)
             finally:
                 for p in processors:
                     p.close(ctx)
