@@ -225,7 +225,10 @@ def run(args) -> None:
                 for method in args.methods:
                     key = (model_name, setting, method, seed)
                     done = [r for r in data["runs"] if (r["model"], r["setting"], r["method"], r["seed"]) == key]
-                    if done and not args.force and "error" not in done[0]:
+                    # a peer run recorded before its own on-disk bits were measured is evaluated again (its
+                    # checkpoint is kept, so it is not quantized again)
+                    if done and not args.force and "error" not in done[0] and (
+                            method.startswith("hf-") or "peer_format_bits_per_weight" in done[0]):
                         continue
                     data["runs"] = [r for r in data["runs"] if r not in done]
                     s = SETTINGS[setting]
@@ -295,8 +298,8 @@ def table(out: Path) -> str:
     for model_name, base in data["float"].items():
         lines += [f"**{model_name}** (float32 {base['ppl']:.3f}); perplexity per calibration seed (window offset "
                   f"0 / {SEED_OFFSET} / {2 * SEED_OFFSET} tokens), mean and spread (max - min):", "",
-                  "| setting | method | group used | bits/weight (layers) | ppl seed 0 | seed 1 | seed 2 | mean | "
-                  "spread | quantize s (seed 0) |",
+                  "| setting | method | group used | bits/weight (hf_quant / peer's files) | ppl seed 0 | seed 1 | "
+                  "seed 2 | mean | spread | quantize s (seed 0) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for setting in SETTINGS:
             for method in METHODS:
@@ -314,6 +317,8 @@ def table(out: Path) -> str:
                 mean = f"{statistics.mean(ppls):.3f}" if len(ppls) > 1 else "-"
                 spread = f"{max(ppls) - min(ppls):.3f}" if len(ppls) > 1 else "-"
                 bits = f"{first['bits_per_weight']:.3f}" if "bits_per_weight" in first else "-"
+                if "peer_format_bits_per_weight" in first:
+                    bits += f" / {first['peer_format_bits_per_weight']:.3f}"
                 secs = f"{ok[0]['quantize_seconds']:.0f}" if 0 in ok else "-"
                 lines.append(f"| {setting} | {LABELS[method]} | {first.get('group_size_used', '-')} | {bits} | "
                              f"{' | '.join(cells)} | {mean} | {spread} | {secs} |")
