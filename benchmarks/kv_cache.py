@@ -48,7 +48,9 @@ from transformers.generation import CompileConfig
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from hf_quant.assets import botchan_text, smollm2_path  # noqa: E402
+from hf_quant.assets import botchan_text, qwen25_coder_path, smollm2_path  # noqa: E402
+
+MODELS = {"smollm2": ("SmolLM2-135M", smollm2_path), "qwen25-coder": ("Qwen2.5-Coder-0.5B-Instruct", qwen25_coder_path)}
 from hf_quant.cache import HfQuantCache  # noqa: E402
 
 FLOAT = "float"
@@ -268,6 +270,7 @@ def layer_step_main(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="the real model (hf_quant.assets)")
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=128)
@@ -290,7 +293,8 @@ def main() -> None:
         layer_step_main(args)
         return
     torch.manual_seed(0)
-    path = smollm2_path()
+    label, model_path = MODELS[args.model]
+    path = model_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(tok(botchan_text(), add_special_tokens=False, verbose=False)["input_ids"])
@@ -323,7 +327,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     base = next(r["ppl"] for r in rows if r["name"] == FLOAT)
-    print(f"\nSmolLM2-135M float32, Botchan, {args.windows} x {args.window} tokens fed {args.chunk} at a time; "
+    print(f"\n{label} float32, Botchan, {args.windows} x {args.window} tokens fed {args.chunk} at a time; "
           f"greedy {args.new_tokens} tokens after a {args.prompt}-token prompt; torch threads {torch.get_num_threads()}")
     print("| cache | bytes/token | bits/entry | perplexity | vs float | greedy prefix = float | greedy same | "
           "decode tok/s |\n|---|---|---|---|---|---|---|---|")
