@@ -12,25 +12,19 @@ lr 5e-3. Batch size 8 (its default), symmetric (its default); everything else th
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from peer_args import peer_parser  # (this folder: the script's own)
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--ids", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--asym", action="store_true")
+    ap = peer_parser()
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--format", default="auto_gptq")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
     import torch

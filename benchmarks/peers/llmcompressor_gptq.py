@@ -12,20 +12,14 @@ model's would be): hf_quant stores float16 scales and imports only scales exact 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from peer_args import peer_parser  # (this folder: the script's own)
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--ids", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group-size", type=int, required=True)
-    ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = peer_parser()
     args = ap.parse_args()
 
     import torch
