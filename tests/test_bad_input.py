@@ -609,3 +609,19 @@ def test_a_save_killed_part_way_leaves_a_loadable_checkpoint(saved, tmp_path):
         child.wait()
         model = AutoModelForCausalLM.from_pretrained(target)
         assert {m.scheme.bits for m in model.model.modules() if isinstance(m, QuantLinear)} in ({3}, {4})
+
+
+@pytest.mark.parametrize("where", [0, 999, 4096 * 3 - 1])
+def test_non_finite_value_found_in_any_slice(where):
+    """The NaN/Inf check of data-free rounding runs a slice of rows at a time (bounded memory): a bad value in the
+    first, a middle or the last slice (rows of 13 values, slices of 4096 / 13 rows) is found, and a weight with none
+    passes."""
+    from hf_quant.formats.packing import all_finite
+
+    w = torch.randn(4096 * 3 // 13 + 1, 13).to(torch.bfloat16)
+    assert all_finite(w, chunk_elements=4096)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        v = w.clone().reshape(-1)
+        v[min(where, v.numel() - 1)] = bad
+        assert not all_finite(v.reshape(w.shape), chunk_elements=4096), (where, bad)
+    assert all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))

@@ -141,6 +141,26 @@ def test_hessian_inverse_factor_is_the_damped_inverse():
     assert torch.equal(upper, upper.triu())
 
 
+def test_hessian_inverse_factor_permutes_fixes_dead_inputs_and_leaves_its_input():
+    """With a visit order the factor is that of H[order][:, order] (built inside, so the solver holds no permuted
+    copy of its own), dead inputs (zero diagonal) get a unit diagonal first, and the caller's Hessian is unchanged
+    (it is damped in a working copy, whose identity term is added in place)."""
+    x = correlated_inputs(64, 37, 4)
+    x[:, 5] = 0  # a dead input
+    hessian = x.t() @ x / 64
+    before = hessian.clone()
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(2))
+    upper, damp = hessian_inverse_factor(hessian, 0.01, order)
+    assert torch.equal(hessian, before)
+    fixed = hessian.clone()
+    fixed[5, 5] = 1.0
+    permuted = fixed[order][:, order]
+    expected, _ = hessian_inverse_factor(permuted, 0.01)
+    assert torch.equal(upper, expected)
+    damped = permuted.double() + damp * torch.diagonal(permuted).mean().double() * torch.eye(37, dtype=torch.float64)
+    torch.testing.assert_close(upper.double().t() @ upper.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+
+
 def test_hessian_inverse_factor_raises_damping_until_positive_definite():
     hessian = torch.ones(16, 16, dtype=torch.float64)  # rank 1
     hessian[3, 3] = -5.0  # not even positive semi-definite: no small damping helps
