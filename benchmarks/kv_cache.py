@@ -69,8 +69,8 @@ PEERS = {
 }
 
 
-# words of an "ours ..." row name -> HfQuantCache arguments; any such name is a row (--only "ours int2 sinks=4 kg=16")
-WORDS = {"hadamard": ("rotation", str), "clip": ("clip", bool), "outliers": ("outliers", int),
+# words of an "ours ..." row name -> HfQuantCache arguments ("vrot": rotation="values", the values only); any such name is a row (--only "ours int2 sinks=4 kg=16")
+WORDS = {"hadamard": ("rotation", str), "vrot": ("rotation", str), "clip": ("clip", bool), "outliers": ("outliers", int),
          "sinks": ("sink_length", int), "kg": ("key_group_size", int), "vg": ("value_group_size", int),
          "window": ("residual_length", int)}
 PLAIN = dict(rotation=None, sink_length=0, clip=False)
@@ -91,7 +91,7 @@ def ours_settings(name: str) -> dict:
     for word in words[2:]:
         key, _, value = word.partition("=")
         arg, kind = WORDS[key]
-        out[arg] = "hadamard" if key == "hadamard" else True if key == "clip" else kind(value)
+        out[arg] = {"hadamard": "hadamard", "vrot": "values", "clip": True}.get(key) or kind(value)
     return out
 
 

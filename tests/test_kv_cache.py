@@ -176,17 +176,19 @@ def test_appends_equal_one_shot(settings):
 
 
 def test_two_bit_defaults():
-    """bits=2 defaults to Hadamard rotation, 4 float sinks and least-squares ranges (measured: BENCHMARKS.md);
+    """bits=2 defaults to the values' Hadamard rotation, 4 float sinks and least-squares ranges (measured on two
+    models: BENCHMARKS.md);
     other widths keep the plain defaults; an automatic rotation is dropped for an odd head_dim."""
     assert {k: HfQuantCache(bits=2).settings[k] for k in ("rotation", "sink_length", "clip", "key_group_size")} \
-        == dict(rotation="hadamard", sink_length=4, clip=True, key_group_size=32)
+        == dict(rotation="values", sink_length=4, clip=True, key_group_size=32)
     for bits in (3, 4, 8):
         assert {k: HfQuantCache(bits=bits).settings[k] for k in ("rotation", "sink_length", "clip")} \
             == dict(rotation=None, sink_length=0, clip=False)
     layer = HfQuantLayer(bits=2)
     layer.update(torch.randn(1, 1, 4, 15), torch.randn(1, 1, 4, 16))
-    assert layer.key_spec.rotation_seed is None and layer.sink_keys.shape[-2] == 4
-    assert HfQuantLayer(bits=2).key_spec.rotation_seed == 0
+    assert layer.value_spec.rotation_seed is None and layer.sink_keys.shape[-2] == 4
+    default = HfQuantLayer(bits=2)  # rotation="values": values rotated (seed + 1), keys not
+    assert default.key_spec.rotation_seed is None and default.value_spec.rotation_seed == 1
 
 
 @pytest.mark.parametrize("chunks", [[3, 1, 1, 39], [1] * 44, [44]])
@@ -341,7 +343,7 @@ def test_two_bit_defaults_beat_plain_two_bit_logits():
     logit error against the float cache than plain 2-bit, and sinks + Hadamard alone already do."""
     model, ids, ref = _tiny_llama_with_float_logits()
     errs = {}
-    for name, kw in (("plain", PLAIN_2BIT), ("defaults", {}), ("sinks+hadamard", dict(clip=False))):
+    for name, kw in (("plain", PLAIN_2BIT), ("defaults", {}), ("sinks+hadamard", dict(rotation="hadamard", clip=False))):
         cache = HfQuantCache(config=model.config, bits=2, key_group_size=4, value_group_size=16, residual_length=2,
                              **kw)
         errs[name] = ((chunked_logits(model, ids, cache) - ref).norm() / ref.norm()).item()
@@ -368,7 +370,7 @@ def test_sinks_and_hadamard_cut_attention_output_error():
     q = torch.randn(B, H, 16, D, generator=g) + 3 * direction
     ref = attention(q, k, v)
     errs = {}
-    for name, kw in (("plain", PLAIN_2BIT), ("sinks+hadamard", dict(clip=False)), ("defaults", {})):
+    for name, kw in (("plain", PLAIN_2BIT), ("sinks+hadamard", dict(rotation="hadamard", clip=False)), ("defaults", {})):
         layer = HfQuantLayer(bits=2, residual_length=16, **kw)
         layer.update(k[..., :-1, :], v[..., :-1, :])
         keys, values = layer.update(k[..., -1:, :], v[..., -1:, :])
@@ -457,3 +459,24 @@ def test_bad_arguments_found_at_first_update():
     assert layer.get_seq_length() == 8
     with pytest.raises(ValueError, match="quantized tokens cannot be removed"):
         layer.crop(-5)
+
+
+def test_values_only_rotation_stores_plain_keys_and_rotated_values():
+    """rotation="values": the stored keys are those of rotation=None and the stored values those of "hadamard", bit
+    for bit; decoding un-rotates the values only (decoded history equal to the matching halves)."""
+    torch.manual_seed(3)
+    k, v = torch.randn(2, 3, 70, 32), torch.randn(2, 3, 70, 32)
+    layers = {r: HfQuantLayer(bits=2, rotation=r, sink_length=0, clip=True, residual_length=8)
+              for r in (None, "hadamard", "values")}
+    for layer in layers.values():
+        layer.update(k, v)
+    stored = {r: layer.stored_tensors() for r, layer in layers.items()}
+    keys_of = {n: t for n, t in stored["values"].items() if "key" in n}
+    assert keys_of, list(stored["values"])
+    for n, t in stored["values"].items():  # (the float window and sinks are the inputs themselves)
+        ref = stored[None] if "key" in n else stored["hadamard"]
+        assert torch.equal(t, ref[n]), n
+    decoded = {r: layer.dequantized() for r, layer in layers.items()}
+    assert torch.equal(decoded["values"][0], decoded[None][0]) and torch.equal(decoded["values"][1],
+                                                                                decoded["hadamard"][1])
+    assert not torch.equal(decoded["values"][0], decoded["hadamard"][0])

@@ -28,6 +28,7 @@ SETTINGS = [
     dict(bits=3, key_group_size=8, value_group_size=32, residual_length=0, outliers=2),
     dict(bits=4, key_group_size=4, value_group_size=20, residual_length=3, rotation="hadamard", outliers=1),
     dict(bits=8, key_group_size=4, residual_length=2, sink_length=9),
+    dict(bits=2, key_group_size=4, value_group_size=16, residual_length=5, rotation="values"),
 ]
 CHUNKS = {"prefill+steps": [7] + [1] * 30 + [3, 5, 1, 1, 9, 1, 1, 1, 1, 1], "steps": [1] * 61,
           "short prefill": [2] + [1] * 59}

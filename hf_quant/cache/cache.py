@@ -17,9 +17,10 @@ Each attention layer (`HfQuantLayer`) holds, in token order,
 Q depends only on the token count T: Q = key_group_size * floor(max(T - P - residual_length, 0) / key_group_size),
 so the stored contents are the same however the tokens arrived (one prefill or many single-token steps).
 
-Defaults depend on bits (`TWO_BIT_DEFAULTS`): at 2 bits rotation="hadamard", sink_length=4 and clip=True (ranges
-chosen by least squared error), measured on SmolLM2-135M to take the perplexity cost from +14% to +0.6%; at 3, 4 and
-8 bits no rotation, no sinks, min/max ranges (the behaviour before these options existed). Pass the arguments
+Defaults depend on bits (`TWO_BIT_DEFAULTS`): at 2 bits rotation="values" (the values' Hadamard rotation),
+sink_length=4 and clip=True (ranges chosen by least squared error): +1.1% perplexity on SmolLM2-135M and -0.7% on
+Qwen2.5-Coder-0.5B, against +14% / +8.8% for plain 2-bit (rotating the keys too: +0.6% / +9.9%); at 3, 4 and 8 bits
+no rotation, no sinks, min/max ranges (the behaviour before these options existed). Pass the arguments
 explicitly to override (rotation=None, sink_length=0, clip=False is the plain 2-bit cache).
 
 `update` returns what transformers' attention needs, the whole history in float: the quantized part is decoded
@@ -72,13 +73,13 @@ from .codec import KV_BITS, KVSpec
 
 # Layer types whose keys/values this cache quantizes; any other type keeps transformers' own layer class.
 QUANTIZED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-ROTATIONS = (None, "hadamard")
+ROTATIONS = (None, "hadamard", "values")  # "values": only the values are rotated, keys stay per channel as they are
 
 
-# What bits=2 defaults to (measured on SmolLM2-135M, BENCHMARKS.md "Quantized KV cache (issue 19)"): without the
-# float sinks, rotation and least-squares ranges 2-bit costs +14% perplexity, with them +0.6%. Other widths keep
-# the plain defaults (no rotation, no sinks, min/max ranges).
-TWO_BIT_DEFAULTS = dict(rotation="hadamard", sink_length=4, clip=True)
+# What bits=2 defaults to, measured on two models (BENCHMARKS.md "Quantized KV cache (issue 19)" and its second-model
+# section): the keys' rotation is the best choice on SmolLM2 (+0.6%) and the worst on Qwen2.5-Coder (+9.9%); the
+# values' alone is +1.1% / -0.7%, under the peers' 4-bit caches on both. Other widths keep the plain defaults.
+TWO_BIT_DEFAULTS = dict(rotation="values", sink_length=4, clip=True)
 PLAIN_DEFAULTS = dict(rotation=None, sink_length=0, clip=False)
 AUTO = "auto"
 
@@ -139,8 +140,12 @@ class HfQuantLayer(CacheLayerMixin):
         rotation, sink_length, clip = resolve_defaults(bits, rotation, sink_length, clip)
         check_settings(bits, key_group_size, value_group_size, residual_length, rotation, outliers, decode_block,
                        sink_length, left_padding, clip)
+        self._rotation = rotation
         rotation_seed = seed if rotation is not None else None
-        self.key_spec = KVSpec(bits, key_group_size, "channel", outliers, rotation_seed, clip)
+        # Keys are grouped per channel over tokens: a rotation spreads their few large channels (Qwen2's key biases)
+        # over every channel, which cost +37% perplexity at 2 bits on Qwen2.5-Coder (BENCHMARKS), hence "values".
+        self.key_spec = KVSpec(bits, key_group_size, "channel", outliers,
+                               rotation_seed if rotation == "hadamard" else None, clip)
         self.value_spec = KVSpec(bits, value_group_size, "token", outliers, None if rotation_seed is None
                                  else rotation_seed + 1, clip)
         self.residual_length = residual_length
@@ -171,13 +176,17 @@ class HfQuantLayer(CacheLayerMixin):
         if self._rotation_auto and 1 in (codec.hadamard_block(self.key_dim), codec.hadamard_block(self.value_dim)):
             self.key_spec = dataclasses.replace(self.key_spec, rotation_seed=None)
             self.value_spec = dataclasses.replace(self.value_spec, rotation_seed=None)
-        if self.key_spec.rotation_seed is not None:
-            for name, dim in (("key", self.key_dim), ("value", self.value_dim)):
-                if codec.hadamard_block(dim) == 1:
-                    raise ValueError(f"rotation='hadamard' needs an even {name} head_dim, got {dim}. "
-                                     "Fix: pass rotation=None")
-            self._key_signs = codec.rotation_signs(self.key_dim, self.key_spec.rotation_seed, self.device)
-            self._value_signs = codec.rotation_signs(self.value_dim, self.value_spec.rotation_seed, self.device)
+        for name, dim, spec in (("key", self.key_dim, self.key_spec), ("value", self.value_dim, self.value_spec)):
+            if spec.rotation_seed is None:
+                continue
+            if codec.hadamard_block(dim) == 1:
+                raise ValueError(f"rotation={self._rotation!r} needs an even {name} head_dim, got {dim}. "
+                                 "Fix: pass rotation=None")
+            signs = codec.rotation_signs(dim, spec.rotation_seed, self.device)
+            if name == "key":
+                self._key_signs = signs
+            else:
+                self._value_signs = signs
 
     @property
     def quantized_length(self) -> int:
@@ -582,8 +591,8 @@ class HfQuantCache(Cache):
         value_group_size: head_dim entries per value group (values: one scale/offset per group of a token).
         residual_length: recent tokens kept in float (plus up to key_group_size - 1 not yet forming a whole group).
         rotation: "hadamard" quantizes keys and values rotated along head_dim (x R, random-sign Walsh-Hadamard) and
-            un-rotates them when decoding; None does not rotate.
-            Default "auto": "hadamard" at bits=2 (when head_dim is even), None otherwise.
+            un-rotates them when decoding; "values" rotates the values only; None does not rotate.
+            Default "auto": "values" at bits=2 (when head_dim is even), None otherwise.
         outliers: entries per token vector kept exactly in float16 (dense-and-sparse), 0 for none.
         seed: seed of the rotation's random signs.
         decode_block: tokens decoded at once when attention reads the cache (a multiple of key_group_size).
