@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.packing import pack_bits, packed_length, unpack_bits
+from ..formats.packing import pack_bits, pack_bits_unchecked, packed_length, unpack_bits
 from ..formats.scalar import decode_codes
 
 KV_BITS = (2, 3, 4, 8)
@@ -176,7 +176,7 @@ def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None,
     traceable=True (the static cache's compiled decode step) leaves out the two checks that read values on the
     host, which torch.compile cannot trace: the NaN/Inf refusal (a non-finite state there already makes that step's
     attention output non-finite, since the new token is attended in float) and `pack_bits`' range check (the codes
-    are clamped to [0, maxq], so they fit); the packed bytes are the same (`pack_codes`)."""
+    are clamped to [0, maxq], so they fit); the packed bytes are the same (`pack_bits_unchecked`)."""
     if x.dim() != 4:
         raise ValueError(f"expected key/value states of shape [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
     B, H, T, D = x.shape
@@ -202,23 +202,9 @@ def quantize(x: torch.Tensor, spec: KVSpec, signs: torch.Tensor | None = None,
         scale, offset = _clipped_params(xg, lo, hi, scale, offset, spec.maxq, gdim)
     q = ((xg - offset) / scale).round_().clamp_(0, spec.maxq).to(torch.uint8)
     q = _ungrouped(q, spec, T, D)
-    out["codes"] = pack_codes(q, spec.bits) if traceable else pack_bits(q, spec.bits)
+    out["codes"] = pack_bits_unchecked(q, spec.bits) if traceable else pack_bits(q, spec.bits)
     out["scale"], out["offset"] = scale.squeeze(gdim).half(), offset.squeeze(gdim).half()
     return {name: out[name] for name in sorted(out)}
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """`formats.packing.pack_bits`' layout without its host-side range check and row chunking, so that
-    torch.compile traces it (codes must already lie in [0, 2**bits))."""
-    *lead, n = codes.shape
-    n8 = -(-n // 8) * 8
-    c = torch.nn.functional.pad(codes, (0, n8 - n))
-    if bits == 8:
-        return c.to(torch.uint8)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    word = (c.to(torch.int64).view(*lead, n8 // 8, 8) << shifts).sum(-1)  # disjoint bit fields: sum == OR
-    return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).view(*lead, n8 // 8 * bits)
 
 
 def dequantize(tensors: dict[str, torch.Tensor], spec: KVSpec, head_dim: int, dtype: torch.dtype = torch.float32,

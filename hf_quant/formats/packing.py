@@ -38,14 +38,24 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return out.reshape(*lead, n8)
     rows = flat.shape[0]
     out = torch.empty(rows, n8 // 8 * bits, dtype=torch.uint8, device=codes.device)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
     step = max(1, _CHUNK_CODES // max(n8, 1))
     for r0 in range(0, rows, step):
-        c = torch.nn.functional.pad(flat[r0 : r0 + step].to(torch.int64), (0, n8 - n))
-        word = (c.view(c.shape[0], n8 // 8, 8) << shifts).sum(-1)  # disjoint bit fields: sum == OR
-        out[r0 : r0 + step] = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).view(c.shape[0], -1)
+        out[r0 : r0 + step] = pack_bits_unchecked(flat[r0 : r0 + step], bits)
     return out.reshape(*lead, n8 // 8 * bits)
+
+
+def pack_bits_unchecked(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_bits`' layout in one pass, without its host-side range check and row chunking, so that torch.compile
+    traces it (the KV cache's compiled step); codes must already lie in [0, 2**bits)."""
+    *lead, n = codes.shape
+    n8 = -(-n // 8) * 8
+    c = torch.nn.functional.pad(codes, (0, n8 - n))
+    if bits == 8:
+        return c.to(torch.uint8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    word = (c.to(torch.int64).view(*lead, n8 // 8, 8) << shifts).sum(-1)  # disjoint bit fields: sum == OR
+    return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).view(*lead, n8 // 8 * bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -90,4 +100,3 @@ def all_finite(tensor: torch.Tensor, chunk_elements: int = 1 << 22) -> bool:
     flat = tensor.detach().reshape(-1, tensor.shape[-1]) if tensor.dim() else tensor.detach().reshape(1, 1)
     step = max(1, chunk_elements // max(flat.shape[1], 1))
     return all(bool(torch.isfinite(flat[r0 : r0 + step]).all()) for r0 in range(0, flat.shape[0], step))
-

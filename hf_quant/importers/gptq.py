@@ -17,8 +17,8 @@ checkpoint formats (marlin, bitblas, qqq, ...), pack_dtype other than int32, a v
 of 0 stored as -1: AutoGPTQ/vLLM read it as 2**b, GPTQModel's v1 -> v2 conversion as 0 with a carry into the next
 field, so the file means different weights to different readers), group sizes hf_quant lacks, tensors whose dtype or
 shape does not match the config. Negative scales (AutoRound's symmetric export signs them) import exactly: codes
-maxq - q, zero-point maxq - z, scale -s; such a layer imports as asymmetric. `sym=True` checkpoints whose zero-points are not all 2**(b-1) import as asymmetric
-(exact). GPTQModel's `dynamic` overrides ("+:regex" / plain regex: per-module bits/group_size/sym/desc_act, first
+maxq - q, zero-point maxq - z, scale -s (the same values, other codes); such a layer imports as asymmetric.
+`sym=True` checkpoints whose zero-points are not all 2**(b-1) import as asymmetric (exact). GPTQModel's `dynamic` overrides ("+:regex" / plain regex: per-module bits/group_size/sym/desc_act, first
 match wins as in GPTQModel and vLLM; "-:regex": kept in float) give mixed precision.
 """
 
