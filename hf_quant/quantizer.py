@@ -59,10 +59,22 @@ class HfQuantQuantizer(HfQuantizer):
         self.tied_to_quantize: dict[str, object] = {}  # tied linear (e.g. lm_head) -> scheme, quantized after load
         self.records: dict | None = None  # pre-quantized: the weights' own records (modules, float tensor digests)
         self.streamer = None  # calibration: the decoder blocks, read one at a time (pipeline/streaming.py)
+        self.stream_later = None  # (model, files, dtype) while a named device_map waits to be resolved
+        self.calibrated_sizes: dict[str, float] = {}  # calibration targets' weights -> stored bytes per weight
 
     # --- loading hooks ----------------------------------------------------------------------------
 
     def validate_environment(self, *args, **kwargs):
+        # transformers calls this again right after resolving a named device_map ("auto", ...) into a dict, sized
+        # with the decoder blocks in place: the blocks to stream are taken out now, before weights load. (There is
+        # no hook between the device map's resolution and loading; the after-loading hook checks this happened.)
+        device_map = kwargs.get("device_map")
+        if self.stream_later is not None and isinstance(device_map, dict):
+            from .pipeline.streaming import BlockStreamer
+
+            model, files, dtype = self.stream_later
+            self.stream_later = None
+            self.streamer = BlockStreamer.detach(model, files, dtype, device_map)
         return None
 
     def update_dtype(self, dtype):
@@ -74,6 +86,8 @@ class HfQuantQuantizer(HfQuantizer):
         # registered on meta with their shapes, are counted themselves; a fused-expert tensor quantized as it loads
         # takes its scheme's stored bits.
         if not self.pre_quantized:
+            if param_name in self.calibrated_sizes:  # quantized after loading, but sized as it will be stored
+                return self.calibrated_sizes[param_name]
             if param_name in self.pending_experts:
                 scheme, transposed, _ = self.pending_experts[param_name]
                 e, a, b = param.shape
@@ -125,7 +139,19 @@ class HfQuantQuantizer(HfQuantizer):
             from .pipeline import check_calibration_supported
 
             check_calibration_supported(model, config)
-            self.streamer = block_streamer(model, config, checkpoint_files, compute_dtype, kwargs.get("device_map"))
+            device_map = kwargs.get("device_map")
+            if stream_blocks(model, config, checkpoint_files, device_map):
+                from .pipeline.streaming import BlockStreamer, resolved_later
+
+                # Only the packed form of a streamed block is ever resident: the device map is sized by it. (The
+                # whole-model path loads every float weight where the map says, so it keeps the float sizes.)
+                self.calibrated_sizes = {f"{t.module_name}.{t.param}": bits_per_weight(t.scheme, t.shape) / 8
+                                         for t in find_targets(model, config, self.modules_to_not_convert)}
+
+                if resolved_later(device_map):
+                    self.stream_later = (model, checkpoint_files, compute_dtype)  # see validate_environment
+                else:
+                    self.streamer = BlockStreamer.detach(model, checkpoint_files, compute_dtype, device_map)
             return
         replaced = install_quantized_modules(
             model, config, self.modules_to_not_convert, self.pre_quantized, compute_dtype, self.pending_experts
@@ -151,6 +177,10 @@ class HfQuantQuantizer(HfQuantizer):
             from .pipeline import quantize_with_calibration
 
             streamer, self.streamer = self.streamer, None
+            if self.stream_later is not None:  # transformers never handed over the resolved device map
+                self.stream_later = None
+                logger.warning("hf_quant: calibration loaded the whole float model: this transformers version did "
+                               "not report the resolved device_map before loading")
             if streamer is not None:
                 streamer.attach(model)  # the blocks come back with their float weights on meta, read one at a time
             self.calibration_report = quantize_with_calibration(model, self.quantization_config,
@@ -272,18 +302,17 @@ class HfQuantQuantize(ConversionOps):
         return result
 
 
-def block_streamer(model: nn.Module, config: HfQuantConfig, checkpoint_files, dtype, device_map):
-    """Calibration in bounded memory: take the decoder blocks out of the model before weights load, to be read one
-    block at a time during calibration (None, with the reason logged, when the whole float model must load)."""
-    from .pipeline.streaming import ENV_DISABLE, BlockStreamer, streaming_disabled_reason
+def stream_blocks(model: nn.Module, config: HfQuantConfig, checkpoint_files, device_map) -> bool:
+    """Whether calibration can read the decoder blocks one at a time (pipeline/streaming.py); when the whole float
+    model must load instead, the reason is logged."""
+    from .pipeline.streaming import ENV_DISABLE, streaming_disabled_reason
 
     reason = streaming_disabled_reason(model, config, checkpoint_files, device_map)
     if reason is not None:
         log = logger.info if ENV_DISABLE in reason else logger.warning
         log("hf_quant: calibration loads the whole float model first (peak memory at least the float model's "
             "size) because %s", reason)
-        return None
-    return BlockStreamer.detach(model, checkpoint_files, dtype)
+    return reason is None
 
 
 def initialize_weights_with_stubs(model: nn.Module, initialize_weights) -> None:

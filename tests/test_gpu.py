@@ -169,3 +169,22 @@ def test_streamed_calibration_runs_each_block_on_the_gpu(tmp_path, monkeypatch):
     # blocks but one (12 blocks: 11/12 of float_bytes) less their packed form (~1/7). Measured on an H200: 125 MB
     # streamed, 266 MB whole, float blocks 151 MB.
     assert full_peak - streamed_peak > 0.7 * float_bytes, (streamed_peak, full_peak, float_bytes)
+
+    # device_map="auto" with a GPU budget for part of the packed model: every block is still calibrated on the GPU
+    # (same codes), then the blocks past the budget go to the CPU behind accelerate's offload hooks.
+    del full
+    torch.cuda.empty_cache()
+    packed_block = sum(t.numel() * t.element_size() for t in streamed.model.layers[0].state_dict().values())
+    budget = int(streamed.model.embed_tokens.weight.numel() * 4 + 5 * packed_block)
+    spread = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", dtype=torch.float32,
+                                                  max_memory={0: budget, "cpu": 2**34},
+                                                  quantization_config=HfQuantConfig(**settings))
+    assert spread.hf_quantizer.calibration_report.streamed
+    placed = {spread.hf_device_map.get(f"model.layers.{i}", spread.hf_device_map.get("model.layers"))
+              for i in range(layers)}
+    assert placed == {0, "cpu"}, spread.hf_device_map
+    sc = spread.state_dict()
+    assert all(torch.equal(sc[k].cpu(), sa[k].cpu()) for k in codes if sc[k].device.type != "meta")
+    ids = torch.randint(0, BYTE_VOCAB, (2, 32), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(spread(ids).logits, streamed(ids).logits, rtol=1e-4, atol=1e-4)

@@ -194,20 +194,52 @@ def test_residual_rotation_loads_the_whole_model_and_says_why(llama_dir, monkeyp
     assert "rotation='residual'" in caplog.text and "whole float model" in caplog.text
 
 
-def test_single_device_maps_stream_and_spread_ones_say_why(llama_dir, monkeypatch, caplog):
-    from hf_quant.pipeline.streaming import single_device
+def test_device_maps_stream(llama_dir, monkeypatch, tmp_path):
+    """Named and dict device maps stream too: "auto" on this CPU machine gives the codes of the plain CPU stream, bit
+    for bit; a tight max_memory puts packed blocks on disk (sized by their packed size), and the model so placed
+    computes exactly what the in-memory one does, with the disk blocks' packed buffers off RAM."""
+    from hf_quant.pipeline.streaming import block_placement, single_device
 
     assert single_device(None) == torch.device("cpu") == single_device({"": "cpu"}) == single_device("cpu")
     assert single_device("cuda") == torch.device("cuda") and single_device({"": 0}) == torch.device("cuda", 0)
     assert single_device(0) == torch.device("cuda", 0)
-    for spread in ("auto", "balanced", {"model.embed_tokens": "cpu", "model.layers": "disk"},
-                   {"a": 0, "b": "cpu"}):
+    for spread in ("auto", "balanced", {"model.embed_tokens": "cpu", "model.layers": "disk"}, {"a": 0, "b": "cpu"}):
         assert single_device(spread) is None, spread
-    with caplog.at_level(logging.WARNING, logger="hf_quant.quantizer"):
-        model = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="auto", quantization_config=HfQuantConfig(
-            **CAL, method="gptq"))
-    assert not model.hf_quantizer.calibration_report.streamed
-    assert "device_map='auto'" in caplog.text and "device_map='cuda'" in caplog.text
+    assert block_placement({"model.layers.0": 0, "model.layers": "disk", "": "cpu"}, "model.layers", 2) == [0, "disk"]
+    with pytest.raises(ValueError, match=r"parts of model.layers.1 separately.*give 'model.layers.1' one device"):
+        block_placement({"": "cpu", "model.layers.1.mlp": "disk"}, "model.layers", 2)
+
+    config = HfQuantConfig(**CAL, method="gptq")
+    plain = load(llama_dir, monkeypatch, True, **CAL, method="gptq")
+    auto = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="auto", quantization_config=config)
+    assert auto.hf_quantizer.calibration_report.streamed
+    assert_identical(plain, auto)
+
+    # 150 KB: one packed block fits beside the embedding (a float32 block is 172 KB: none would)
+    folder = tmp_path / "offload"
+    tight = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="auto", max_memory={"cpu": "150KB"},
+                                                 offload_folder=str(folder), quantization_config=config)
+    assert tight.hf_quantizer.calibration_report.streamed
+    placed = tight.hf_device_map
+    assert placed["model.layers.0"] == "cpu" and placed["model.layers.2"] == "disk", placed
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, tight(ids).logits)
+    packed = {n: b.device.type for n, b in tight.named_buffers() if n.endswith("qweight")}
+    assert packed["model.layers.0.mlp.down_proj.qweight"] == "cpu"
+    assert packed["model.layers.2.mlp.down_proj.qweight"] == packed["lm_head.qweight"] == "meta"
+    assert (folder / "model.layers.packed" / "index.json").exists()
+
+    # a dict map names the blocks' devices itself
+    explicit = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapped = AutoModelForCausalLM.from_pretrained(llama_dir, device_map=explicit, offload_folder=str(tmp_path / "o2"),
+                                                  quantization_config=config)
+    assert mapped.hf_quantizer.calibration_report.streamed
+    packed = {n: b.device.type for n, b in mapped.named_buffers() if n.endswith("down_proj.qweight")}
+    assert packed == {f"model.layers.{i}.mlp.down_proj.qweight": d for i, d in enumerate(["meta", "cpu", "meta"])}
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, mapped(ids).logits)
 
 
 def test_bfloat16_moe_calibrates(tmp_path, monkeypatch):

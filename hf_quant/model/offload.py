@@ -64,6 +64,20 @@ def offload_packed_tensors(model: nn.Module) -> int:
     return moved
 
 
+def offload_folder_of(model: nn.Module) -> str:
+    """The folder from_pretrained offloads `model` to (its `offload_folder`, as accelerate's hooks hold it), else a
+    temporary one removed with the model."""
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+
+    for module in model.modules():
+        for hook in _hooks(module):
+            weights_map = getattr(hook, "weights_map", None)
+            loader = weights_map.dataset if isinstance(weights_map, PrefixedDataset) else weights_map
+            if isinstance(loader, OffloadedWeightsLoader) and loader.save_folder:
+                return loader.save_folder
+    return _temporary_folder(model)
+
+
 def _temporary_folder(model: nn.Module) -> str:
     """A folder for offloaded packed tensors when from_pretrained was given no offload_folder (a pre-quantized
     checkpoint's tensors are read in place; only tensors made while loading need one): removed with the model."""
@@ -76,4 +90,4 @@ def _temporary_folder(model: nn.Module) -> str:
     return folder
 
 
-__all__ = ["offload_packed_tensors"]
+__all__ = ["offload_folder_of", "offload_packed_tensors"]

@@ -118,11 +118,22 @@ def _capture_block_inputs(model, blocks, token_ids, batch, every_block: bool, st
         return hook
 
     handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(last + 1)]
+    if streamer is not None and streamer.device_map is not None:
+        # A spreading device map: the rest of the model runs where the map put it; each block is calibrated on the
+        # streamer's device, so its inputs (hidden states, mask, rotary embeddings) are moved there first.
+        from accelerate.utils import send_to_device
+
+        def to_block_device(_module, args, kwargs):
+            return send_to_device(args, streamer.device), send_to_device(kwargs, streamer.device)
+
+        handles += [blocks[i].register_forward_pre_hook(to_block_device, with_kwargs=True, prepend=True)
+                    for i in range(last + 1)]
     if streamer is not None:  # blocks before the last run once per batch: each read, run and dropped in turn
         for i in range(last):
             handles.append(blocks[i].register_forward_pre_hook(lambda m, a, i=i: streamer.load(i)))
             handles.append(blocks[i].register_forward_hook(lambda m, a, o, i=i: streamer.offload(i)))
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    # (accelerate's hooks move the ids on where the map runs the embedding; all offloaded: the CPU)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     try:
         for i in range(0, token_ids.shape[0], batch):
             try:
@@ -133,6 +144,25 @@ def _capture_block_inputs(model, blocks, token_ids, batch, every_block: bool, st
         for handle in handles:
             handle.remove()
     return captured, per_block
+
+
+def _quantize_outside_blocks(model: nn.Module, name: str, scheme) -> None:
+    """Quantize a module outside the decoder blocks data-free. One that the device map offloads (its weights on meta,
+    read by accelerate's hook at each forward) is quantized from its offloaded weights, and the packed module takes
+    over the hook: same execution device and weights map; `offload_packed_tensors` then offloads its packed buffers."""
+    module = model.get_submodule(name)
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False):
+        model.set_submodule(name, _quantized_module(module, scheme, None))
+        return
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, torch.device("cpu")):
+        quantized = _quantized_module(module, scheme, None)
+    remove_hook_from_module(module)
+    model.set_submodule(name, quantized)
+    add_hook_to_module(quantized, hook)
 
 
 def _block_output(out):
@@ -160,15 +190,18 @@ def quantize_with_calibration(
             f"hf_quant found no nn.Linear or Conv1D weight to quantize in {type(model).__name__} "
             f"(modules_to_not_convert={config.modules_to_not_convert}, overrides={config.overrides})"
         )
-    offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"disk", "meta"})
+    blocks_name, blocks = decoder_blocks(model)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
+    # Streamed blocks are read, then placed as the device map says; offloaded modules outside them are quantized
+    # from their offloaded weights (`_quantize_outside_blocks`).
+    offloaded = [] if streamer is not None else sorted(
+        {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} & {"disk", "meta"})
     if offloaded:
         raise ValueError(
             f"quantizing after loading (method={config.method!r}, rotation={config.rotation!r}) needs every weight in "
             f"memory, but device_map offloads some to {offloaded}; load with device_map='cpu' (or a GPU), or use a "
             "data-free method, which quantizes while loading"
         )
-    blocks_name, blocks = decoder_blocks(model)
-    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
     outside = [n for n, s in targets.items() if s.method in CALIBRATION_METHODS
                and not any(n.startswith(p) for p in prefixes)]
     if outside:
@@ -201,7 +234,7 @@ def quantize_with_calibration(
         # Data-free modules outside the blocks need no activations.
         for name, scheme in targets.items():
             if not any(name.startswith(p) for p in prefixes):
-                model.set_submodule(name, _quantized_module(model.get_submodule(name), scheme, None))
+                _quantize_outside_blocks(model, name, scheme)
                 done += 1
         bar = _progress(len(blocks), progress)
         for index, (block, prefix) in enumerate(zip(blocks, prefixes)):
@@ -247,12 +280,16 @@ def quantize_with_calibration(
             for n, q in quantized.items():
                 block.set_submodule(n, q)
                 done += 1
+            if streamer is not None:
+                streamer.place(index)  # where the device map puts this block
             # Nothing here may keep the block's float linears alive while the next block is read.
             ctx = quantized = modules = w = None
             _return_freed_memory()
             bar.set_postfix_str(f"peak RSS {_peak_rss() / 2**30:.2f} GiB", refresh=False)
             bar.update(1)
         bar.close()
+        if streamer is not None:
+            streamer.dispatch()
     finally:
         model.train(was_training)
         for p in processors:

@@ -12,8 +12,15 @@ are bit-identical. Once the loop has replaced the block's linears by packed modu
 Peak memory: the packed model so far + one block's float weights + the calibration activations and statistics of one
 block + the float modules outside the blocks. With `device_map="cuda"` (any single accelerator) each block is read on the
 host, moved to that device and calibrated there; the packed model builds up on the device, which never holds more
-than one float block, and the host holds one block's tensors at a time. A device map spreading the model over several
-devices (or disk) loads the whole float model instead, with a warning that says why.
+than one float block, and the host holds one block's tensors at a time.
+
+A device map that spreads the model (`"auto"`, `"balanced"`, `"sequential"`, or a dict over several devices and disk)
+streams too. transformers sizes it with the blocks in place, by their packed sizes (`param_element_size`), and only then
+are the blocks taken out (a named map is resolved after the quantizer's before-loading hook: the detach waits for it,
+see `HfQuantQuantizer.validate_environment`). Each block is calibrated on the map's main device (its first
+accelerator, else the CPU) and its packed form goes where the map puts that block: an accelerator, the CPU, or disk.
+At the end accelerate's `dispatch_model` places the blocks with its own hooks (CPU blocks behind an accelerator and
+disk blocks are offloaded with their packed buffers), as transformers' dispatch does for the rest of the model.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Sequence
 
 import torch
@@ -37,10 +45,8 @@ def streaming_disabled_reason(model: nn.Module, config, checkpoint_files, device
         return f"{ENV_DISABLE}=0"
     if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
         return "the checkpoint is not in safetensors files (streaming reads one block at a time from them)"
-    if single_device(device_map) is None:
-        return (f"device_map={device_map!r} spreads the model over several devices (streaming calibrates each block "
-                "on one device: use device_map='cuda' to calibrate every block on the GPU, which then holds the "
-                "packed model and one float block, or device_map='cpu')")
+    if single_device(device_map) is None and not resolved_later(device_map) and not isinstance(device_map, dict):
+        return f"device_map={device_map!r} is neither a device, a dict nor one of {NAMED_MAPS}"
     if config.rotation == "residual":
         return ("rotation='residual' folds the rotation into every block and checks the fold on the whole model's "
                 "logits before calibrating (use rotation='hadamard' to stream)")
@@ -72,6 +78,39 @@ def single_device(device_map) -> torch.device | None:
         return None
 
 
+NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolved_later(device_map) -> bool:
+    """A named device_map, which transformers turns into a module -> device dict after the quantizer's
+    before-loading hook (sized with the blocks in place)."""
+    return isinstance(device_map, str) and device_map in NAMED_MAPS
+
+
+def _as_device(value) -> torch.device | str:
+    """A device_map value as a torch.device ("disk" stays a string; an int is a CUDA index, as in accelerate)."""
+    if value == "disk":
+        return "disk"
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+
+
+def block_placement(device_map: dict, blocks_name: str, count: int) -> list:
+    """Where a module -> device map puts each decoder block (its own entry or the longest prefix's). ValueError when
+    the map splits a block over several entries: a block is calibrated and placed whole."""
+    placement = []
+    for i in range(count):
+        name = f"{blocks_name}.{i}"
+        inside = [k for k in device_map if k.startswith(name + ".")]
+        if inside:
+            raise ValueError(f"device_map places parts of {name} separately ({inside[:3]}); streamed calibration "
+                             f"places each decoder block whole: give {name!r} one device")
+        owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        if not owners:
+            raise ValueError(f"device_map has no entry for {name} (nor for a module containing it)")
+        placement.append(device_map[max(owners, key=len)])
+    return placement
+
+
 def _non_persistent_buffers(module: nn.Module):
     for name, m in module.named_modules():
         for b in m._non_persistent_buffers_set:
@@ -94,18 +133,25 @@ class BlockStreamer:
         self._dtype_plan = None
         self.loaded_bytes: list[int] = []  # float bytes read per block (report)
         self.device = torch.device("cpu")  # where each block is calibrated: the device the rest of the model is on
+        self.device_map: dict | None = None  # a spreading map: the blocks are placed by it once packed (`place`)
+        self.placement: list = []  # per block, the device_map value it gets
 
     # --- before and after transformers loads the rest ----------------------------------------------------------
 
     @classmethod
-    def detach(cls, model: nn.Module, checkpoint_files, dtype) -> "BlockStreamer":
+    def detach(cls, model: nn.Module, checkpoint_files, dtype, device_map=None) -> "BlockStreamer":
         """Take the decoder blocks out of `model` (on the meta device, before weights load) so that transformers
-        neither reads nor initializes their weights; their checkpoint keys are ignored as unexpected."""
+        neither reads nor initializes their weights; their checkpoint keys are ignored as unexpected. A `device_map`
+        dict over several devices (or disk) says where each packed block goes."""
         from ..model import decoder_blocks
 
         blocks_name, blocks = decoder_blocks(model)
         streamer = cls(blocks_name, blocks, checkpoint_files, dtype)
-        model.set_submodule(blocks_name, nn.ModuleList())
+        if isinstance(device_map, dict) and single_device(device_map) is None:
+            streamer.placement = block_placement(device_map, blocks_name, len(blocks))
+            streamer.device_map = dict(device_map)
+        # Empty stand-ins keep the blocks' names, which a device map resolved with the blocks in place refers to.
+        model.set_submodule(blocks_name, nn.ModuleList(nn.Module() for _ in blocks))
         ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
         model._keys_to_ignore_on_load_unexpected = ignored | {streamer._pattern}
         return streamer
@@ -122,7 +168,11 @@ class BlockStreamer:
         model.set_submodule(self.blocks_name, self.blocks)
         self.blocks.train(model.training)
         self.model = model
-        self.device = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+        if self.device_map is not None:  # the map's first accelerator, else the CPU
+            devices = [_as_device(v) for v in self.device_map.values()]
+            self.device = next((d for d in devices if d != "disk" and d.type != "cpu"), torch.device("cpu"))
+        else:
+            self.device = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
         self._mapping = get_model_conversion_mapping(model)
         self._dtype_plan = model._get_dtype_plan(self.dtype)
         renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
@@ -209,9 +259,38 @@ class BlockStreamer:
                     module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                             requires_grad=p.requires_grad)
 
+    def place(self, index: int) -> None:
+        """Move packed block `index` towards where the device map puts it: its accelerator, else the CPU (disk
+        blocks are written out by `dispatch` at the end)."""
+        if self.device_map is None:
+            return
+        target = _as_device(self.placement[index])
+        self.blocks[index].to(target if target != "disk" else torch.device("cpu"))
+
+    def dispatch(self) -> None:
+        """Put accelerate's hooks on the packed blocks as the device map says (transformers dispatched the rest of
+        the model before calibration, while the blocks were out): blocks on another accelerator get input-moving
+        hooks, CPU blocks behind an accelerator and disk blocks are offloaded, their packed buffers included."""
+        if self.device_map is None:
+            return
+        from accelerate import dispatch_model
+
+        from ..model.offload import offload_folder_of
+
+        block_map = {str(i): value for i, value in enumerate(self.placement)}
+        folder = None
+        if "disk" in self.placement:
+            folder = os.path.join(offload_folder_of(self.model), f"{self.blocks_name}.packed")
+            shutil.rmtree(folder, ignore_errors=True)  # accelerate reuses a folder that has an index.json
+            logger.info("hf_quant: packed blocks the device map puts on disk are written to %s", folder)
+        main = self.device if self.device.type != "cpu" else "cpu"
+        dispatch_model(self.blocks, device_map=block_map, main_device=main, offload_dir=folder, offload_buffers=True,
+                       force_hooks=True)
+
     def close(self) -> None:
         self._keys = []
         self.model = None
 
 
-__all__ = ["BlockStreamer", "ENV_DISABLE", "single_device", "streaming_disabled_reason"]
+__all__ = ["BlockStreamer", "ENV_DISABLE", "NAMED_MAPS", "block_placement", "resolved_later", "single_device",
+           "streaming_disabled_reason"]
