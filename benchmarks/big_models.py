@@ -153,15 +153,14 @@ class MemorySampler:
 
 def child(run: str, folder: str, n_samples: int, seq_len: int, device: str | None = None) -> dict:
     """One measurement (in its own process)."""
+    if run == "bnb-nf4":
+        return _bnb_child(folder)
+    if run == "llmc-gptq":  # (in llm-compressor's venv, which has no hf_quant)
+        return _llmc_child(folder, os.environ["HF_QUANT_BENCH_IDS"])
     import torch
     from transformers import AutoModelForCausalLM
 
     from hf_quant import HfQuantConfig
-
-    if run == "bnb-nf4":
-        return _bnb_child(folder)
-    if run == "llmc-gptq":
-        return _llmc_child(folder, os.environ["HF_QUANT_BENCH_IDS"])
     settings = dict(SCHEME)
     if run.startswith("gptq"):
         settings.update(method="gptq", n_samples=n_samples, seq_len=seq_len)
@@ -243,7 +242,10 @@ def _llmc_child(folder: str, ids_file: str) -> dict:
     peaks = sampler.stop()
     return {"run": "llmc-gptq", "library": f"llmcompressor {llmcompressor.__version__}", "seconds": seconds,
             "load_seconds": loaded, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "model_bytes": None, "threads": torch.get_num_threads(), "peak_anon_bytes": peaks["RssAnon"],
+            # after oneshot the model still holds its float weights (fake-quantized) beside scales and zero-points:
+            # the packed form is made when it is saved
+            "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            "threads": torch.get_num_threads(), "peak_anon_bytes": peaks["RssAnon"],
             "peak_file_bytes": peaks["RssFile"], "baseline_anon_bytes": baseline["RssAnon"], "calibration": None}
 
 
