@@ -234,13 +234,21 @@ def _llmc_child(folder: str, ids_file: str) -> dict:
     baseline = dict(sampler.stop())
     sampler = MemorySampler()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+    if "num_experts" in json.loads((Path(folder) / "config.json").read_text()):
+        # its documented MoE loading: fused 3-D experts become one Linear per expert, which GPTQ then targets
+        from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+
+        with load_quantizable_moe():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
     loaded = time.perf_counter() - start
     recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
     seconds = time.perf_counter() - start
     peaks = sampler.stop()
-    return {"run": "llmc-gptq", "library": f"llmcompressor {llmcompressor.__version__}", "seconds": seconds,
+    quantized = sum(1 for m in model.modules() if hasattr(m, "weight_scale"))
+    return {"run": "llmc-gptq", "quantized_modules": quantized, "library": f"llmcompressor {llmcompressor.__version__}", "seconds": seconds,
             "load_seconds": loaded, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             # after oneshot the model still holds its float weights (fake-quantized) beside scales and zero-points:
             # the packed form is made when it is saved

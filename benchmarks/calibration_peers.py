@@ -45,10 +45,13 @@ SETTINGS = {
     "int3-g128": dict(bits=3, group_size=128),
     "int3-g64": dict(bits=3, group_size=64),
 }
-METHODS = ("hf-gptq", "hf-gptq-hadamard", "llmc-gptq-sym", "llmc-gptq-asym", "autoround")
+METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "llmc-gptq-sym", "llmc-gptq-asym",
+           "autoround")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
     "hf-gptq-hadamard": "hf_quant GPTQ + Hadamard (asym)",
+    "hf-gptq-sym": "hf_quant GPTQ, symmetric",
+    "hf-gptq-sym-hadamard": "hf_quant GPTQ + Hadamard, symmetric",
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
@@ -256,6 +259,8 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
             config["calibration"] = calibration
         if method.endswith("hadamard"):
             config["rotation"] = "hadamard"
+        if "-sym" in method:  # llm-compressor's W4A16 storage: one float16 scale per group, no zero-point
+            config["symmetric"] = True
         spec = {"model": str(model_dir), "config": config, "tokens": args.tokens, "threads": args.threads}
         r = _sub([*me, "--one-ours", json.dumps(spec)], method)
         return {"group_size_used": s["group_size"], "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
