@@ -66,10 +66,10 @@ def single_device(device_map) -> torch.device | None:
     if device_map is None:
         return torch.device("cpu")
     if isinstance(device_map, dict):
-        devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}
+        devices = {_as_device(d) if d not in ("disk", "meta") else d for d in device_map.values()}
         if len(devices) != 1 or devices & {"disk", "meta"}:
             return None
-        device_map = devices.pop()
+        return devices.pop()
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     try:
