@@ -1,0 +1,110 @@
+"""Data-free column equalisation before 4-bit rounding (issue 18's SINQ question), measured on the real causal LMs.
+
+SINQ (Sinkhorn-normalised dual scales) divides a weight's columns by per-input-channel scales t found by alternately
+normalising row and column standard deviations; the quantized matrix keeps t as a second scale. Mathematically that
+is the same as folding t into the operation before the linear (x' = x t, W' = W / t), which AWQ's machinery
+(`hf_quant.algorithms.awq.scaling_groups` / `fold_scale`) already does for Llama/Qwen-style blocks without a format
+change. This script folds data-free scales, fake-quantizes every block linear with hf_quant's own coding
+(`quantize_params` + `dequantize_codes`, the values the packed modules compute with) and measures perplexity on
+Botchan's first --tokens tokens, as benchmarks/quality_smollm2.py does.
+
+    --eq none        no scaling (the baseline: equals the packed model's perplexity to 3 digits)
+    --eq sinq        t from 16 Sinkhorn steps on the concatenated weights of each scaling group (lowest imbalance)
+    --eq alpha       t = (column absmax)^alpha, alpha on a grid chosen per group by the weight error in the
+                     original coordinates, ||W - Q(W / t) t||^2 (alpha = 0, no scaling, on the grid)
+    --eq sinqsearch  t = sinq^alpha, alpha chosen the same way
+
+    OMP_NUM_THREADS=1 python benchmarks/data_free_equalization.py --model smollm2 --scheme int:4:128:mse --eq sinq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_quant.algorithms.awq import fold_scale, scaling_groups
+    from hf_quant.assets import botchan_text, real_causal_lms
+    from hf_quant.eval import perplexity
+    from hf_quant.formats import QuantScheme, dequantize_codes, quantize_params
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", choices=sorted(real_causal_lms()))
+    ap.add_argument("--scheme", default="int:4:128:mse", help="format[-sym]:bits:group:method")
+    ap.add_argument("--eq", default="none", choices=["none", "sinq", "alpha", "sinqsearch"])
+    ap.add_argument("--tokens", type=int, default=2048)
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    fmt, bits, group, method = a.scheme.split(":")
+    scheme = QuantScheme(format=fmt.removesuffix("-sym"), bits=int(bits), group_size=int(group), method=method,
+                         symmetric=fmt.endswith("-sym"))
+    path = real_causal_lms()[a.model]()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def fake_quantize(w):
+        p = quantize_params(w, scheme)
+        return dequantize_codes(scheme, p.codes, p.scale, p.zero, w.shape[1])
+
+    def weight_error(ws, t):
+        return sum((fake_quantize(w / t) * t - w).pow(2).sum().item() for w in ws)
+
+    def sinkhorn(ws, steps=16):
+        wn = torch.cat(ws, 0).float()
+        c, best, best_c = torch.ones(wn.shape[1]), float("inf"), torch.ones(wn.shape[1])
+        for _ in range(steps):
+            wn = wn / wn.std(1, keepdim=True).clamp_min(1e-8)
+            cs = wn.std(0, keepdim=True).clamp_min(1e-8)
+            wn, c = wn / cs, c * cs.squeeze(0)
+            col, row = wn.std(0), wn.std(1)
+            imbalance = (col.max() / col.min() + row.max() / row.min()).item()
+            if imbalance < best:
+                best, best_c = imbalance, c.clone()
+        return best_c
+
+    def searched(ws, base, alphas):
+        best, best_t = weight_error(ws, torch.ones_like(base)), torch.ones_like(base)
+        for alpha in alphas:
+            t = base.pow(alpha)
+            t = t / (t.max() * t.min()).sqrt()
+            e = weight_error(ws, t)
+            if e < best:
+                best, best_t = e, t
+        return best_t
+
+    start, spread = time.perf_counter(), 1.0
+    with torch.no_grad():
+        for block in model.model.layers:
+            modules = dict(block.named_modules())
+            targets = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+            for prev, linears in scaling_groups(block, targets):
+                ws = [modules[n].weight.float() for n in linears]
+                if a.eq == "none":
+                    continue
+                if a.eq == "sinq":
+                    t = sinkhorn(ws)
+                    t = t / (t.max() * t.min()).sqrt()
+                elif a.eq == "alpha":
+                    t = searched(ws, torch.cat(ws, 0).abs().amax(0).clamp_min(1e-8), [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+                else:
+                    t = searched(ws, sinkhorn(ws), [0.25, 0.5, 0.75, 1.0])
+                spread = max(spread, float(t.max() / t.min()))
+                fold_scale(modules[prev], [modules[n] for n in linears], 1.0 / t)  # W' = W / t, x' = x t
+        for m in model.model.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(fake_quantize(m.weight.float()))
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, tok, botchan_text(), max_tokens=a.tokens)
+    print(json.dumps({"model": a.model, "scheme": a.scheme, "eq": a.eq, "ppl": round(ppl, 3),
+                      "seconds": round(seconds, 1), "largest_scale_ratio": round(spread, 2)}))
+
+
+if __name__ == "__main__":
+    main()
