@@ -1,6 +1,6 @@
-"""Calibrated 4-bit and 3-bit beside the GPTQ-class peers users pick (issue 18): llm-compressor's GPTQ and AutoRound,
-each in its own venv (benchmarks/peers/setup_calibration_peers.sh), against hf_quant's GPTQ with and without the
-Hadamard rotation, on the real causal LMs of `hf_quant.assets.real_causal_lms()`.
+"""Calibrated 4-bit and 3-bit beside the GPTQ-class peers users pick (issue 18): llm-compressor's GPTQ, AutoRound and
+GPTQModel's GPTQ, each in its own venv (benchmarks/peers/setup_calibration_peers.sh), against hf_quant's GPTQ with and
+without the Hadamard rotation, on the real causal LMs of `hf_quant.assets.real_causal_lms()`.
 
 Same calibration for all: the exact [n_samples, seq_len] token windows hf_quant's GPTQ takes
 (`hf_quant.pipeline.calibration_token_ids`: 16 x 512 tokens spread evenly over Botchan after its first
@@ -10,17 +10,18 @@ are deterministic, so the "seed" is the calibration window offset: seed s calibr
 the text's end for every seed).
 
 Each peer saves its checkpoint (llm-compressor: compressed-tensors pack-quantized; AutoRound: GPTQ v1 via its
-auto_gptq export), which is loaded back into hf_quant with `hf_quant.load_foreign` (exact: the peer's own codes,
-scales and zero-points) and measured with the same `hf_quant.eval.perplexity` (the first --tokens Botchan tokens,
-window 512, disjoint from the calibration text) and `hf_quant.eval.model_storage` (true bits per weight of the
-quantized layers). lm_head stays float everywhere (linears only). Quantize time: the peer's own quantize call
-(model already loaded); hf_quant's: its whole `from_pretrained` with the config (load included).
+auto_gptq export; GPTQModel: GPTQ v1, its format="gptq"), which is loaded back into hf_quant with
+`hf_quant.load_foreign` (exact: the peer's own codes, scales and zero-points) and measured with the same
+`hf_quant.eval.perplexity` (the first --tokens Botchan tokens, window 512, disjoint from the calibration text) and
+`hf_quant.eval.model_storage` (true bits per weight of the quantized layers). lm_head stays float everywhere (linears
+only). Quantize time: the peer's own quantize call (model already loaded); hf_quant's: its whole `from_pretrained`
+with the config (load included).
 
 Every run is a subprocess; results accumulate in --out (a run already there is skipped unless --force), so the
 command can be re-run to fill in what a time limit cut off.
 
     python benchmarks/calibration_peers.py [--models smollm2 qwen2.5-coder] [--settings int4-g128 ...]
-        [--methods hf-gptq hf-gptq-hadamard llmc-gptq-sym llmc-gptq-asym autoround] [--seeds 0 1 2]
+        [--methods hf-gptq hf-gptq-hadamard llmc-gptq-sym llmc-gptq-asym autoround gptqmodel] [--seeds 0 1 2]
         [--tokens 1024] [--threads 1] [--autoround-iters 50 --autoround-lr 5e-3]
     python benchmarks/calibration_peers.py --table      # the markdown tables from --out
 """
@@ -46,7 +47,7 @@ SETTINGS = {
     "int3-g64": dict(bits=3, group_size=64),
 }
 METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "llmc-gptq-sym", "llmc-gptq-asym",
-           "autoround")
+           "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
     "hf-gptq-hadamard": "hf_quant GPTQ + Hadamard (asym)",
@@ -55,6 +56,7 @@ LABELS = {
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
+    "gptqmodel": "GPTQModel GPTQ (sym)",
 }
 
 
@@ -195,11 +197,32 @@ def _load(out: Path) -> dict:
     return {"float": {}, "runs": []}
 
 
-def _save(out: Path, data: dict) -> None:
+def _key(r: dict) -> tuple:
+    return r["model"], r["setting"], r["method"], r["seed"]
+
+
+def _save(out: Path, data: dict, record: dict | None = None, float_model: str | None = None) -> dict:
+    """Write this run's change into --out as it is on disk now, not this process's copy of it (two runners on the
+    same file would otherwise drop each other's runs): `record` replaces any run of its key, `float_model`'s float
+    entry is set. Returns the merged data."""
+    import fcntl
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(out)
+    lock = os.open(out.parent, os.O_RDONLY)  # the folder: the file itself is replaced, not rewritten
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = _load(out)
+        disk["setup"] = data["setup"]
+        if float_model is not None:
+            disk["float"][float_model] = data["float"][float_model]
+        if record is not None:
+            disk["runs"] = [r for r in disk["runs"] if _key(r) != _key(record)] + [record]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(disk, indent=1) + "\n")
+        tmp.replace(out)
+    finally:
+        os.close(lock)  # releases the lock
+    return disk
 
 
 def run(args) -> None:
@@ -220,23 +243,22 @@ def run(args) -> None:
         if model_name not in data["float"]:
             spec = {"model": str(model_dir), "config": None, "tokens": args.tokens, "threads": args.threads}
             data["float"][model_name] = _sub([*me, "--one-ours", json.dumps(spec)], f"{model_name} float")
-            _save(out, data)
+            data = _save(out, data, float_model=model_name)
         _log(f"{model_name}: float32 ppl {data['float'][model_name]['ppl']:.3f}")
         for setting in args.settings:
             for seed in args.seeds:
                 calibration, ids_file = _calibration(model_name, model_dir, seed, work)
                 for method in args.methods:
                     key = (model_name, setting, method, seed)
-                    done = [r for r in data["runs"] if (r["model"], r["setting"], r["method"], r["seed"]) == key]
+                    done = [r for r in data["runs"] if _key(r) == key]
                     # a peer run recorded before its own on-disk bits were measured is evaluated again (its
                     # checkpoint is kept, so it is not quantized again)
                     if done and not args.force and "error" not in done[0] and (
                             method.startswith("hf-") or "peer_format_bits_per_weight" in done[0]):
                         continue
-                    data["runs"] = [r for r in data["runs"] if r not in done]
                     s = SETTINGS[setting]
                     record = {"model": model_name, "setting": setting, "method": method, "seed": seed,
-                              "bits": s["bits"], "group_size": s["group_size"]}
+                              "bits": s["bits"], "group_size": s["group_size"], "threads": args.threads}
                     _log(f"{model_name} {setting} {method} seed {seed} ...")
                     try:
                         record.update(_one(args, me, venvs, work, model_dir, model_name, setting, method, seed,
@@ -244,8 +266,7 @@ def run(args) -> None:
                     except Exception as e:  # keep going: record it
                         record["error"] = str(e)[-2000:]
                         _log(f"  FAILED: {str(e)[-600:]}")
-                    data["runs"].append(record)
-                    _save(out, data)
+                    data = _save(out, data, record)
                     if "ppl" in record:
                         _log(f"  ppl {record['ppl']:.3f}, {record['bits_per_weight']:.3f} bits, "
                              f"quantize {record['quantize_seconds']:.0f} s")
@@ -276,6 +297,10 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
                "--batch-size", str(args.autoround_batch_size)]
         if args.autoround_lr is not None:
             cmd += ["--lr", str(args.autoround_lr)]
+    elif method == "gptqmodel":
+        g = s["group_size"]  # GPTQModel takes a group that does not divide in_features (a shorter last group)
+        cmd = [str(venvs / "gptqmodel" / "bin" / "python"), str(PEERS / "gptqmodel_gptq.py"),
+               "--bits", str(s["bits"]), "--group-size", str(g)]
     else:
         raise ValueError(method)
     # named by the group actually used: SmolLM2's int4-g128 and int4-g64 llm-compressor rows share one checkpoint
@@ -291,7 +316,8 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
     r = _sub([*me, "--one-foreign", json.dumps(spec)], f"{method} load_foreign + eval")
     return {"group_size_used": g, "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
             "model_bits_per_weight": r["model_bits_per_weight"], "quantize_seconds": q["seconds"],
-            "peer_format_bits_per_weight": r["peer_format_bits_per_weight"], "imported_as": r["imported_as"], "versions": q.get("versions")}
+            "peer_format_bits_per_weight": r["peer_format_bits_per_weight"], "imported_as": r["imported_as"],
+            "versions": q.get("versions"), **({"peer_config": q["config"]} if "config" in q else {})}
 
 
 # --------------------------------------------------------------------------- tables
