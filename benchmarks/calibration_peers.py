@@ -45,14 +45,20 @@ SETTINGS = {
     "int4-g64": dict(bits=4, group_size=64),
     "int3-g128": dict(bits=3, group_size=128),
     "int3-g64": dict(bits=3, group_size=64),
+    "int2-g64": dict(bits=2, group_size=64),  # the 2-bit class: peers' int2 g64 (2.25 bits symmetric)
 }
-METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "llmc-gptq-sym", "llmc-gptq-asym",
+# Methods whose storage is not the setting's integer grid: GPTVQ's two 2-D codebooks per 128-column group (2.27 bits
+# on these models), our best 2-bit-class format, compared with the peers' int2 g64 rows.
+METHOD_FORMAT = {"hf-gptvq-hadamard": dict(format="vq", planes=2, group_size=128)}
+METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard", "llmc-gptq-sym",
+           "llmc-gptq-asym",
            "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
     "hf-gptq-hadamard": "hf_quant GPTQ + Hadamard (asym)",
     "hf-gptq-sym": "hf_quant GPTQ, symmetric",
     "hf-gptq-sym-hadamard": "hf_quant GPTQ + Hadamard, symmetric",
+    "hf-gptvq-hadamard": "hf_quant GPTVQ (2 codebooks g128) + Hadamard",
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
@@ -274,8 +280,11 @@ def run(args) -> None:
 
 def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, calibration, ids_file) -> dict:
     s = SETTINGS[setting]
-    if method.startswith("hf-gptq"):
-        config = {**s, "method": "gptq", "lm_head": "float", "n_samples": 16, "seq_len": 512}
+    if method.startswith("hf-gpt"):
+        config = {**s, **METHOD_FORMAT.get(method, {}), "method": "gptq", "lm_head": "float", "n_samples": 16,
+                  "seq_len": 512}
+        if "format" in config:
+            config.pop("bits")
         if calibration is not None:
             config["calibration"] = calibration
         if method.endswith("hadamard"):
@@ -284,7 +293,7 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
             config["symmetric"] = True
         spec = {"model": str(model_dir), "config": config, "tokens": args.tokens, "threads": args.threads}
         r = _sub([*me, "--one-ours", json.dumps(spec)], method)
-        return {"group_size_used": s["group_size"], "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
+        return {"group_size_used": config["group_size"], "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
                 "model_bits_per_weight": r["model_bits_per_weight"], "quantize_seconds": r["seconds"]}
     if method.startswith("llmc"):
         g = _peer_group(model_dir, s["group_size"])
