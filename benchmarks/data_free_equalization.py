@@ -14,7 +14,13 @@ Botchan's first --tokens tokens, as benchmarks/quality_smollm2.py does.
                      original coordinates, ||W - Q(W / t) t||^2 (alpha = 0, no scaling, on the grid)
     --eq sinqsearch  t = sinq^alpha, alpha chosen the same way
 
+    --hq-fit scale-and-zero   (no equalisation needed) the half-quadratic fit of `mse` for int >= 4 bits updates the
+                     scale with the zero-point at each proximal step (a 1-D regression of the shrunk target on the
+                     codes) instead of keeping RTN's scale: the issue's "HQQ with both scale and zero optimised".
+                     Study only: it replaces `IntFormat._half_quadratic_zero` in this process.
+
     OMP_NUM_THREADS=1 python benchmarks/data_free_equalization.py --model smollm2 --scheme int:4:128:mse --eq sinq
+    OMP_NUM_THREADS=1 python benchmarks/data_free_equalization.py --model smollm2 --hq-fit scale-and-zero
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ def main() -> None:
     ap.add_argument("--scheme", default="int:4:128:mse", help="format[-sym]:bits:group:method")
     ap.add_argument("--eq", default="none", choices=["none", "sinq", "alpha", "sinqsearch"])
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--hq-fit", default="zero", choices=["zero", "scale-and-zero"])
     a = ap.parse_args()
+    if a.hq_fit == "scale-and-zero":
+        _fit_scale_and_zero()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     fmt, bits, group, method = a.scheme.split(":")
     scheme = QuantScheme(format=fmt.removesuffix("-sym"), bits=int(bits), group_size=int(group), method=method,
@@ -102,8 +111,34 @@ def main() -> None:
                 m.weight.copy_(fake_quantize(m.weight.float()))
     seconds = time.perf_counter() - start
     ppl = perplexity(model, tok, botchan_text(), max_tokens=a.tokens)
-    print(json.dumps({"model": a.model, "scheme": a.scheme, "eq": a.eq, "ppl": round(ppl, 3),
+    print(json.dumps({"model": a.model, "scheme": a.scheme, "eq": a.eq, "hq_fit": a.hq_fit, "ppl": round(ppl, 3),
                       "seconds": round(seconds, 1), "largest_scale_ratio": round(spread, 2)}))
+
+
+def _fit_scale_and_zero() -> None:
+    """Replace the library's half-quadratic zero-point fit (RTN scale kept) by one that refits the scale too."""
+    import hf_quant.formats.scalar as scalar
+
+    def fit(self, wg, scheme, mask=None):
+        maxq, tiny = (1 << scheme.bits) - 1, torch.finfo(torch.float16).tiny
+        s, z = self.range_params(wg, 1.0, scheme, integer_zero=True)
+        s = s.to(torch.float16).float().clamp_min(tiny)
+        m, n = scalar._column_weights(wg, mask)
+        beta = scalar._HQ_BETA
+        for _ in range(scalar._HQ_STEPS):
+            q = (wg / s).add_(z).round_().clamp_(0, maxq)
+            e = wg - (q - z) * s
+            target = wg - torch.sign(e) * torch.relu(e.abs() - e.abs().clamp_min(1e-30).pow(scalar._HQ_P - 1) / beta)
+            qm, tm = (q * m).sum(-1, keepdim=True) / n, (target * m).sum(-1, keepdim=True) / n
+            var = ((q - qm).pow(2) * m).sum(-1, keepdim=True)
+            cov = ((q - qm) * (target - tm) * m).sum(-1, keepdim=True)
+            s = torch.where((var > 0) & (cov > 0), cov / var.clamp_min(1e-12), s).to(torch.float16).float()
+            s = s.clamp_min(tiny)
+            z = qm - tm / s
+            beta *= scalar._HQ_KAPPA
+        return s, z
+
+    scalar.IntFormat._half_quadratic_zero = fit
 
 
 if __name__ == "__main__":
