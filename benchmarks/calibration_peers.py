@@ -50,9 +50,8 @@ SETTINGS = {
 # Methods whose storage is not the setting's integer grid: GPTVQ's two 2-D codebooks per 128-column group (2.27 bits
 # on these models), our best 2-bit-class format, compared with the peers' int2 g64 rows.
 METHOD_FORMAT = {"hf-gptvq-hadamard": dict(format="vq", planes=2, group_size=128)}
-METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard", "llmc-gptq-sym",
-           "llmc-gptq-asym",
-           "autoround", "gptqmodel")
+METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard",
+           "llmc-gptq-sym", "llmc-gptq-asym", "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
     "hf-gptq-hadamard": "hf_quant GPTQ + Hadamard (asym)",
