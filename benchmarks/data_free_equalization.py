@@ -18,9 +18,15 @@ Botchan's first --tokens tokens, as benchmarks/quality_smollm2.py does.
                      scale with the zero-point at each proximal step (a 1-D regression of the shrunk target on the
                      codes) instead of keeping RTN's scale: the issue's "HQQ with both scale and zero optimised".
                      Study only: it replaces `IntFormat._half_quadratic_zero` in this process.
+    --hq-fit bounded  the same zero-point fit, then each group's zero-point clamped so that its smallest and largest
+                     weights round inside the code range (no weight further than half a step from its value, the
+                     bound the two-stage search keeps). Study only, as above.
+    --outliers K     keep the K largest-magnitude weights of each output row as float16 residuals (the library's
+                     `outliers_per_row`, SpQR-style), fitted around the codes as `hf_quant.formats.quantize` does.
 
     OMP_NUM_THREADS=1 python benchmarks/data_free_equalization.py --model smollm2 --scheme int:4:128:mse --eq sinq
     OMP_NUM_THREADS=1 python benchmarks/data_free_equalization.py --model smollm2 --hq-fit scale-and-zero
+    OMP_NUM_THREADS=2 python benchmarks/data_free_equalization.py --model qwen2.5-coder --tokens 8192 --outliers 4
 """
 
 from __future__ import annotations
@@ -39,28 +45,30 @@ def main() -> None:
     from hf_quant.algorithms.awq import fold_scale, scaling_groups
     from hf_quant.assets import botchan_text, real_causal_lms
     from hf_quant.eval import perplexity
-    from hf_quant.formats import QuantScheme, dequantize_codes, quantize_params
+    from hf_quant.formats import QuantScheme, bits_per_weight, dequantize, quantize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=sorted(real_causal_lms()))
     ap.add_argument("--scheme", default="int:4:128:mse", help="format[-sym]:bits:group:method")
     ap.add_argument("--eq", default="none", choices=["none", "sinq", "alpha", "sinqsearch"])
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--hq-fit", default="zero", choices=["zero", "scale-and-zero"])
+    ap.add_argument("--hq-fit", default="zero", choices=["zero", "scale-and-zero", "bounded"])
+    ap.add_argument("--outliers", type=int, default=0, help="outliers_per_row (default 0: none)")
     a = ap.parse_args()
     if a.hq_fit == "scale-and-zero":
         _fit_scale_and_zero()
+    elif a.hq_fit == "bounded":
+        _bounded_zero()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     fmt, bits, group, method = a.scheme.split(":")
     scheme = QuantScheme(format=fmt.removesuffix("-sym"), bits=int(bits), group_size=int(group), method=method,
-                         symmetric=fmt.endswith("-sym"))
+                         symmetric=fmt.endswith("-sym"), outliers_per_row=a.outliers)
     path = real_causal_lms()[a.model]()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
 
     def fake_quantize(w):
-        p = quantize_params(w, scheme)
-        return dequantize_codes(scheme, p.codes, p.scale, p.zero, w.shape[1])
+        return dequantize(scheme, quantize(w, scheme), w.shape[1])
 
     def weight_error(ws, t):
         return sum((fake_quantize(w / t) * t - w).pow(2).sum().item() for w in ws)
@@ -106,12 +114,16 @@ def main() -> None:
                     t = searched(ws, sinkhorn(ws), [0.25, 0.5, 0.75, 1.0])
                 spread = max(spread, float(t.max() / t.min()))
                 fold_scale(modules[prev], [modules[n] for n in linears], 1.0 / t)  # W' = W / t, x' = x t
+        bits = weights = 0
         for m in model.model.layers.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(fake_quantize(m.weight.float()))
+                bits += bits_per_weight(scheme, tuple(m.weight.shape)) * m.weight.numel()
+                weights += m.weight.numel()
     seconds = time.perf_counter() - start
     ppl = perplexity(model, tok, botchan_text(), max_tokens=a.tokens)
-    print(json.dumps({"model": a.model, "scheme": a.scheme, "eq": a.eq, "hq_fit": a.hq_fit, "ppl": round(ppl, 3),
+    print(json.dumps({"model": a.model, "scheme": a.scheme, "eq": a.eq, "hq_fit": a.hq_fit, "outliers": a.outliers,
+                      "bits_per_weight": round(bits / weights, 4), "tokens": a.tokens, "ppl": round(ppl, 3),
                       "seconds": round(seconds, 1), "largest_scale_ratio": round(spread, 2)}))
 
 
@@ -137,6 +149,21 @@ def _fit_scale_and_zero() -> None:
             z = qm - tm / s
             beta *= scalar._HQ_KAPPA
         return s, z
+
+    scalar.IntFormat._half_quadratic_zero = fit
+
+
+def _bounded_zero() -> None:
+    """Clamp the library's half-quadratic zero-point so no weight rounds more than half a step from its value."""
+    import hf_quant.formats.scalar as scalar
+
+    fitted = scalar.IntFormat._half_quadratic_zero
+
+    def fit(self, wg, scheme, mask=None):
+        s, z = fitted(self, wg, scheme, mask)
+        hi = wg.amax(-1, keepdim=True)
+        lo = wg.amin(-1, keepdim=True) if mask is None else torch.where(mask > 0, wg, hi).amin(-1, keepdim=True)
+        return s, torch.maximum(torch.minimum(z, (1 << scheme.bits) - 0.5 - hi / s), -0.5 - lo / s)
 
     scalar.IntFormat._half_quadratic_zero = fit
 

@@ -82,13 +82,20 @@ def _bnb_int8(model, targets):
 # --------------------------------------------------------------------------- HQQ
 
 
-def _hqq(nbits: int, group_size: int):
+def _hqq(nbits: int, group_size: int, half_meta: bool = False):
+    """HQQ keeps its scale and zero-point in the compute dtype: float32 here, so g64 costs 5 bits per weight.
+    `half_meta` stores them as float16 (HQQ's layout in a float16 model; 4.5 bits at g64) while the layer still
+    computes in float32, so HQQ is also measured at the storage the issue quotes for it."""
     def quantize(model, targets):
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
         config = BaseQuantizeConfig(nbits=nbits, group_size=group_size)
         for name, lin in targets.items():
-            _replace(model, name, HQQLinear(lin, config, compute_dtype=lin.weight.dtype, device="cpu"))
+            layer = HQQLinear(lin, config, compute_dtype=lin.weight.dtype, device="cpu")
+            if half_meta:
+                layer.meta["scale"] = layer.meta["scale"].half()
+                layer.meta["zero"] = layer.meta["zero"].half()
+            _replace(model, name, layer)
 
     return quantize
 
@@ -154,6 +161,8 @@ _ALL = [
     Peer("hqq int8 g64", "hqq", 8, _hqq(8, 64)),
     Peer("hqq int4 g64", "hqq", 4, _hqq(4, 64)),
     Peer("hqq int4 g128", "hqq", 4, _hqq(4, 128)),
+    Peer("hqq int4 g64 fp16 meta", "hqq", 4, _hqq(4, 64, half_meta=True)),
+    Peer("hqq int4 g128 fp16 meta", "hqq", 4, _hqq(4, 128, half_meta=True)),
     Peer("hqq int3 g64", "hqq", 3, _hqq(3, 64)),
     Peer("hqq int2 g32", "hqq", 2, _hqq(2, 32)),
     Peer("quanto qint8", "optimum.quanto", 8, _quanto("qint8")),
