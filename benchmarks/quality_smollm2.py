@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -124,7 +125,7 @@ def worker(name: str, model_name: str, tokens: int, sentences: int, threads: int
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from hf_quant.assets import botchan_text, minilm_path, real_causal_lms
-    from hf_quant.eval import botchan_sentences, model_storage, perplexity, sentence_embeddings
+    from hf_quant.eval import botchan_sentences, model_storage, sentence_embeddings, window_losses
 
     out: dict = {"name": name, "model": model_name, "rss_before_mib": _rss_mib()}
     path = real_causal_lms()[model_name]()
@@ -138,7 +139,9 @@ def worker(name: str, model_name: str, tokens: int, sentences: int, threads: int
     out["bpw"] = storage["quantized_bits_per_weight"] if storage["modules"] else storage["bits_per_weight"]
     out["bytes_after"], out["bytes_before"] = storage["bytes_after"], storage["bytes_before"]
     out["formats"] = sorted({m["format"] for m in storage["modules"].values()})
-    out["ppl"] = perplexity(model, AutoTokenizer.from_pretrained(path), botchan_text(), max_tokens=tokens)
+    # Per-window losses too, so two configurations can be compared window by window (`paired_table`).
+    out["window_nll"] = window_losses(model, AutoTokenizer.from_pretrained(path), botchan_text(), max_tokens=tokens)
+    out["ppl"] = math.exp(sum(nll for nll, _ in out["window_nll"]) / sum(n for _, n in out["window_nll"]))
     del model
     if sentences:
         path = minilm_path()
@@ -359,13 +362,36 @@ def _results_from_logs(paths: list[str]) -> list[dict]:
     return sorted(by_name.values(), key=lambda r: (r["model"], order.get(r["name"], len(order))))
 
 
+PAIRED_REFERENCE = "int4 g128 mse"  # the default data-free recipe
+
+
+def paired_table(results: list[dict], reference: str = PAIRED_REFERENCE) -> str:
+    """Each configuration against `reference` on the same windows: the perplexity ratio and two standard errors of
+    the paired per-window difference (`hf_quant.eval.paired_log_ppl_difference`). A gap inside two standard errors
+    is marked as not resolved by this text. Empty when the runs carry no per-window losses."""
+    from hf_quant.eval import paired_log_ppl_difference
+
+    ref = next((r for r in results if r["name"] == reference and "window_nll" in r), None)
+    others = [r for r in results if r is not ref and "window_nll" in r and r["name"] != FLOAT]
+    if ref is None or not others:
+        return ""
+    rows = [f"Paired against {reference} ({len(ref['window_nll'])} windows; ppl ratio, +- two standard errors):", "",
+            "| configuration | bits/weight | perplexity vs reference | +- 2 SE | verdict |", "|---|---|---|---|---|"]
+    for r in others:
+        d, se = paired_log_ppl_difference(ref["window_nll"], r["window_nll"])
+        verdict = "within noise" if abs(d) <= 2 * se else ("worse" if d > 0 else "better")
+        rows.append(f"| {r['name']} | {r['bpw']:.3f} | {100 * math.expm1(d):+.2f}% | {200 * se:.2f}% | {verdict} |")
+    return "\n".join(rows)
+
+
 def markdown_by_model(results: list[dict]) -> str:
-    """One table per model, each with its own float32 row as the reference."""
+    """One table per model, each with its own float32 row as the reference, and the paired comparison."""
     parts = []
     for model in dict.fromkeys(r.get("model", "smollm2") for r in results):
         mine = [r for r in results if r.get("model", "smollm2") == model]
         base = next((r for r in mine if r["name"] == FLOAT and "error" not in r), None)
-        parts.append(f"#### {model}\n\n{markdown(mine, base)}")
+        paired = paired_table(mine)
+        parts.append(f"#### {model}\n\n{markdown(mine, base)}" + (f"\n\n{paired}" if paired else ""))
     return "\n\n".join(parts)
 
 

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_quant.algorithms.gptq import single_thread
-from hf_quant.eval import botchan_sentences, embedding_cosine, perplexity, sentence_embeddings
+from hf_quant.eval import (
+    botchan_sentences,
+    embedding_cosine,
+    paired_log_ppl_difference,
+    perplexity,
+    sentence_embeddings,
+    window_losses,
+)
 from hf_quant.eval.quality import _windows
 
 VOCAB = 256  # the byte tokenizer below
@@ -168,6 +175,36 @@ def test_windows_score_every_token_once(n, window, stride):
         assert sorted(scored) == [i for i in range(n) if i % window]
     else:
         assert sorted(scored) == list(range(1, n))
+
+
+def test_window_losses_add_up_to_perplexity_and_follow_the_schedule():
+    model, tokenizer = tiny_llama(), ByteTokenizer()
+    text = synthetic_text(2000)
+    losses = window_losses(model, tokenizer, text, max_tokens=333, window=100, stride=100, batch_size=3)
+    assert [n for _, n in losses] == [w.n_scored for w in _windows(333, 100, 100)]
+    ppl = perplexity(model, tokenizer, text, max_tokens=333, window=100, stride=100)
+    assert math.exp(sum(l for l, _ in losses) / sum(n for _, n in losses)) == pytest.approx(ppl, rel=1e-12)
+    # Each window's loss is its own cross-entropy, whatever the batching.
+    ids = torch.tensor(list(text.encode("utf-8"))[:100])
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0, :-1]
+    assert losses[0][0] == pytest.approx(F.cross_entropy(logits, ids[1:], reduction="sum").item(), rel=1e-5)
+
+
+def test_paired_difference_is_exact_and_its_error_bar_can_fail():
+    a = [(200.0, 100), (150.0, 100), (90.0, 50)]
+    shifted = [(l + 0.1 * n, n) for l, n in a]  # +0.1 nats on every token: a certain gain, zero spread
+    diff, se = paired_log_ppl_difference(a, shifted)
+    assert diff == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+    noisy = [(200.0 + 30, 100), (150.0 - 30, 100), (90.0 + 5, 50)]
+    diff, se = paired_log_ppl_difference(a, noisy)
+    total = sum(n for _, n in a)
+    assert diff == pytest.approx(5 / total)  # exactly log ppl_b - log ppl_a
+    assert se > abs(diff)  # windows disagree on the sign: not a significant gap
+    with pytest.raises(ValueError, match="same windows"):
+        paired_log_ppl_difference(a, a[:2])
+    with pytest.raises(ValueError, match="two windows"):
+        paired_log_ppl_difference(a[:1], a[:1])
 
 
 def test_perplexity_rejects_bad_arguments():

@@ -1,6 +1,13 @@
 """Evaluation helpers: the same quality metrics and storage accounting for every quantization method."""
 
-from hf_quant.eval.quality import botchan_sentences, embedding_cosine, perplexity, sentence_embeddings
+from hf_quant.eval.quality import (
+    botchan_sentences,
+    embedding_cosine,
+    paired_log_ppl_difference,
+    perplexity,
+    sentence_embeddings,
+    window_losses,
+)
 from hf_quant.eval.report import (
     QualityResult,
     evaluate_causal_lm,
@@ -34,9 +41,11 @@ __all__ = [
     "format_table",
     "make_record",
     "model_storage",
+    "paired_log_ppl_difference",
     "perplexity",
     "read_record",
     "sentence_embeddings",
     "validate_record",
+    "window_losses",
     "write_record",
 ]

@@ -1,6 +1,7 @@
 """Quality metrics shared by every quantization method, so their numbers compare.
 
-- ``perplexity``: windowed perplexity of a causal LM over a fixed token budget.
+- ``perplexity``: windowed perplexity of a causal LM over a fixed token budget; ``window_losses`` gives it per
+  window and ``paired_log_ppl_difference`` compares two models on the same windows with a standard error.
 - ``sentence_embeddings`` / ``embedding_cosine``: how far a quantized encoder's sentence
   embeddings move from the float model's (sentence-transformers style pooling).
 """
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["botchan_sentences", "embedding_cosine", "perplexity", "sentence_embeddings"]
+__all__ = ["botchan_sentences", "embedding_cosine", "paired_log_ppl_difference", "perplexity",
+           "sentence_embeddings", "window_losses"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -111,6 +113,25 @@ def perplexity(
     but the first of the budget (and, when ``stride == window``, the first of each window)
     is predicted exactly once. Deterministic for a given model, text and settings.
     """
+    losses = window_losses(model, tokenizer, text, max_tokens=max_tokens, window=window, stride=stride,
+                           batch_size=batch_size)
+    return math.exp(sum(nll for nll, _ in losses) / sum(n for _, n in losses))
+
+
+def window_losses(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    *,
+    max_tokens: int = 4096,
+    window: int = 512,
+    stride: int = 512,
+    batch_size: int = 4,
+) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, tokens scored) of each window of ``perplexity``'s schedule, in text order.
+
+    Two models scored on the same windows can be compared window by window (a paired difference with a standard
+    error), which tells a real gap from the text's own variation; ``perplexity`` is exp(total nll / total tokens)."""
     if window < 2:
         raise ValueError(f"window must be at least 2, got {window}")
     if not 1 <= stride <= window:
@@ -125,8 +146,7 @@ def perplexity(
 
     device = _device(model)
     tokens = torch.tensor(ids, dtype=torch.long, device=device)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    out: list[tuple[float, int]] = []
     with _eval_mode(model):
         for batch in _batches(_windows(len(ids), window, stride), batch_size):
             input_ids = torch.stack([tokens[w.start : w.end] for w in batch])
@@ -136,10 +156,27 @@ def perplexity(
                 length = w.end - w.start
                 pred = logits[row, length - 1 - w.n_scored : length - 1].float()
                 target = input_ids[row, length - w.n_scored :]
-                nll += F.cross_entropy(pred, target, reduction="sum").double()
-                count += w.n_scored
+                out.append((F.cross_entropy(pred, target, reduction="sum").double().item(), w.n_scored))
             del logits  # (batch, window, vocab) floats: free before the next batch
-    return math.exp(nll.item() / count)
+    return out
+
+
+def paired_log_ppl_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]]) -> tuple[float, float]:
+    """(difference of log-perplexities b - a, its standard error), from two models' ``window_losses`` on the same
+    windows. The difference is exact (log ppl_b - log ppl_a); the standard error treats the windows as independent
+    samples of the text (a paired, token-weighted estimate), so a gap within about two standard errors is not
+    evidence that one model is better."""
+    if len(a) != len(b) or any(na != nb for (_, na), (_, nb) in zip(a, b)):
+        raise ValueError("the two window lists do not cover the same windows (different text, budget or window)")
+    if len(a) < 2:
+        raise ValueError("a standard error needs at least two windows")
+    counts = torch.tensor([n for _, n in a], dtype=torch.float64)
+    d = torch.tensor([(nb - na) for (na, _), (nb, _) in zip(a, b)], dtype=torch.float64) / counts
+    w = counts / counts.sum()
+    mean = float((w * d).sum())
+    # Variance of a weighted mean of independent per-window differences (weights = token shares).
+    var = float((w.pow(2) * (d - mean).pow(2)).sum()) * len(a) / (len(a) - 1)
+    return mean, math.sqrt(var)
 
 
 # --------------------------------------------------------------------------- embeddings
