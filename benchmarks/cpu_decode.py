@@ -40,6 +40,7 @@ OURS = {
     "int3 g128": dict(bits=3, group_size=128, method="rtn", lm_head="float"),
     "int8-sym ch": dict(bits=8, group_size=-1, symmetric=True, method="rtn", lm_head="float"),
     "nf4 g64": dict(format="nf4", group_size=64, method="rtn", lm_head="float"),
+    "int4 g128 o4": dict(bits=4, group_size=128, outliers_per_row=4, method="rtn", lm_head="float"),  # + sparse term
     # lm_head (tied to the embedding, 49152x576: a fifth of the weights, read every token) quantized too
     "int4 g128 + lm_head int8": dict(bits=4, group_size=128, method="rtn", **LM_HEAD_INT8),
     "int4 g64 + lm_head int8": dict(bits=4, group_size=64, method="rtn", **LM_HEAD_INT8),
