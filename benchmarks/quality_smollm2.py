@@ -287,7 +287,9 @@ def pareto_plot(results: list[dict], base: dict | None, path: Path, title: str) 
     ax.set_yscale("log")
     xs = [r["bpw"] for r in points]
     ax.set_xlim(min(xs) - 0.4, max(xs) + 0.6)
-    ax.set_ylim(min(min(r["ppl"] for r in points), base["ppl"] if base else float("inf")) * 0.9, top * 1.35)
+    # The axis ends just above the highest plotted point, so a plot of close 4-bit rows is not flattened.
+    shown_max = min(top, max(r["ppl"] for r in points))
+    ax.set_ylim(min(min(r["ppl"] for r in points), base["ppl"] if base else float("inf")) * 0.9, shown_max * 1.35)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("bits per weight of the quantized layers (every stored tensor)")
