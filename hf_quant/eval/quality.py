@@ -95,16 +95,7 @@ def _batches(windows: list[_Window], batch_size: int) -> Iterator[list[_Window]]
         yield batch
 
 
-def perplexity(
-    model: nn.Module,
-    tokenizer,
-    text: str,
-    *,
-    max_tokens: int = 4096,
-    window: int = 512,
-    stride: int = 512,
-    batch_size: int = 4,
-) -> float:
+def perplexity(model: nn.Module, tokenizer, text: str, **schedule) -> float:
     """Perplexity of a causal LM on the first ``max_tokens`` tokens of ``text``.
 
     The text is tokenised once without special tokens (so every window sees raw text,
@@ -112,9 +103,10 @@ def perplexity(
     tokens start every ``stride`` tokens; each scores only its new tokens, so every token
     but the first of the budget (and, when ``stride == window``, the first of each window)
     is predicted exactly once. Deterministic for a given model, text and settings.
+    ``schedule``: ``max_tokens`` (4096), ``window`` (512), ``stride`` (512), ``batch_size`` (4), as in
+    ``window_losses``, whose per-window losses this sums.
     """
-    losses = window_losses(model, tokenizer, text, max_tokens=max_tokens, window=window, stride=stride,
-                           batch_size=batch_size)
+    losses = window_losses(model, tokenizer, text, **schedule)
     return math.exp(sum(nll for nll, _ in losses) / sum(n for _, n in losses))
 
 
