@@ -11,14 +11,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_quant.algorithms.gptq import single_thread
-from hf_quant.eval import (
-    botchan_sentences,
-    embedding_cosine,
-    paired_log_ppl_difference,
-    perplexity,
-    sentence_embeddings,
-    window_losses,
-)
+from hf_quant.eval import botchan_sentences, embedding_cosine, perplexity, sentence_embeddings
+from hf_quant.eval import paired_log_ppl_difference, window_losses
 from hf_quant.eval.quality import _windows
 
 VOCAB = 256  # the byte tokenizer below
