@@ -93,7 +93,8 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(dict.fromkeys([FLOAT, *args.only])) if args.only else (QUICK if args.quick else [FLOAT, *OURS, *PEER_NAMES])
+    default = QUICK if args.quick else [FLOAT, *OURS, *PEER_NAMES]
+    names = list(dict.fromkeys([FLOAT, *args.only])) if args.only else default
     unknown = [n for n in names if n != FLOAT and n not in OURS and n not in PEERS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {[FLOAT, *OURS, *PEERS]}")
