@@ -10,6 +10,7 @@ plot (PNG) per model.
 
     python benchmarks/quality_smollm2.py [--quick] [--tokens 8192] [--models smollm2 qwen2.5-coder]
                                          [--only NAME ...] [--out benchmarks/results]
+    python benchmarks/quality_smollm2.py --out DIR --compare NAME   # paired table vs NAME from DIR/quality.json
 
 The default budget is 8192 tokens (16 windows of 512): at 2048 tokens the gaps between good 4-bit methods were
 within the evaluation's noise and some rankings flipped at 8192 (BENCHMARKS.md, "Data-free 4-bit at 8192 tokens").
@@ -411,6 +412,9 @@ def main() -> None:
                     help="only redraw the Pareto plot from OUT/quality.json (no benchmark run, no table rewritten)")
     ap.add_argument("--render", nargs="*", metavar="LOG",
                     help="only rebuild the table, JSON and plot from the result lines of earlier runs' output")
+    ap.add_argument("--compare", metavar="REFERENCE",
+                    help="only print, from OUT/quality.json, every configuration paired against REFERENCE, per model "
+                         "(no benchmark run, nothing rewritten)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
     ap.add_argument("--plot", default=None,
                     help="Pareto plot path (default: benchmarks/plot/pareto_smollm2.png, or OUT/pareto_smollm2.png "
@@ -436,6 +440,12 @@ def main() -> None:
     out = Path(args.out)
     plot = args.plot or (HERE / "plot" / "pareto_smollm2.png" if out.resolve() == (HERE / "results").resolve()
                          else out / "pareto_smollm2.png")
+    if args.compare:
+        results = json.loads((out / "quality.json").read_text())["results"]
+        for model in dict.fromkeys(r["model"] for r in results):
+            table = paired_table([r for r in results if r["model"] == model], args.compare)
+            print(f"#### {model}\n\n{table or f'(no {args.compare!r} row with per-window losses)'}\n")
+        return
     if args.replot:
         saved = json.loads((out / "quality.json").read_text())
         results = saved["results"]

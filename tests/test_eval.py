@@ -187,7 +187,7 @@ def test_window_losses_add_up_to_perplexity_and_follow_the_schedule():
 
 def test_paired_difference_is_exact_and_its_error_bar_can_fail():
     a = [(200.0, 100), (150.0, 100), (90.0, 50)]
-    shifted = [(l + 0.1 * n, n) for l, n in a]  # +0.1 nats on every token: a certain gain, zero spread
+    shifted = [(l + 0.1 * n, n) for l, n in a]  # +0.1 nats on every token: a certain gap, zero spread
     diff, se = paired_log_ppl_difference(a, shifted)
     assert diff == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
     noisy = [(200.0 + 30, 100), (150.0 - 30, 100), (90.0 + 5, 50)]
