@@ -24,12 +24,19 @@ command can be re-run to fill in what a time limit cut off.
         [--methods hf-gptq hf-gptq-hadamard llmc-gptq-sym llmc-gptq-asym autoround gptqmodel] [--seeds 0 1 2]
         [--tokens 1024] [--threads 1] [--autoround-iters 50 --autoround-lr 5e-3]
     python benchmarks/calibration_peers.py --table      # the markdown tables from --out
+    python benchmarks/calibration_peers.py --paired hf-gptq   # each method vs one, window by window (+- 2 SE)
+
+Runs record per-window losses (`window_nll`), so `--paired` can say which gaps the evaluation text resolves. The
+default --tokens 1024 (2 windows) is what the older tables used; paired comparisons want more windows: the 8192-token
+runs (16 windows, all before the calibration text) go to their own file,
+--tokens 8192 --out benchmarks/results/calibration_peers_8192.json (one file holds one token budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -76,12 +83,15 @@ def _eval(model, tokenizer_dir, tokens: int) -> dict:
     from transformers import AutoTokenizer
 
     from hf_quant.assets import botchan_text
-    from hf_quant.eval import model_storage, perplexity
+    from hf_quant.eval import model_storage, window_losses
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ppl = perplexity(model, tok, botchan_text(), max_tokens=tokens)
+    # per-window losses too, so two methods can be compared window by window (`--paired`)
+    losses = window_losses(model, tok, botchan_text(), max_tokens=tokens)
+    ppl = math.exp(sum(nll for nll, _ in losses) / sum(n for _, n in losses))
     s = model_storage(model)
-    return {"ppl": ppl, "bits_per_weight": s.bits_per_weight, "model_bits_per_weight": s.model_bits_per_weight}
+    return {"ppl": ppl, "window_nll": losses, "bits_per_weight": s.bits_per_weight,
+            "model_bits_per_weight": s.model_bits_per_weight}
 
 
 def one_ours(spec: dict) -> dict:
@@ -235,6 +245,9 @@ def run(args) -> None:
 
     out = Path(args.out)
     data = _load(out)
+    if data.get("setup", {}).get("tokens", args.tokens) != args.tokens:
+        raise SystemExit(f"{out} holds runs scored on {data['setup']['tokens']} tokens: pass --tokens "
+                         f"{data['setup']['tokens']}, or --out another file for {args.tokens}-token runs")
     data["setup"] = {
         "tokens": args.tokens, "window": 512, "n_samples": 16, "seq_len": 512, "seed_offset_tokens": SEED_OFFSET,
         "threads": args.threads, "autoround": {"iters": args.autoround_iters, "lr": args.autoround_lr,
@@ -292,7 +305,8 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
             config["symmetric"] = True
         spec = {"model": str(model_dir), "config": config, "tokens": args.tokens, "threads": args.threads}
         r = _sub([*me, "--one-ours", json.dumps(spec)], method)
-        return {"group_size_used": config["group_size"], "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
+        return {"group_size_used": config["group_size"], "ppl": r["ppl"], "window_nll": r["window_nll"],
+                "bits_per_weight": r["bits_per_weight"],
                 "model_bits_per_weight": r["model_bits_per_weight"], "quantize_seconds": r["seconds"]}
     if method.startswith("llmc"):
         g = _peer_group(model_dir, s["group_size"])
@@ -322,7 +336,7 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
         stamp.write_text(json.dumps(q))
     spec = {"dir": str(ckpt), "model": str(model_dir), "tokens": args.tokens, "threads": args.threads}
     r = _sub([*me, "--one-foreign", json.dumps(spec)], f"{method} load_foreign + eval")
-    return {"group_size_used": g, "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
+    return {"group_size_used": g, "ppl": r["ppl"], "window_nll": r["window_nll"], "bits_per_weight": r["bits_per_weight"],
             "model_bits_per_weight": r["model_bits_per_weight"], "quantize_seconds": q["seconds"],
             "peer_format_bits_per_weight": r["peer_format_bits_per_weight"], "imported_as": r["imported_as"],
             "versions": q.get("versions"), **({"peer_config": q["config"]} if "config" in q else {})}
@@ -365,6 +379,30 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def paired(out: Path, reference: str) -> str:
+    """Per model, bits, group actually used and seed: every method against `reference` on the same evaluation windows
+    (the paired per-window difference and two standard errors, as benchmarks/quality_smollm2.py's `paired_table`).
+    Grouped by the group used, not the one asked, so equal storage meets: llm-compressor's SmolLM2 rows asked for
+    g128 ran at g64 and pair with the int4-g64 runs. Runs scored before per-window losses were recorded have none and
+    are left out."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.quality_smollm2 import paired_table
+
+    data = _load(out)
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in sorted(data["runs"], key=lambda r: (METHODS.index(r["method"]), r["setting"])):
+        if "window_nll" in r:
+            key = (r["model"], r["bits"], r.get("group_size_used", r["group_size"]), r["seed"])
+            groups.setdefault(key, {}).setdefault(r["method"], r)  # one checkpoint may serve two settings
+    lines = []
+    for (model_name, bits, group, seed), runs in groups.items():
+        rows = [{"name": LABELS[m], "bpw": r["bits_per_weight"], "window_nll": r["window_nll"]} for m, r in runs.items()]
+        t = paired_table(rows, LABELS[reference])
+        if t:
+            lines += [f"**{model_name}, int{bits}, group {group} used, seed {seed}.** {t}", ""]
+    return "\n".join(lines) or f"(no {reference!r} run with per-window losses in {out})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["smollm2", "qwen2.5-coder"])
@@ -382,6 +420,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibration_peers.json"))
     ap.add_argument("--force", action="store_true", help="re-run runs already in --out")
     ap.add_argument("--table", action="store_true", help="print the markdown tables from --out and exit")
+    ap.add_argument("--paired", metavar="METHOD", choices=list(METHODS),
+                    help="print, from --out, every method paired window by window against METHOD, and exit")
     ap.add_argument("--one-ours", help=argparse.SUPPRESS)
     ap.add_argument("--one-foreign", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -391,6 +431,8 @@ def main() -> None:
         print(json.dumps(one_foreign(json.loads(args.one_foreign))))
     elif args.table:
         print(table(Path(args.out)))
+    elif args.paired:
+        print(paired(Path(args.out), args.paired))
     else:
         run(args)
 
