@@ -16,8 +16,6 @@ It starts from NF4's table and absmax scales (so step 0 is NF4 with float16 scal
                        as in NF4); learn the 14 inner entries only
     --weighting gain   weight each input column's error by the square of the preceding RMSNorm's gain (a
                        data-free activation proxy; the linears after the attention/MLP norms only)
-    --double-quant     scales stored as 8-bit codes with a float32 absmax per 256 scales (bitsandbytes' double
-                       quantization): g64 costs 4.127 bits, as bnb NF4 does
 
 The row (per-window losses included) is added to OUT/quality.json in quality_smollm2.py's row format, so
 `quality_smollm2.py --out OUT --compare NAME` pairs it with the rows already there. The committed
@@ -40,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from hf_quant.formats.scalar import NF4_CODEBOOK
+from hf_quant.formats import codebook_values
 
-NF4 = torch.tensor(NF4_CODEBOOK)  # the table hf_quant's nf4 format rounds to
+NF4 = codebook_values("nf4")  # the table hf_quant's nf4 format rounds to
 
 
 def nearest(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -50,29 +48,19 @@ def nearest(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(u, (table[1:] + table[:-1]) / 2)
 
 
-def store_scale(s: torch.Tensor, double_quant: bool) -> torch.Tensor:
-    """The scale as stored: float16, or 8-bit codes times a float32 absmax per 256 scales (double quantization)."""
-    s = s.to(torch.float16).float()
-    if not double_quant:
-        return s
-    flat = s.flatten()
-    pad = (-flat.numel()) % 256
-    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 256)
-    mean = blocks.mean()  # bnb subtracts the mean of all scales before coding them
-    centred = blocks - mean
-    absmax = centred.abs().amax(1, keepdim=True).clamp_min(1e-12)
-    coded = (centred / absmax * 127).round().clamp(-127, 127) / 127 * absmax + mean
-    return coded.flatten()[: flat.numel()].view_as(s)
+def store_scale(s: torch.Tensor) -> torch.Tensor:
+    """The scale as stored: float16."""
+    return s.to(torch.float16).float()
 
 
-def fit(w: torch.Tensor, group: int, col_weight: torch.Tensor | None, steps: int, double_quant: bool,
-        learn: bool = True, interior: bool = False) -> tuple[torch.Tensor, float, float]:
+def fit(w: torch.Tensor, group: int, col_weight: torch.Tensor | None, steps: int, learn: bool = True,
+        interior: bool = False) -> tuple[torch.Tensor, float, float]:
     """(fake-quantized w, relative weighted error at NF4 start, at the end)."""
     out_f, in_f = w.shape
     wg = w.float().reshape(out_f, in_f // group, group)
     cw = (torch.ones(in_f) if col_weight is None else col_weight.float()).reshape(1, in_f // group, group)
     table = NF4.clone()
-    s = store_scale(wg.abs().amax(-1, keepdim=True).clamp_min(1e-8), double_quant).clamp_min(1e-8)
+    s = store_scale(wg.abs().amax(-1, keepdim=True).clamp_min(1e-8)).clamp_min(1e-8)
     total = (wg.pow(2) * cw).sum().item()
 
     def err(s, table):
@@ -87,7 +75,7 @@ def fit(w: torch.Tensor, group: int, col_weight: torch.Tensor | None, steps: int
             c = table[q]
             num, den = (cw * wg * c).sum(-1, keepdim=True), (cw * c * c).sum(-1, keepdim=True)
             s = torch.where(den > 0, num / den.clamp_min(1e-30), s).abs()
-            s = store_scale(s, double_quant).clamp_min(1e-8)
+            s = store_scale(s).clamp_min(1e-8)
             e, q = err(s, table)
         # table: entry k = argmin sum over its members of cw s^2 (w/s - c_k)^2
         ws2 = (cw * s * s).expand_as(wg)
@@ -116,7 +104,6 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--weighting", default="none", choices=["none", "gain"])
-    ap.add_argument("--double-quant", action="store_true")
     ap.add_argument("--nf4-only", action="store_true", help="no learning: NF4 table with float16 absmax scales")
     ap.add_argument("--interior", action="store_true",
                     help="keep NF4's absmax scales and the table's +-1 ends; learn the 14 inner entries only")
@@ -128,7 +115,6 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
     start, errors, bits, weights = time.perf_counter(), [], 0.0, 0
-    meta_bits = 8 + 32 / 256 if a.double_quant else 16
     with torch.no_grad():
         for block in model.model.layers:
             gains = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -140,17 +126,16 @@ def main() -> None:
                     col.update({n: g2 / g2.mean() for n in names})
             for name, m in block.named_modules():
                 if isinstance(m, torch.nn.Linear):
-                    wq, e0, e1 = fit(m.weight, a.group, col.get(name), a.steps, a.double_quant, not a.nf4_only,
-                                         a.interior)
+                    wq, e0, e1 = fit(m.weight, a.group, col.get(name), a.steps, not a.nf4_only, a.interior)
                     m.weight.copy_(wq)
                     errors.append((e0, e1))
-                    bits += (4 + meta_bits / a.group) * m.weight.numel() + 16 * 16
+                    bits += (4 + 16 / a.group) * m.weight.numel() + 16 * 16
                     weights += m.weight.numel()
     seconds = time.perf_counter() - start
     losses = window_losses(model, tok, botchan_text(), max_tokens=a.tokens)
     ppl = math.exp(sum(n for n, _ in losses) / sum(c for _, c in losses))
     kind = "nf4 table" if a.nf4_only else "learned table"
-    name = (f"{kind} g{a.group}" + (" interior" if a.interior else "") + (" dq" if a.double_quant else "")
+    name = (f"{kind} g{a.group}" + (" interior" if a.interior else "")
             + (" gain" if a.weighting == "gain" else ""))
     row = {"name": name, "model": a.model, "library": "study (data_free_codebook.py)", "bits": 4,
            "quantize_s": seconds, "bpw": bits / weights, "formats": [name], "ppl": ppl, "window_nll": losses,
