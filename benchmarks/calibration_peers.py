@@ -12,7 +12,7 @@ the text's end for every seed).
 Each peer saves its checkpoint (llm-compressor: compressed-tensors pack-quantized; AutoRound: GPTQ v1 via its
 auto_gptq export; GPTQModel: GPTQ v1, its format="gptq"), which is loaded back into hf_quant with
 `hf_quant.load_foreign` (exact: the peer's own codes, scales and zero-points) and measured with the same
-`hf_quant.eval.perplexity` (the first --tokens Botchan tokens, window 512, disjoint from the calibration text) and
+`hf_quant.eval.window_losses` (the first --tokens Botchan tokens, window 512, disjoint from the calibration text) and
 `hf_quant.eval.model_storage` (true bits per weight of the quantized layers). lm_head stays float everywhere (linears
 only). Quantize time: the peer's own quantize call (model already loaded); hf_quant's: its whole `from_pretrained`
 with the config (load included).
