@@ -57,7 +57,9 @@ SETTINGS = {
 # Methods whose storage is not the setting's integer grid: GPTVQ's two 2-D codebooks per 128-column group (2.27 bits
 # on these models), our best 2-bit-class format, compared with the peers' int2 g64 rows.
 METHOD_FORMAT = {"hf-gptvq-hadamard": dict(format="vq", planes=2, group_size=128)}
+# "-refit": the same with refit_scales=True (GPTQ's group scales refitted to its codes; off by default)
 METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard",
+           "hf-gptq-refit", "hf-gptq-hadamard-refit", "hf-gptq-sym-refit", "hf-gptq-sym-hadamard-refit",
            "llmc-gptq-sym", "llmc-gptq-asym", "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
@@ -65,6 +67,10 @@ LABELS = {
     "hf-gptq-sym": "hf_quant GPTQ, symmetric",
     "hf-gptq-sym-hadamard": "hf_quant GPTQ + Hadamard, symmetric",
     "hf-gptvq-hadamard": "hf_quant GPTVQ (2 codebooks g128) + Hadamard",
+    "hf-gptq-refit": "hf_quant GPTQ (asym), scales refitted",
+    "hf-gptq-hadamard-refit": "hf_quant GPTQ + Hadamard (asym), scales refitted",
+    "hf-gptq-sym-refit": "hf_quant GPTQ, symmetric, scales refitted",
+    "hf-gptq-sym-hadamard-refit": "hf_quant GPTQ + Hadamard, symmetric, scales refitted",
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
@@ -299,8 +305,10 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
             config.pop("bits")
         if calibration is not None:
             config["calibration"] = calibration
-        if method.endswith("hadamard"):
+        if "-hadamard" in method:
             config["rotation"] = "hadamard"
+        if method.endswith("-refit"):
+            config["refit_scales"] = True
         if "-sym" in method:  # llm-compressor's W4A16 storage: one float16 scale per group, no zero-point
             config["symmetric"] = True
         spec = {"model": str(model_dir), "config": config, "tokens": args.tokens, "threads": args.threads}

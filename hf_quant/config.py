@@ -407,6 +407,13 @@ DECLARATIONS: tuple[Field, ...] = (
     Field("static_groups", True, "calibration",
           "GPTQ computes every group's scale/zero-point from the float weight before quantizing (False: when GPTQ "
           "reaches the group, from the error-updated weight; not with double_quant).", _bool),
+    Field("refit_scales", False, "calibration",
+          "after GPTQ has chosen the codes, refit each group's scale (and its zero-point where the scheme stores a "
+          "fractional one: 4-bit and wider asymmetric int) by least squares against the calibration Hessian, codes "
+          "kept (hf_quant.solvers.gptq.refit_group_params). A weight's rows keep their old parameters where the "
+          "refit would not lower their calibration error. For the int, nf4, fp4 and fp8 formats; the K-quant, "
+          "ternary and VQ formats fit their scales in their own GPTQ step. Off by default: better perplexity on "
+          "SmolLM2, not on Qwen2.5-Coder-0.5B (BENCHMARKS.md, \"GPTQ's scale refit\").", _bool),
     Field("rotation", None, "calibration",
           'None, "hadamard" or "residual". "hadamard": the linears inside the transformer blocks store W R (R a '
           "randomised Hadamard rotation, hf_quant.algorithms.rotation) and rotate their input online (x R), which "

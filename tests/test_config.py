@@ -322,6 +322,7 @@ SAMPLES = {
     "damp": {"damp": 0.1},
     "act_order": {"act_order": False},
     "static_groups": {"act_order": False, "static_groups": False},
+    "refit_scales": {"refit_scales": True},
     "rotation": {"rotation": "hadamard"},
     "rotation_seed": {"rotation_seed": 3},
     "token_weighting": {"token_weighting": "attention"},

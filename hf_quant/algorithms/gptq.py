@@ -15,17 +15,21 @@ from ..solvers.gptq import gptq_blockwise, hessian_inverse_factor, single_thread
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
-                  act_order: bool = True, static_groups: bool = True, block_size: int = 128) -> QuantParams:
+                  act_order: bool = True, static_groups: bool = True, block_size: int = 128,
+                  refit_scales: bool = False) -> QuantParams:
     """Codes, scales and zero-points (scales/zeros already rounded as stored) of a scalar-format weight [out, in]
     given its Hessian [in, in] (proportional to X X^T of its inputs)."""
-    settings = GPTQSettings(damp=damp, act_order=act_order, static_groups=static_groups, block_size=block_size)
+    settings = GPTQSettings(damp=damp, act_order=act_order, static_groups=static_groups, block_size=block_size,
+                            refit_scales=refit_scales)
     return scheme.codec.gptq_params(weight, hessian, scheme, settings)
 
 
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
-                act_order: bool = True, static_groups: bool = True) -> dict[str, torch.Tensor]:
+                act_order: bool = True, static_groups: bool = True, refit_scales: bool = False
+                ) -> dict[str, torch.Tensor]:
     """Canonical tensors of one weight [out, in] quantized by GPTQ against `hessian`, for every format and term."""
-    return quantize(weight, scheme, hessian, GPTQSettings(damp=damp, act_order=act_order, static_groups=static_groups))
+    return quantize(weight, scheme, hessian, GPTQSettings(damp=damp, act_order=act_order, static_groups=static_groups,
+                                                          refit_scales=refit_scales))
 
 
 def gptq_weights(weights: list[torch.Tensor], hessian: torch.Tensor, scheme: QuantScheme,

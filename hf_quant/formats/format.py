@@ -29,12 +29,13 @@ TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 @dataclass(frozen=True)
 class GPTQSettings:
-    """How GPTQ's error feedback runs (HfQuantConfig's damp / act_order / static_groups)."""
+    """How GPTQ's error feedback runs (HfQuantConfig's damp / act_order / static_groups / refit_scales)."""
 
     damp: float = 0.01
     act_order: bool = True
     static_groups: bool = True
     block_size: int = 128
+    refit_scales: bool = False
 
 
 class Format:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..solvers.gptq import gptq_columns
+from ..solvers.gptq import gptq_columns, refit_group_params
 from .format import Format, GPTQSettings, get_format, register_format
 from .packing import all_finite, pack_bits, packed_length, unpack_bits
 from .scheme import QuantScheme
@@ -350,7 +350,33 @@ class ScalarFormat(Format):
             static_params=static_params if static else None, dynamic_params=dynamic_params,
             has_zero=self.has_zero(scheme), damp=settings.damp, act_order=settings.act_order,
             block_size=settings.block_size)
+        if settings.refit_scales:
+            scale, zero = self._refit_after_gptq(weight, hessian, scheme, settings.damp, codes, scale, zero)
         return QuantParams(codes, scale, zero)
+
+    def _refit_after_gptq(self, weight, hessian, scheme, damp, codes, scale, zero):
+        """GPTQ's group parameters refitted to its codes (refit_group_params): scale and zero-point where the
+        scheme fits fractional zero-points (the half-quadratic search), else the scale alone with the zero-point
+        kept (integer zero-points, exportable as they are); double-quantized scales are rounded in blocks across
+        rows, so they are replaced for the whole weight or not at all."""
+        in_features = weight.shape[1]
+        fit_zero = zero is not None and self.half_quadratic(scheme)
+        unit = dequantize_codes(scheme, codes, torch.ones_like(scale), torch.zeros_like(zero) if fit_zero else zero,
+                                in_features)
+
+        def stored(s, offset):
+            if offset is None:
+                return round_params(scheme, s, zero)[0], None
+            s, z = round_params(scheme, s, offset / s)
+            return s, s * z
+
+        g = scheme.group_layout(in_features)[0]
+        new_scale, offset, _, _ = refit_group_params(
+            weight, hessian, unit, g, scale, scale * zero if fit_zero else None, damp=damp, round_params=stored,
+            rowwise=not scheme.double_quant)
+        if fit_zero:
+            return round_params(scheme, new_scale, offset / new_scale)
+        return new_scale, zero
 
     def gptq(self, weight, hessian, scheme, settings):
         return pack(scheme, self.gptq_params(weight, hessian, scheme, settings))

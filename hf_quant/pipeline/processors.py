@@ -139,7 +139,8 @@ class Gptq(BlockProcessor):
 
     def end(self, ctx):
         config = ctx.config
-        settings = GPTQSettings(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups)
+        settings = GPTQSettings(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups,
+                                refit_scales=config.refit_scales)
         groups: dict[str, list[str]] = {}
         for n in ctx.names_with("gptq"):
             groups.setdefault(ctx.collector.leader[n], []).append(n)

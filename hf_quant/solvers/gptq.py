@@ -240,4 +240,97 @@ def _gptq_blockwise(weight, hessian, width, round_block, damp, act_order, block_
         pos = i2
 
 
-__all__ = ["check_inputs", "gptq_blockwise", "gptq_columns", "hessian_inverse_factor", "single_thread"]
+@torch.no_grad()
+def refit_group_params(weight, hessian, unit, group_size: int, scale, offset=None, *, damp: float = 0.01,
+                       round_params=None, rowwise: bool = True, chunk_elements: int = 1 << 23):
+    """Least-squares refit of the group parameters GPTQ rounded against, its codes kept.
+
+    GPTQ (as in the paper and its peers) fixes each group's scale and zero-point from the weight alone, then spends
+    its error feedback around them. With the codes fixed, a decoded weight is linear in its group's parameters,
+    w_hat = scale * unit - offset: `unit` [out, in] is each code's value at unit scale (q for affine integers, whose
+    offset is scale * zero; q - 2**(b-1) for symmetric ones and the table entry for codebooks, which have no offset:
+    `offset` None). So the layer's output error on the calibration inputs, tr((W - W_hat) H (W - W_hat)^T) with
+    GPTQ's damped H, is a quadratic in each row's parameters, minimised exactly: per row, normal equations in the
+    2G (or G) parameters of its G groups, built from H block by block (out * in^2 multiply-adds) and solved batched.
+
+    `round_params(scale, offset) -> (scale, offset)` rounds the whole [out, G] tensors to what storage holds. The
+    new parameters replace the old per row (`rowwise`; elementwise rounding) or for the whole weight (rounding that
+    couples rows, such as double-quantized scales) only where they lower the error and every scale stays positive,
+    so the layer error never grows. Returns (scale, offset or None, relative layer error before, after), the errors
+    relative to tr(W H W^T)."""
+    rows, cols = weight.shape
+    g = group_size
+    n_groups = -(-cols // g)
+    padded = n_groups * g
+    W, _ = _without_dead_inputs(weight, hessian)
+    H = hessian.detach().float().clone()
+    diagonal = torch.diagonal(H)
+    diagonal[diagonal == 0] = 1.0
+    diagonal.add_(damp * diagonal.mean())  # the objective GPTQ solved
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, padded - cols)) if padded != cols else x
+
+    Hp = pad(pad(H).t()).t().contiguous()  # [padded, padded], zero outside the weight
+    Hg = Hp.view(padded, n_groups, g).permute(1, 0, 2)  # [h, c, d]: H[c, column d of group h]
+    mask = pad(torch.ones(cols, device=W.device)).view(n_groups, g)  # padding columns decode to nothing
+    U = pad(unit.float())
+    HW = pad(W @ H)
+    has_offset = offset is not None
+    if has_offset:
+        # the offset's column of the design is -1 on the group's columns: its products with H are row-independent
+        HV = -(Hp.view(padded, n_groups, g) * mask).sum(-1)  # [c, h]
+        M_bb = -(mask.unsqueeze(-1) * HV.view(n_groups, g, n_groups)).sum(1)
+    k = 2 * n_groups if has_offset else n_groups
+    solved = torch.empty(rows, k, device=W.device)
+    step = max(1, chunk_elements // (padded * n_groups))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        R = r1 - r0
+        Ug = U[r0:r1].view(R, n_groups, g)
+        HU = torch.bmm(Hg, Ug.permute(1, 2, 0)).permute(2, 1, 0).reshape(R, n_groups, g, n_groups)
+        M = torch.empty(R, k, k, device=W.device)
+        M[:, :n_groups, :n_groups] = torch.einsum("rgc,rgch->rgh", Ug, HU)
+        hw = HW[r0:r1].view(R, n_groups, g)
+        rhs = [(Ug * hw).sum(-1)]
+        theta0 = [scale[r0:r1].float()]
+        if has_offset:
+            M_ab = torch.einsum("rgc,gch->rgh", Ug, HV.view(n_groups, g, n_groups))
+            M[:, :n_groups, n_groups:] = M_ab
+            M[:, n_groups:, :n_groups] = M_ab.transpose(1, 2)
+            M[:, n_groups:, n_groups:] = M_bb
+            rhs.append(-(mask * hw).sum(-1))
+            theta0.append(offset[r0:r1].float())
+        rhs, theta0 = torch.cat(rhs, 1), torch.cat(theta0, 1)
+        # A group whose codes are all equal makes its scale and offset collinear: a small relative ridge toward the
+        # old values keeps M invertible and such a group where it was.
+        ridge = 1e-6 * torch.diagonal(M, dim1=1, dim2=2).clamp_min(1e-30)
+        M.diagonal(dim1=1, dim2=2).add_(ridge)
+        solved[r0:r1] = torch.linalg.solve(M, (rhs + ridge * theta0).unsqueeze(-1)).squeeze(-1)
+    new_scale = solved[:, :n_groups]
+    new_offset = solved[:, n_groups:] if has_offset else None
+    if round_params is not None:
+        new_scale, new_offset = round_params(new_scale, new_offset)
+
+    def row_errors(s, o):
+        w_hat = U * s.repeat_interleave(g, 1)
+        if o is not None:
+            w_hat = w_hat - o.repeat_interleave(g, 1) * mask.view(1, padded)
+        E = W - w_hat[:, :cols]
+        return ((E @ H) * E).sum(-1)
+
+    before = row_errors(scale.float(), None if offset is None else offset.float())
+    after = row_errors(new_scale, new_offset)
+    ok = (new_scale > 0).all(-1) & torch.isfinite(after)
+    better = ok & (after < before) if rowwise else (ok.all() & (after.sum() < before.sum())).expand(rows)
+    total = float(((W @ H) * W).sum()) or 1.0
+    chosen = torch.where(better, after, before)
+    keep = ~better.unsqueeze(-1)
+    new_scale = torch.where(keep, scale.float(), new_scale)
+    if has_offset:
+        new_offset = torch.where(keep, offset.float(), new_offset)
+    return new_scale, new_offset, float(before.sum()) / total, float(chosen.sum()) / total
+
+
+__all__ = ["check_inputs", "gptq_blockwise", "gptq_columns", "hessian_inverse_factor", "refit_group_params",
+           "single_thread"]
