@@ -276,7 +276,8 @@ def refit_group_params(weight, hessian, unit, group_size: int, scale, offset=Non
     Hg = Hp.view(padded, n_groups, g).permute(1, 0, 2)  # [h, c, d]: H[c, column d of group h]
     mask = pad(torch.ones(cols, device=W.device)).view(n_groups, g)  # padding columns decode to nothing
     U = pad(unit.float())
-    HW = pad(W @ H)
+    WH = W @ H  # [rows, cols], also the scale of the objective below
+    HW = pad(WH)
     has_offset = offset is not None
     if has_offset:
         # the offset's column of the design is -1 on the group's columns: its products with H are row-independent
@@ -324,7 +325,7 @@ def refit_group_params(weight, hessian, unit, group_size: int, scale, offset=Non
     after = row_errors(new_scale, new_offset)
     ok = (new_scale > 0).all(-1) & torch.isfinite(after)
     better = ok & (after < before) if rowwise else (ok.all() & (after.sum() < before.sum())).expand(rows)
-    total = float(((W @ H) * W).sum()) or 1.0
+    total = float((WH * W).sum()) or 1.0
     chosen = torch.where(better, after, before)
     keep = ~better.unsqueeze(-1)
     new_scale = torch.where(keep, scale.float(), new_scale)
