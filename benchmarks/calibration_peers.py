@@ -58,8 +58,10 @@ SETTINGS = {
 # on these models), our best 2-bit-class format, compared with the peers' int2 g64 rows.
 METHOD_FORMAT = {"hf-gptvq-hadamard": dict(format="vq", planes=2, group_size=128)}
 # "-refit": the same with refit_scales=True (GPTQ's group scales refitted to its codes; off by default)
+# "-cv": the same with damp="cv" (GPTQ's damping cross-validated per input group; off by default)
 METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard",
            "hf-gptq-refit", "hf-gptq-hadamard-refit", "hf-gptq-sym-refit", "hf-gptq-sym-hadamard-refit",
+           "hf-gptq-cv", "hf-gptq-sym-cv", "hf-gptq-hadamard-cv",
            "llmc-gptq-sym", "llmc-gptq-asym", "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
@@ -71,6 +73,9 @@ LABELS = {
     "hf-gptq-hadamard-refit": "hf_quant GPTQ + Hadamard (asym), scales refitted",
     "hf-gptq-sym-refit": "hf_quant GPTQ, symmetric, scales refitted",
     "hf-gptq-sym-hadamard-refit": "hf_quant GPTQ + Hadamard, symmetric, scales refitted",
+    "hf-gptq-cv": "hf_quant GPTQ (asym), damping cross-validated",
+    "hf-gptq-sym-cv": "hf_quant GPTQ, symmetric, damping cross-validated",
+    "hf-gptq-hadamard-cv": "hf_quant GPTQ + Hadamard (asym), damping cross-validated",
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
@@ -309,6 +314,8 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
             config["rotation"] = "hadamard"
         if method.endswith("-refit"):
             config["refit_scales"] = True
+        if method.endswith("-cv"):
+            config["damp"] = "cv"
         if "-sym" in method:  # llm-compressor's W4A16 storage: one float16 scale per group, no zero-point
             config["symmetric"] = True
         spec = {"model": str(model_dir), "config": config, "tokens": args.tokens, "threads": args.threads}
@@ -411,6 +418,52 @@ def paired(out: Path, reference: str) -> str:
     return "\n".join(lines) or f"(no {reference!r} run with per-window losses in {out})"
 
 
+def pooled(out: Path, reference: str, seeds=(0, 1, 2)) -> str:
+    """Per model, bits and group used: every method run on all of `seeds` against `reference` on the same seeds, with
+    each window's loss averaged over the seeds (so the difference is that of the log of the seeds' geometric-mean
+    perplexity). Two uncertainties: the windows' (the text's, as `paired`) and the seeds' (the spread of the per-seed
+    differences over sqrt(seeds): calibration's own randomness, which `paired` cannot see). The verdict takes both:
+    resolved when the gap exceeds two combined standard errors, sqrt(se_windows^2 + se_seeds^2)."""
+    from hf_quant.eval import paired_log_ppl_difference
+
+    data = _load(out)
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for r in sorted(data["runs"], key=lambda r: (METHODS.index(r["method"]), r["setting"])):
+        if "window_nll" in r and r["seed"] in seeds:
+            key = (r["model"], r["bits"], r.get("group_size_used", r["group_size"]))
+            groups.setdefault(key, {}).setdefault(r["method"], {}).setdefault(r["seed"], r)
+
+    def mean_losses(runs):
+        return [(statistics.mean(runs[s]["window_nll"][i][0] for s in seeds), runs[seeds[0]]["window_nll"][i][1])
+                for i in range(len(runs[seeds[0]]["window_nll"]))]
+
+    lines = []
+    for (model_name, bits, group), methods in groups.items():
+        ref = methods.get(reference, {})
+        if set(ref) != set(seeds):
+            continue
+        rows = []
+        for method, runs in methods.items():
+            if method == reference or set(runs) != set(seeds):
+                continue
+            d, se_windows = paired_log_ppl_difference(mean_losses(ref), mean_losses(runs))
+            per_seed = [paired_log_ppl_difference(ref[s]["window_nll"], runs[s]["window_nll"])[0] for s in seeds]
+            se_seeds = statistics.stdev(per_seed) / math.sqrt(len(seeds))
+            se = math.hypot(se_windows, se_seeds)
+            verdict = "within noise" if abs(d) <= 2 * se else ("worse" if d > 0 else "better")
+            gm = math.exp(statistics.mean(math.log(runs[s]["ppl"]) for s in seeds))
+            rows.append(f"| {LABELS[method]} | {runs[seeds[0]]['bits_per_weight']:.3f} | {gm:.3f} | "
+                        f"{' / '.join(f'{100 * math.expm1(x):+.2f}' for x in per_seed)} | {100 * math.expm1(d):+.2f}% | "
+                        f"{200 * se_windows:.2f}% | {200 * se_seeds:.2f}% | {verdict} |")
+        if rows:
+            gm_ref = math.exp(statistics.mean(math.log(ref[s]["ppl"]) for s in seeds))
+            lines += [f"**{model_name}, int{bits}, group {group} used, seeds {', '.join(map(str, seeds))} pooled.** "
+                      f"Against {LABELS[reference]} (geometric-mean perplexity {gm_ref:.3f}):", "",
+                      "| configuration | bits/weight | geometric-mean ppl | per seed, % | pooled | +- 2 SE windows | "
+                      "+- 2 SE seeds | verdict (both) |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+    return "\n".join(lines) or f"(no {reference!r} runs on seeds {seeds} with per-window losses in {out})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["smollm2", "qwen2.5-coder"])
@@ -430,6 +483,9 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the markdown tables from --out and exit")
     ap.add_argument("--paired", metavar="METHOD", choices=list(METHODS),
                     help="print, from --out, every method paired window by window against METHOD, and exit")
+    ap.add_argument("--pooled", metavar="METHOD", choices=list(METHODS),
+                    help="print, from --out, every method run on seeds 0-2 against METHOD on the same seeds, window "
+                         "losses averaged over the seeds, with the windows' and the seeds' standard errors, and exit")
     ap.add_argument("--one-ours", help=argparse.SUPPRESS)
     ap.add_argument("--one-foreign", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -441,6 +497,8 @@ def main() -> None:
         print(table(Path(args.out)))
     elif args.paired:
         print(paired(Path(args.out), args.paired))
+    elif args.pooled:
+        print(pooled(Path(args.out), args.pooled))
     else:
         run(args)
 

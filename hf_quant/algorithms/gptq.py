@@ -8,9 +8,11 @@ factors are fitted to the residual in the metric of the (damped) Hessian itself,
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..formats import GPTQSettings, QuantParams, QuantScheme, quantize, quantize_stacked
+from ..formats import GPTQSettings, QuantParams, QuantScheme, dequantize, quantize, quantize_stacked
 from ..solvers.gptq import gptq_blockwise, hessian_inverse_factor, single_thread
 
 
@@ -39,5 +41,36 @@ def gptq_weights(weights: list[torch.Tensor], hessian: torch.Tensor, scheme: Qua
     return quantize_stacked(weights, hessian, scheme, settings)
 
 
-__all__ = ["gptq_blockwise", "gptq_quantize", "gptq_weight", "gptq_weights", "hessian_inverse_factor",
+# damp='cv': the damping fractions tried, and the rows of each weight GPTQ codes to score them (rows are independent
+# under one Hessian, so a row sample scores a candidate at a fraction of a full solve's cost).
+DAMP_CANDIDATES = (0.01, 0.03, 0.1, 0.3)
+CV_ROWS = 128
+
+
+def cross_validated_damp(weights: list[torch.Tensor], folds: tuple[torch.Tensor, torch.Tensor], scheme: QuantScheme,
+                         settings: GPTQSettings, candidates=DAMP_CANDIDATES, rows: int = CV_ROWS
+                         ) -> tuple[float, list[float]]:
+    """GPTQ's damping for weights sharing one input, chosen by two-fold cross-validation (damp='cv').
+
+    GPTQ's damping is a ridge: with few calibration tokens per input dimension (Qwen2.5-Coder-0.5B's down_proj reads
+    4864 inputs, 16 x 512 tokens give 1.7 tokens per dimension) the codes fit the calibration Hessian's noise, and
+    the output error on other text is 2-4x the calibration error. For each candidate, GPTQ codes a row sample fitted
+    on one half's Hessian (`folds`: the mean X^T X of the even- and the odd-numbered calibration sequences) and is
+    scored by tr(dW H dW^T) on the other half's, both ways. The winner is halved for the solve on all the data: the
+    best ridge, as a fraction of a mean X^T X, falls as 1 / tokens. Returns (damping, summed error per candidate)."""
+    sample = [w[torch.linspace(0, w.shape[0] - 1, min(rows, w.shape[0])).round().long().unique()] for w in weights]
+    errors = []
+    for damp in candidates:
+        trial = dataclasses.replace(settings, damp=damp)
+        total = 0.0
+        for fit, score in (folds, folds[::-1]):
+            for w, tensors in zip(sample, quantize_stacked(sample, fit, scheme, trial)):
+                d = dequantize(scheme, tensors, w.shape[1]) - w
+                total += float(((d @ score) * d).sum())
+        errors.append(total)
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    return candidates[best] / 2, errors
+
+
+__all__ = ["DAMP_CANDIDATES", "cross_validated_damp", "gptq_blockwise", "gptq_quantize", "gptq_weight", "gptq_weights", "hessian_inverse_factor",
            "single_thread"]

@@ -334,7 +334,7 @@ def _calibration_pass(ctx: BlockContext, states, token_ids) -> int:
     stride = max(1, token_ids.numel() // _AWQ_TOKENS)
     watched = ctx.hessian_of | ctx.sample_of
     ctx.collector = InputCollector({n: ctx.modules[n] for n in watched}, ctx.hessian_of, ctx.sample_of, stride,
-                                   ctx.token_weights is not None)
+                                   ctx.token_weights is not None, folds=ctx.hessian_folds)
     try:
         for hidden, args, kwargs in states:
             ctx.collector.new_batch()

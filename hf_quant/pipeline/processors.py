@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import dataclasses
+import logging
+
 import torch
 from torch import nn
 
 from ..algorithms.awq import fold_scale, scaling_groups, search_scale
 from ..algorithms.experts import ExpertHessians, quantize_experts_param
-from ..algorithms.gptq import gptq_weights
+from ..algorithms.gptq import cross_validated_damp, gptq_weights
 from ..formats import GPTQSettings, QuantScheme
 from ..nn import float_weight_of
 from .statistics import AttentionImportance, InputCollector, nbytes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +43,7 @@ class BlockContext:
     rotations: dict[str, object]  # full module name -> its online input rotation
     # Requests (processors' `begin`):
     hessian_of: set[str] = field(default_factory=set)
+    hessian_folds: bool = False  # also keep the halves' Hessians (InputCollector.fold_hessians)
     sample_of: set[str] = field(default_factory=set)
     token_weights: object = None  # callable giving the current batch's token weights [batch, tokens], or None
     needs_pass: bool = False  # a processor's own hooks need the calibration pass
@@ -136,20 +142,24 @@ class Gptq(BlockProcessor):
 
     def begin(self, ctx):
         ctx.hessian_of |= ctx.names_with("gptq")
+        ctx.hessian_folds |= ctx.config.damp == "cv" and bool(ctx.names_with("gptq"))
 
     def end(self, ctx):
         config = ctx.config
-        settings = GPTQSettings(damp=config.damp, act_order=config.act_order, static_groups=config.static_groups,
-                                refit_scales=config.refit_scales)
+        cv = config.damp == "cv"
+        settings = GPTQSettings(damp=0.01 if cv else config.damp, act_order=config.act_order,
+                                static_groups=config.static_groups, refit_scales=config.refit_scales)
         groups: dict[str, list[str]] = {}
         for n in ctx.names_with("gptq"):
             groups.setdefault(ctx.collector.leader[n], []).append(n)
         for leader, names in groups.items():
             rotation = ctx.rotations.get(ctx.prefix + leader)
+            folds = ctx.collector.fold_hessians(leader) if cv else None
             hessian = ctx.collector.hessian(leader)
             ctx.collector.release(leader)  # held by `hessian` until this group is solved, no longer
             if rotation is not None:  # every member shares in_features, hence the rotation
                 hessian = rotation.rotate_hessian(hessian)
+                folds = folds and tuple(rotation.rotate_hessian(h) for h in folds)
             by_scheme: dict[QuantScheme, list[str]] = {}
             for name in names:
                 by_scheme.setdefault(ctx.schemes[name], []).append(name)
@@ -157,9 +167,15 @@ class Gptq(BlockProcessor):
                 weights = [float_weight_of(ctx.modules[m]).float() for m in members]
                 if rotation is not None:
                     weights = [rotation.rotate_weight(w) for w in weights]
-                ctx.packed.update(zip(members, gptq_weights(weights, hessian, scheme, settings)))
+                chosen = settings
+                if cv:
+                    damp, errors = cross_validated_damp(weights, folds, scheme, settings)
+                    chosen = dataclasses.replace(settings, damp=damp)
+                    logger.info("%s%s: damp %g (cross-validated errors %s)", ctx.prefix, "/".join(members), damp,
+                                ", ".join(f"{e:.4g}" for e in errors))
+                ctx.packed.update(zip(members, gptq_weights(weights, hessian, scheme, chosen)))
                 del weights
-            del hessian
+            del hessian, folds
 
 
 class FusedExperts(BlockProcessor):
@@ -172,6 +188,10 @@ class FusedExperts(BlockProcessor):
         self._stats: dict[str, ExpertHessians] = {}
 
     def begin(self, ctx):
+        calibrated = [n for n, ps in ctx.experts.items() if any(s.method == "gptq" for s in ps.values())]
+        if ctx.config.damp == "cv" and calibrated:
+            raise ValueError(f"damp='cv' is not implemented for fused MoE expert tensors ({ctx.prefix}{calibrated[0]}): "
+                             "their Hessians are per expert; give damp a number")
         all_tokens = ctx.config.moe_calibrate_all_experts
         self._stats = {n: ExpertHessians(ctx.prefix + n, ctx.block.get_submodule(n), all_tokens)
                        for n, ps in ctx.experts.items() if any(s.method == "gptq" for s in ps.values())}
