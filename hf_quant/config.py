@@ -408,7 +408,8 @@ DECLARATIONS: tuple[Field, ...] = (
           "0.01, 0.03, 0.1 and 0.3 by two-fold cross-validation over the calibration sequences (GPTQ of 128 sampled "
           "rows fitted on the even sequences' Hessian and scored on the odd ones', and the reverse), then halved "
           "for the solve on all of them (hf_quant.algorithms.gptq.cross_validated_damp); not for fused MoE expert "
-          "tensors. Costs about 1.5x GPTQ's time.", _damp),
+          "tensors. Eight extra Hessian factorisations per input group: about 3-4x GPTQ's time. Off by default: it lowers "
+          "the held-out layer error, not the perplexity (BENCHMARKS.md, \"GPTQ's damping cross-validated\").", _damp),
     Field("act_order", True, "calibration",
           "GPTQ visits input columns by decreasing Hessian diagonal (needs static_groups).", _bool),
     Field("static_groups", True, "calibration",

@@ -11,10 +11,9 @@ A new calibration method is a new processor in `PROCESSORS`; the loop does not c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
