@@ -100,7 +100,6 @@ def test_cross_validated_damp_damps_more_where_tokens_are_scarce_and_beats_the_d
                                                 features), held_out)
             fixed = layer_error(weight, dequantize(SCHEME, gptq_weight(weight, full, SCHEME, damp=0.01), features),
                                 held_out)
-            print("scarce: cv", cv, "fixed", fixed, chosen)
             assert cv < 0.97 * fixed, (cv, fixed, chosen)
     assert chosen["scarce"] > chosen["plenty"], chosen
 
@@ -133,7 +132,6 @@ def test_tiny_llama_damp_cv_end_to_end(tiny_llama, caplog, tmp_path):  # noqa: F
     with torch.no_grad():
         cv_error = ((model(IDS).logits - reference) ** 2).mean().item()
         fixed_error = ((quantized()(IDS).logits - reference) ** 2).mean().item()
-    print("tiny llama", cv_error, fixed_error, chosen)
     assert cv_error < 1.5 * fixed_error, (cv_error, fixed_error)
     assert model.config.quantization_config.damp == "cv"
     model.save_pretrained(tmp_path / "q")
