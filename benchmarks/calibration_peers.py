@@ -59,9 +59,12 @@ SETTINGS = {
 METHOD_FORMAT = {"hf-gptvq-hadamard": dict(format="vq", planes=2, group_size=128)}
 # "-refit": the same with refit_scales=True (GPTQ's group scales refitted to its codes; off by default)
 # "-cv": the same with damp="cv" (GPTQ's damping cross-validated per input group; off by default)
+# "-gen": no calibration text: calibration="generated", the model writes its own 16 x 512 tokens, and the seed is the
+# sampling seed (calibration_seed), not a Botchan offset. These are data-free for the user (no data given).
 METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard",
            "hf-gptq-refit", "hf-gptq-hadamard-refit", "hf-gptq-sym-refit", "hf-gptq-sym-hadamard-refit",
            "hf-gptq-cv", "hf-gptq-sym-cv", "hf-gptq-hadamard-cv",
+           "hf-gptq-gen", "hf-gptq-hadamard-gen", "hf-gptq-sym-gen", "hf-gptq-sym-hadamard-gen",
            "llmc-gptq-sym", "llmc-gptq-asym", "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
@@ -76,6 +79,10 @@ LABELS = {
     "hf-gptq-cv": "hf_quant GPTQ (asym), damping cross-validated",
     "hf-gptq-sym-cv": "hf_quant GPTQ, symmetric, damping cross-validated",
     "hf-gptq-hadamard-cv": "hf_quant GPTQ + Hadamard (asym), damping cross-validated",
+    "hf-gptq-gen": "hf_quant GPTQ (asym) on self-generated text",
+    "hf-gptq-hadamard-gen": "hf_quant GPTQ + Hadamard (asym) on self-generated text",
+    "hf-gptq-sym-gen": "hf_quant GPTQ, symmetric, on self-generated text",
+    "hf-gptq-sym-hadamard-gen": "hf_quant GPTQ + Hadamard, symmetric, on self-generated text",
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
@@ -308,7 +315,9 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
                   "seq_len": 512}
         if "format" in config:
             config.pop("bits")
-        if calibration is not None:
+        if method.endswith("-gen"):
+            config.update(calibration="generated", calibration_seed=seed)
+        elif calibration is not None:
             config["calibration"] = calibration
         if "-hadamard" in method:
             config["rotation"] = "hadamard"

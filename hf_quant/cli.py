@@ -270,7 +270,7 @@ def _data_aware_allocation(model_path: str, config, args):
     from transformers import AutoTokenizer
 
     from .algorithms.allocation import allocate_model, calibration_batches, config_with_allocation
-    from .pipeline import BOTCHAN_EVAL_TOKENS, calibration_text
+    from .pipeline import BOTCHAN_EVAL_TOKENS, GENERATED, calibration_text, generated_token_ids
 
     if config.target_bits is None:
         raise SystemExit(f"--sensitivity {args.sensitivity} ranks layers for --target-bits; give --target-bits too")
@@ -285,13 +285,17 @@ def _data_aware_allocation(model_path: str, config, args):
         raise SystemExit(f"--sensitivity {args.sensitivity} needs a causal LM (it uses the LM loss); use activation "
                          "or gptq")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    text, _ = calibration_text(config)
-    skip = 0
-    if text is None:  # the default: Botchan after the tokens hf_quant's perplexity evaluation reads
-        from .assets import botchan_text
+    if config.calibration == GENERATED and config.calibration_dataset is None:
+        ids = generated_token_ids(float_model, tokenizer, config.n_samples, config.seq_len, config.calibration_seed)
+        batches = [row.unsqueeze(0) for row in ids]
+    else:
+        text, _ = calibration_text(config)
+        skip = 0
+        if text is None:  # the default: Botchan after the tokens hf_quant's perplexity evaluation reads
+            from .assets import botchan_text
 
-        text, skip = botchan_text(), BOTCHAN_EVAL_TOKENS
-    batches = calibration_batches(tokenizer, text, config.n_samples, config.seq_len, skip_tokens=skip)
+            text, skip = botchan_text(), BOTCHAN_EVAL_TOKENS
+        batches = calibration_batches(tokenizer, text, config.n_samples, config.seq_len, skip_tokens=skip)
     if args.evolve:
         if not causal:
             raise SystemExit("--evolve scores the LM loss: it needs a causal LM")

@@ -395,11 +395,18 @@ DECLARATIONS: tuple[Field, ...] = (
     # Calibration fields (hf_quant.pipeline); data-free methods ignore them.
     Field("calibration", None, "calibration",
           'calibration-based methods only: None or "botchan" (default: the Botchan text after its first 8192 tokens, '
-          "disjoint from hf_quant's perplexity evaluation), the path of a UTF-8 text file, or a list of texts. "
-          "Tokenised with the model's tokenizer into `n_samples` windows of `seq_len` tokens.", _calibration),
+          "disjoint from hf_quant's perplexity evaluation), the path of a UTF-8 text file, or a list of texts, "
+          "tokenised with the model's tokenizer into `n_samples` windows of `seq_len` tokens; or \"generated\": no "
+          "data, the float causal LM writes its own `n_samples` sequences of `seq_len` tokens (LLM-QAT's data-free "
+          "generation: a random first token, then sampling the model's next-token distribution; seeded by "
+          "`calibration_seed`; costs n_samples * seq_len decode steps and loads the whole float model, no "
+          "streaming).", _calibration),
     Field("calibration_dataset", None, "calibration",
           'instead of `calibration`, a `datasets` dataset: {"path": ..., "name": None, "split": "train", '
           '"text_field": "text"} (needs `pip install datasets`).', _dataset),
+    Field("calibration_seed", 0, "calibration",
+          'seed of calibration="generated"\'s sampling, in [0, 2**32) (other calibration sources are '
+          "deterministic and ignore it).", _seed),
     Field("n_samples", 16, "calibration", "number of calibration sequences.", _int_at_least(1)),
     Field("seq_len", 512, "calibration", "length (tokens) of each calibration sequence.", _int_at_least(2)),
     Field("damp", 0.01, "calibration",

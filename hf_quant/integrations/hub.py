@@ -246,6 +246,10 @@ def _calibration_description(qc: dict) -> str | None:
 
         text = (f"{TEXT_SOURCES['botchan']}, after its first {BOTCHAN_EVAL_TOKENS:,} tokens (disjoint from the text "
                 "hf_quant's perplexity evaluation reads)")
+    elif config.calibration == "generated":
+        text = (f"no data: text the float model wrote itself (sampled from its own next-token distribution after a "
+                f"random first token, seed {config.calibration_seed})")
+        return f"{text}; {config.n_samples} sequences of {config.seq_len} tokens ({tokens:,} tokens)"
     elif isinstance(config.calibration, str):
         text = f"the text file `{Path(config.calibration).name}`"
     else:

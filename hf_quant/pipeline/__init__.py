@@ -2,12 +2,13 @@
 and hands it to one processor per method (processors.py), the calibration data (data.py) and the statistics
 collected during a block's pass (statistics.py). The big-model pipeline streams this same loop block by block."""
 
-from .data import BOTCHAN_EVAL_TOKENS, calibration_text, calibration_token_ids
+from .data import BOTCHAN_EVAL_TOKENS, GENERATED, calibration_text, calibration_token_ids, generated_token_ids
 from .loop import CalibrationReport, attach_rotations, check_calibration_supported, quantize_with_calibration
 from .processors import PROCESSORS, BlockContext, BlockProcessor
 
 __all__ = [
     "BOTCHAN_EVAL_TOKENS",
+    "GENERATED",
     "PROCESSORS",
     "BlockContext",
     "BlockProcessor",
@@ -16,5 +17,6 @@ __all__ = [
     "calibration_text",
     "calibration_token_ids",
     "check_calibration_supported",
+    "generated_token_ids",
     "quantize_with_calibration",
 ]

@@ -1,9 +1,10 @@
-"""Calibration data: a list of texts, a local text file, a `datasets` dataset, or by default the part of Botchan
-after the first `BOTCHAN_EVAL_TOKENS` tokens (which hf_quant's perplexity evaluation never reads), tokenised into
-`n_samples` windows of `seq_len` tokens."""
+"""Calibration data: a list of texts, a local text file, a `datasets` dataset, text the model writes itself
+(`calibration="generated"`), or by default the part of Botchan after the first `BOTCHAN_EVAL_TOKENS` tokens (which
+hf_quant's perplexity evaluation never reads), tokenised into `n_samples` windows of `seq_len` tokens."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ import torch
 # hf_quant's perplexity evaluation reads at most the first 4096 tokens of Botchan (`eval.perplexity` default);
 # calibration starts well after them, so calibrated results are not measured on their own calibration text.
 BOTCHAN_EVAL_TOKENS = 8192
+# calibration=GENERATED: the model writes its own calibration sequences (`generated_token_ids`).
+GENERATED = "generated"
 
 
 def _read_dataset_text(spec: dict, min_chars: int) -> str:
@@ -46,6 +49,9 @@ def calibration_text(config) -> tuple[str | None, str]:
     source = config.calibration
     if source is None or source == "botchan":
         return None, f"Botchan after its first {BOTCHAN_EVAL_TOKENS} tokens"
+    if source == GENERATED:
+        raise ValueError("calibration='generated' has no text: the model writes token ids (generated_token_ids); "
+                         "this step needs calibration text, so give a text file, a list of texts or 'botchan'")
     if isinstance(source, str):
         path = Path(source)
         if not path.is_file():
@@ -55,9 +61,15 @@ def calibration_text(config) -> tuple[str | None, str]:
     return "\n\n".join(source), f"{len(source)} texts"
 
 
-def calibration_token_ids(tokenizer, config) -> torch.Tensor:
+def calibration_token_ids(tokenizer, config, model=None) -> torch.Tensor:
     """[n_samples, seq_len] token ids: windows spread evenly over the tokenised calibration text (they overlap only
-    when the text has fewer than n_samples * seq_len tokens)."""
+    when the text has fewer than n_samples * seq_len tokens), or with calibration="generated" sequences the float
+    `model` writes itself."""
+    if config.calibration == GENERATED and config.calibration_dataset is None:
+        if model is None:
+            raise ValueError("calibration='generated' samples the calibration sequences from the model itself; pass "
+                             "the float model (calibration_token_ids(tokenizer, config, model=...))")
+        return generated_token_ids(model, tokenizer, config.n_samples, config.seq_len, config.calibration_seed)
     text, what = calibration_text(config)
     if text is None:
         from ..assets import botchan_text
@@ -72,3 +84,61 @@ def calibration_token_ids(tokenizer, config) -> torch.Tensor:
     starts = torch.linspace(0, len(ids) - length, n).round().long().tolist()
     tokens = torch.tensor(ids, dtype=torch.long)
     return torch.stack([tokens[s : s + length] for s in starts])
+
+
+_GENERATION_BATCH = 16  # sequences sampled together (one KV cache each)
+
+
+@torch.no_grad()
+def generated_token_ids(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[n_samples, seq_len] token ids the float causal LM `model` writes itself: data-free calibration as in LLM-QAT
+    (Liu et al. 2023, "next token generation"). Each sequence starts from a token drawn uniformly from the
+    tokenizer's vocabulary without its special tokens; every later token is drawn from the model's own next-token
+    distribution (temperature 1, no top-k/top-p cut: truncating the tail would make the activations more typical than
+    the model's real inputs), over the tokenizer's ids only (embedding rows past them are padding).
+
+    Deterministic in `seed` (a private generator; the global RNG is untouched). Costs n_samples * seq_len decode
+    steps of the float model, in batches of 16 sequences with a KV cache."""
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise ValueError(f"calibration='generated' samples text from the model itself, which needs a causal LM; "
+                         f"{type(model).__name__} cannot generate: give calibration text (a text file, a list of "
+                         "texts, 'botchan' or calibration_dataset)")
+    vocab = len(tokenizer)
+    logits_rows = model.get_output_embeddings().weight.shape[0]
+    if vocab > logits_rows:
+        raise ValueError(f"calibration='generated': the tokenizer has {vocab} tokens but the model scores only "
+                         f"{logits_rows}; load the model's own tokenizer")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    starts = torch.ones(vocab, dtype=torch.bool)
+    starts[special[special < vocab]] = False
+    start_ids = starts.nonzero().squeeze(1)
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":
+        raise ValueError("calibration='generated' runs the float model to write its calibration text, but its "
+                         "weights are not loaded (meta device: streamed or offloaded loading); give calibration text "
+                         "instead, or load the model fully")
+    arguments = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in arguments else "past_key_values"
+    cache_field = "cache" if "cache" in arguments else "past_key_values"
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for first in range(0, n_samples, _GENERATION_BATCH):
+            rows = min(_GENERATION_BATCH, n_samples - first)
+            ids = start_ids[torch.randint(len(start_ids), (rows, 1), generator=generator)]
+            cache, step_ids = {}, ids
+            for _ in range(seq_len - 1):
+                result = model(input_ids=step_ids.to(device), use_cache=True, **cache)
+                # The model makes the cache it needs (sliding, hybrid) on the first step; transformers 5 renamed
+                # `past_key_values` to `cache` (output field and argument), so take whichever this version has.
+                cache = {cache_arg: result[cache_field]}
+                probs = torch.softmax(result.logits[:, -1, :vocab].float().cpu(), dim=-1)
+                step_ids = torch.multinomial(probs, 1, generator=generator)
+                ids = torch.cat([ids, step_ids], dim=1)
+            out.append(ids)
+            del cache, result
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

@@ -214,7 +214,7 @@ def quantize_with_calibration(
     needs_data = config.needs_calibration
     if needs_data and tokenizer is None:
         tokenizer = _tokenizer_of(model)
-    token_ids = calibration_token_ids(tokenizer, config) if needs_data else torch.empty(0, 0, dtype=torch.long)
+    token_ids = calibration_token_ids(tokenizer, config, model) if needs_data else torch.empty(0, 0, dtype=torch.long)
 
     if experts and hasattr(model, "set_experts_implementation"):
         # The eager experts loop indexes one expert at a time, which packed experts support (and the hooks see).

@@ -50,6 +50,8 @@ def streaming_disabled_reason(model: nn.Module, config, checkpoint_files, device
     if config.rotation == "residual":
         return ("rotation='residual' folds the rotation into every block and checks the fold on the whole model's "
                 "logits before calibrating (use rotation='hadamard' to stream)")
+    if config.calibration == "generated" and config.calibration_dataset is None:
+        return "calibration='generated' runs the whole float model to write its own calibration sequences"
     from ..model import decoder_blocks
 
     try:
