@@ -473,6 +473,63 @@ def pooled(out: Path, reference: str, seeds=(0, 1, 2)) -> str:
     return "\n".join(lines) or f"(no {reference!r} runs on seeds {seeds} with per-window losses in {out})"
 
 
+DATA_FREE_ROWS = ("int4 g128 mse", "int4 g128 rtn", "bnb nf4 b64", "nf4 g64 rtn", "hqq int4 g128 fp16 meta",
+                  "hqq int4 g64 fp16 meta", "int4 g64 mse")
+
+
+def versus_data_free(out: Path, data_free: Path, rows=DATA_FREE_ROWS) -> str:
+    """Every "-gen" run (calibrated on text the model wrote itself: no data given, so data-free for the user) against
+    the data-free rows of benchmarks/quality_smollm2.py's `data_free` results on the same evaluation windows. A
+    generated run's seeds are pooled as in `pooled` (each window's loss averaged over the seeds run); the data-free
+    rows have no seed. With one seed only the windows' standard error is known, and the verdict says so."""
+    from hf_quant.eval import paired_log_ppl_difference
+
+    data = _load(out)
+    free = json.loads(data_free.read_text())
+    if free.get("tokens") != data["setup"]["tokens"]:
+        raise SystemExit(f"{data_free} scored {free.get('tokens')} tokens, {out} {data['setup']['tokens']}: the "
+                         "windows differ")
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in free["results"]:
+        if r["name"] in rows and "window_nll" in r:
+            by_model.setdefault(r["model"], {})[r["name"]] = r
+    runs: dict[tuple, dict[int, dict]] = {}
+    for r in data["runs"]:
+        if r["method"].endswith("-gen") and "window_nll" in r:
+            runs.setdefault((r["model"], r["setting"], r["method"]), {})[r["seed"]] = r
+    lines = []
+    for (model_name, setting, method), by_seed in sorted(runs.items()):
+        seeds = sorted(by_seed)
+        windows = len(by_seed[seeds[0]]["window_nll"])
+        mean = [(statistics.mean(by_seed[s]["window_nll"][i][0] for s in seeds), by_seed[seeds[0]]["window_nll"][i][1])
+                for i in range(windows)]
+        gm = math.exp(statistics.mean(math.log(by_seed[s]["ppl"]) for s in seeds))
+        table = []
+        for name in rows:
+            ref = by_model.get(model_name, {}).get(name)
+            if ref is None:
+                continue
+            d, se_windows = paired_log_ppl_difference(ref["window_nll"], mean)
+            per_seed = [paired_log_ppl_difference(ref["window_nll"], by_seed[s]["window_nll"])[0] for s in seeds]
+            se_seeds = statistics.stdev(per_seed) / math.sqrt(len(seeds)) if len(seeds) > 1 else None
+            se = math.hypot(se_windows, se_seeds or 0.0)
+            verdict = "within noise" if abs(d) <= 2 * se else ("worse" if d > 0 else "better")
+            if se_seeds is None:
+                verdict += " (windows only: one seed)"
+            table.append(f"| {name} | {ref['bpw']:.3f} | {ref['ppl']:.3f} | "
+                         f"{' / '.join(f'{100 * math.expm1(x):+.2f}' for x in per_seed)} | {100 * math.expm1(d):+.2f}% | "
+                         f"{200 * se_windows:.2f}% | {'-' if se_seeds is None else f'{200 * se_seeds:.2f}%'} | "
+                         f"{verdict} |")
+        if table:
+            lines += [f"**{model_name}, {setting}: {LABELS[method]}** ({by_seed[seeds[0]]['bits_per_weight']:.3f} "
+                      f"bits/weight; seeds {', '.join(map(str, seeds))}; geometric-mean perplexity {gm:.3f}) against "
+                      "the data-free rows:", "",
+                      "| data-free row | its bits/weight | its ppl | generated vs it, per seed, % | pooled | "
+                      "+- 2 SE windows | +- 2 SE seeds | verdict (both) |", "|---|---|---|---|---|---|---|---|",
+                      *table, ""]
+    return "\n".join(lines) or f"(no -gen runs in {out} with rows of {data_free})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["smollm2", "qwen2.5-coder"])
@@ -495,6 +552,10 @@ def main() -> None:
     ap.add_argument("--pooled", metavar="METHOD", choices=list(METHODS),
                     help="print, from --out, every method run on seeds 0-2 against METHOD on the same seeds, window "
                          "losses averaged over the seeds, with the windows' and the seeds' standard errors, and exit")
+    ap.add_argument("--versus-data-free", metavar="QUALITY_JSON", nargs="?",
+                    const=str(ROOT / "benchmarks" / "results" / "data_free_8192" / "quality.json"),
+                    help="print, from --out, every -gen run (calibrated on self-generated text) against the data-free "
+                         "rows of benchmarks/quality_smollm2.py's results (default: the 8192-token ones), and exit")
     ap.add_argument("--one-ours", help=argparse.SUPPRESS)
     ap.add_argument("--one-foreign", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -508,6 +569,8 @@ def main() -> None:
         print(paired(Path(args.out), args.paired))
     elif args.pooled:
         print(pooled(Path(args.out), args.pooled))
+    elif args.versus_data_free:
+        print(versus_data_free(Path(args.out), Path(args.versus_data_free)))
     else:
         run(args)
 

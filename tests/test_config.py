@@ -317,6 +317,7 @@ SAMPLES = {
     "target": {"target": "vllm", "group_size": 64},
     "calibration": {"calibration": ["some text"]},
     "calibration_dataset": {"calibration_dataset": {"path": "wikitext", "name": "wikitext-2-raw-v1"}},
+    "calibration_seed": {"calibration": "generated", "calibration_seed": 5},
     "n_samples": {"n_samples": 4},
     "seq_len": {"seq_len": 64},
     "damp": {"damp": 0.1},

@@ -5,9 +5,13 @@ hf_quant's perplexity evaluation never reads), tokenised into `n_samples` window
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # hf_quant's perplexity evaluation reads at most the first 4096 tokens of Botchan (`eval.perplexity` default);
 # calibration starts well after them, so calibrated results are not measured on their own calibration text.
@@ -121,6 +125,9 @@ def generated_token_ids(model, tokenizer, n_samples: int, seq_len: int, seed: in
     cache_arg = "cache" if "cache" in arguments else "past_key_values"
     cache_field = "cache" if "cache" in arguments else "past_key_values"
     generator = torch.Generator().manual_seed(seed)
+    logger.info("calibration='generated': the float model writes %d sequences of %d tokens (seed %d)", n_samples,
+                seq_len, seed)
+    start = time.perf_counter()
     was_training = model.training
     model.eval()
     out = []
@@ -141,4 +148,6 @@ def generated_token_ids(model, tokenizer, n_samples: int, seq_len: int, seed: in
             del cache, result
     finally:
         model.train(was_training)
+    logger.info("calibration='generated': %d tokens written in %.1f s", n_samples * seq_len,
+                time.perf_counter() - start)
     return torch.cat(out)
