@@ -64,7 +64,7 @@ METHOD_FORMAT = {"hf-gptvq-hadamard": dict(format="vq", planes=2, group_size=128
 METHODS = ("hf-gptq", "hf-gptq-hadamard", "hf-gptq-sym", "hf-gptq-sym-hadamard", "hf-gptvq-hadamard",
            "hf-gptq-refit", "hf-gptq-hadamard-refit", "hf-gptq-sym-refit", "hf-gptq-sym-hadamard-refit",
            "hf-gptq-cv", "hf-gptq-sym-cv", "hf-gptq-hadamard-cv",
-           "hf-gptq-gen", "hf-gptq-hadamard-gen", "hf-gptq-sym-gen", "hf-gptq-sym-hadamard-gen",
+           "hf-gptq-gen", "hf-gptq-hadamard-gen", "hf-gptq-sym-gen", "hf-gptq-sym-hadamard-gen", "hf-gptq-residual-gen",
            "llmc-gptq-sym", "llmc-gptq-asym", "autoround", "gptqmodel")
 LABELS = {
     "hf-gptq": "hf_quant GPTQ (asym)",
@@ -83,6 +83,7 @@ LABELS = {
     "hf-gptq-hadamard-gen": "hf_quant GPTQ + Hadamard (asym) on self-generated text",
     "hf-gptq-sym-gen": "hf_quant GPTQ, symmetric, on self-generated text",
     "hf-gptq-sym-hadamard-gen": "hf_quant GPTQ + Hadamard, symmetric, on self-generated text",
+    "hf-gptq-residual-gen": "hf_quant GPTQ + folded residual rotation (asym) on self-generated text",
     "llmc-gptq-sym": "llm-compressor GPTQ, symmetric",
     "llmc-gptq-asym": "llm-compressor GPTQ, asymmetric",
     "autoround": "AutoRound (sym)",
@@ -321,6 +322,8 @@ def _one(args, me, venvs, work, model_dir, model_name, setting, method, seed, ca
             config["calibration"] = calibration
         if "-hadamard" in method:
             config["rotation"] = "hadamard"
+        elif "-residual" in method:  # QuaRot's folded form: nothing online, so engine formats can take it
+            config["rotation"] = "residual"
         if method.endswith("-refit"):
             config["refit_scales"] = True
         if method.endswith("-cv"):
