@@ -75,8 +75,14 @@ def test_generated_refusals(float_llama, smollm2_tokenizer):
         calibration_text(config)
     encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=64))
-    with pytest.raises(ValueError, match="needs a causal LM; BertModel cannot generate"):
+    with pytest.raises(ValueError, match="needs a causal LM; BertModel is not one"):
         generated_token_ids(encoder, smollm2_tokenizer, 1, 4)
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    seq2seq = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                  num_heads=2))
+    with pytest.raises(ValueError, match="needs a causal LM; T5ForConditionalGeneration is not one"):
+        generated_token_ids(seq2seq, smollm2_tokenizer, 1, 4)
 
     class Short:  # a tokenizer with more tokens than the model scores
         all_special_ids = []

@@ -103,9 +103,10 @@ def generated_token_ids(model, tokenizer, n_samples: int, seq_len: int, seed: in
 
     Deterministic in `seed` (a private generator; the global RNG is untouched). Costs n_samples * seq_len decode
     steps of the float model, in batches of 16 sequences with a KV cache."""
-    if not (hasattr(model, "can_generate") and model.can_generate()):
+    causal = getattr(model, "can_generate", lambda: False)() and not getattr(model.config, "is_encoder_decoder", False)
+    if not causal:
         raise ValueError(f"calibration='generated' samples text from the model itself, which needs a causal LM; "
-                         f"{type(model).__name__} cannot generate: give calibration text (a text file, a list of "
+                         f"{type(model).__name__} is not one: give calibration text (a text file, a list of "
                          "texts, 'botchan' or calibration_dataset)")
     vocab = len(tokenizer)
     logits_rows = model.get_output_embeddings().weight.shape[0]
