@@ -285,7 +285,7 @@ def run(args) -> None:
         for setting in args.settings:
             for seed in args.seeds:
                 calibration, ids_file = _calibration(model_name, model_dir, seed, work)
-                for method in args.methods:
+                for method in args.methods or METHODS:
                     key = (model_name, setting, method, seed)
                     done = [r for r in data["runs"] if _key(r) == key]
                     # a peer run recorded before its own on-disk bits were measured is evaluated again (its
@@ -480,8 +480,8 @@ DATA_FREE_ROWS = ("int4 g128 mse", "int4 g128 rtn", "bnb nf4 b64", "nf4 g64 rtn"
                   "hqq int4 g64 fp16 meta", "int4 g64 mse")
 
 
-def versus_data_free(out: Path, data_free: Path, rows=DATA_FREE_ROWS) -> str:
-    """Every "-gen" run (calibrated on text the model wrote itself: no data given, so data-free for the user) against
+def versus_data_free(out: Path, data_free: Path, methods=None, rows=DATA_FREE_ROWS) -> str:
+    """Every "-gen" run (or every run of `methods`) (calibrated on text the model wrote itself: no data given, so data-free for the user) against
     the data-free rows of benchmarks/quality_smollm2.py's `data_free` results on the same evaluation windows. A
     generated run's seeds are pooled as in `pooled` (each window's loss averaged over the seeds run); the data-free
     rows have no seed. With one seed only the windows' standard error is known, and the verdict says so."""
@@ -498,7 +498,7 @@ def versus_data_free(out: Path, data_free: Path, rows=DATA_FREE_ROWS) -> str:
             by_model.setdefault(r["model"], {})[r["name"]] = r
     runs: dict[tuple, dict[int, dict]] = {}
     for r in data["runs"]:
-        if r["method"].endswith("-gen") and "window_nll" in r:
+        if (r["method"] in methods if methods else r["method"].endswith("-gen")) and "window_nll" in r:
             runs.setdefault((r["model"], r["setting"], r["method"]), {})[r["seed"]] = r
     lines = []
     for (model_name, setting, method), by_seed in sorted(runs.items()):
@@ -527,7 +527,7 @@ def versus_data_free(out: Path, data_free: Path, rows=DATA_FREE_ROWS) -> str:
             lines += [f"**{model_name}, {setting}: {LABELS[method]}** ({by_seed[seeds[0]]['bits_per_weight']:.3f} "
                       f"bits/weight; seeds {', '.join(map(str, seeds))}; geometric-mean perplexity {gm:.3f}) against "
                       "the data-free rows:", "",
-                      "| data-free row | its bits/weight | its ppl | generated vs it, per seed, % | pooled | "
+                      "| data-free row | its bits/weight | its ppl | this run vs it, per seed, % | pooled | "
                       "+- 2 SE windows | +- 2 SE seeds | verdict (both) |", "|---|---|---|---|---|---|---|---|",
                       *table, ""]
     return "\n".join(lines) or f"(no -gen runs in {out} with rows of {data_free})"
@@ -537,7 +537,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["smollm2", "qwen2.5-coder"])
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", choices=list(METHODS), help="default: all (--versus-data-free: the -gen ones)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
@@ -573,7 +573,7 @@ def main() -> None:
     elif args.pooled:
         print(pooled(Path(args.out), args.pooled))
     elif args.versus_data_free:
-        print(versus_data_free(Path(args.out), Path(args.versus_data_free)))
+        print(versus_data_free(Path(args.out), Path(args.versus_data_free), args.methods))
     else:
         run(args)
 

@@ -285,7 +285,7 @@ def _data_aware_allocation(model_path: str, config, args):
         raise SystemExit(f"--sensitivity {args.sensitivity} needs a causal LM (it uses the LM loss); use activation "
                          "or gptq")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if config.calibration == GENERATED and config.calibration_dataset is None:
+    if config.calibration == GENERATED:
         ids = generated_token_ids(float_model, tokenizer, config.n_samples, config.seq_len, config.calibration_seed)
         batches = [row.unsqueeze(0) for row in ids]
     else:

@@ -233,6 +233,8 @@ def _calibration_description(qc: dict) -> str | None:
     data-free ones."""
     from ..config import HfQuantConfig
 
+    from ..pipeline.data import GENERATED
+
     config = HfQuantConfig.from_dict(qc)
     if not config.quantizes_after_loading:
         return None
@@ -246,7 +248,7 @@ def _calibration_description(qc: dict) -> str | None:
 
         text = (f"{TEXT_SOURCES['botchan']}, after its first {BOTCHAN_EVAL_TOKENS:,} tokens (disjoint from the text "
                 "hf_quant's perplexity evaluation reads)")
-    elif config.calibration == "generated":
+    elif config.calibration == GENERATED:
         text = (f"no data: text the float model wrote itself (sampled from its own next-token distribution after a "
                 f"random first token, seed {config.calibration_seed})")
         return f"{text}; {config.n_samples} sequences of {config.seq_len} tokens ({tokens:,} tokens)"

@@ -69,7 +69,7 @@ def calibration_token_ids(tokenizer, config, model=None) -> torch.Tensor:
     """[n_samples, seq_len] token ids: windows spread evenly over the tokenised calibration text (they overlap only
     when the text has fewer than n_samples * seq_len tokens), or with calibration="generated" sequences the float
     `model` writes itself."""
-    if config.calibration == GENERATED and config.calibration_dataset is None:
+    if config.calibration == GENERATED:  # the config refuses calibration and calibration_dataset together
         if model is None:
             raise ValueError("calibration='generated' samples the calibration sequences from the model itself; pass "
                              "the float model (calibration_token_ids(tokenizer, config, model=...))")
@@ -122,9 +122,8 @@ def generated_token_ids(model, tokenizer, n_samples: int, seq_len: int, seed: in
         raise ValueError("calibration='generated' runs the float model to write its calibration text, but its "
                          "weights are not loaded (meta device: streamed or offloaded loading); give calibration text "
                          "instead, or load the model fully")
-    arguments = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in arguments else "past_key_values"
-    cache_field = "cache" if "cache" in arguments else "past_key_values"
+    # transformers 5 renamed `past_key_values` to `cache` (argument and output field); use this version's name.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generator = torch.Generator().manual_seed(seed)
     logger.info("calibration='generated': the float model writes %d sequences of %d tokens (seed %d)", n_samples,
                 seq_len, seed)
@@ -135,16 +134,14 @@ def generated_token_ids(model, tokenizer, n_samples: int, seq_len: int, seed: in
     try:
         for first in range(0, n_samples, _GENERATION_BATCH):
             rows = min(_GENERATION_BATCH, n_samples - first)
-            ids = start_ids[torch.randint(len(start_ids), (rows, 1), generator=generator)]
-            cache, step_ids = {}, ids
-            for _ in range(seq_len - 1):
-                result = model(input_ids=step_ids.to(device), use_cache=True, **cache)
-                # The model makes the cache it needs (sliding, hybrid) on the first step; transformers 5 renamed
-                # `past_key_values` to `cache` (output field and argument), so take whichever this version has.
-                cache = {cache_arg: result[cache_field]}
+            ids = torch.empty(rows, seq_len, dtype=torch.long)
+            ids[:, :1] = start_ids[torch.randint(len(start_ids), (rows, 1), generator=generator)]
+            cache = {}
+            for t in range(1, seq_len):
+                result = model(input_ids=ids[:, t - 1 : t].to(device), use_cache=True, **cache)
+                cache = {cache_name: result[cache_name]}  # the model made the cache it needs on the first step
                 probs = torch.softmax(result.logits[:, -1, :vocab].float().cpu(), dim=-1)
-                step_ids = torch.multinomial(probs, 1, generator=generator)
-                ids = torch.cat([ids, step_ids], dim=1)
+                ids[:, t : t + 1] = torch.multinomial(probs, 1, generator=generator)
             out.append(ids)
             del cache, result
     finally:

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .data import GENERATED
+
 logger = logging.getLogger(__name__)
 
 ENV_DISABLE = "HF_QUANT_STREAM_CALIBRATION"  # "0": load the whole float model first (the former path)
@@ -50,7 +52,7 @@ def streaming_disabled_reason(model: nn.Module, config, checkpoint_files, device
     if config.rotation == "residual":
         return ("rotation='residual' folds the rotation into every block and checks the fold on the whole model's "
                 "logits before calibrating (use rotation='hadamard' to stream)")
-    if config.calibration == "generated" and config.calibration_dataset is None:
+    if config.calibration == GENERATED:
         return "calibration='generated' runs the whole float model to write its own calibration sequences"
     from ..model import decoder_blocks
 
